@@ -1,0 +1,297 @@
+"""SimMIMConfig: one configuration for the encoder (ViT or Swin) and the SimMIM head, plus named presets.
+
+Every field is checked when the config is built, so a bad combination fails here with a message that names the
+field and the fix, never later with a shape error inside torch.
+"""
+
+import copy
+
+from transformers import PreTrainedConfig
+
+BACKBONES = ("vit", "swin")
+LOSS_TYPES = ("l1", "l2", "smooth_l1")
+MASK_TOKEN_TYPES = ("learned", "zeros", "noise")
+
+
+class SimMIMConfig(PreTrainedConfig):
+    r"""Configuration of a SimMIM encoder and its masked-image-modeling head.
+
+    Args:
+        backbone (`str`, defaults to `"vit"`): `"vit"` (plain ViT or the official SimMIM ViT variant) or `"swin"`
+            (Swin Transformer v1).
+        image_size (`int`), patch_size (`int`), num_channels (`int`): input geometry.
+        hidden_size, num_hidden_layers, num_attention_heads: ViT width, depth and heads.
+        embed_dim, depths, num_heads, window_size: Swin stage-0 width, blocks and heads per stage, window size.
+            For Swin, `hidden_size` is derived: `embed_dim * 2 ** (len(depths) - 1)`.
+        mlp_ratio (`float`): MLP hidden width over the block width.
+        qkv_bias (`bool`): biases on the query/key/value projection (the official ViT has q and v biases only; a
+            key bias shifts every logit of a query by the same amount, so softmax ignores it).
+        hidden_act (`str`): MLP activation (`"gelu"`, the exact erf form, as the official code).
+        hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate (`float`): regularisation.
+        layer_norm_eps (`float`, *optional*): defaults to 1e-6 for ViT and 1e-5 for Swin, as the official code.
+        use_absolute_position_embeddings (`bool`): learned absolute position embeddings (plain ViT: True).
+        use_relative_position_bias (`bool`): ViT only: one relative position bias table per block.
+        use_shared_relative_position_bias (`bool`): ViT only: one relative position bias table shared by all blocks
+            (the official SimMIM ViT).
+        layer_scale_init_value (`float`): ViT only: layer scale init (0 disables layer scale; official: 0.1).
+        use_mean_pooling (`bool`): ViT only: pool by averaging patch tokens followed by `fc_norm` (the official
+            fine-tuning head) instead of the final norm. Image classification always uses it for ViT.
+        patch_norm (`bool`): Swin only: LayerNorm after the patch embedding.
+        mask_patch_size (`int`): side of the square masked together, in pixels (official: 32).
+        mask_ratio (`float`): fraction of mask patches that are masked (official: 0.6).
+        encoder_stride (`int`, *optional*): derived: total downsampling of the encoder (ViT: patch_size; Swin:
+            patch_size * 2 ** (len(depths) - 1)). The decoder upsamples by exactly this factor.
+        mask_token_type (`str`): what replaces masked patch embeddings: `"learned"` (the paper), `"zeros"` or
+            `"noise"` (standard Gaussian).
+        loss_type (`str`): `"l1"` (the paper), `"l2"` or `"smooth_l1"`.
+        norm_target (`bool`): normalise the target per `patch_size` patch (zero mean, unit variance) before the loss.
+        initializer_range (`float`): std of the truncated normal init.
+    """
+
+    model_type = "simmim"
+
+    def __init__(
+        self,
+        backbone="vit",
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        embed_dim=128,
+        depths=(2, 2, 18, 2),
+        num_heads=(4, 8, 16, 32),
+        window_size=6,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.1,
+        layer_norm_eps=None,
+        use_absolute_position_embeddings=False,
+        use_relative_position_bias=False,
+        use_shared_relative_position_bias=True,
+        layer_scale_init_value=0.1,
+        use_mean_pooling=False,
+        patch_norm=True,
+        mask_patch_size=32,
+        mask_ratio=0.6,
+        encoder_stride=None,
+        mask_token_type="learned",
+        loss_type="l1",
+        norm_target=False,
+        initializer_range=0.02,
+        **kwargs,
+    ):
+        self.backbone = backbone
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.embed_dim = embed_dim
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.window_size = window_size
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
+        self.use_absolute_position_embeddings = use_absolute_position_embeddings
+        self.use_relative_position_bias = use_relative_position_bias
+        self.use_shared_relative_position_bias = use_shared_relative_position_bias
+        self.layer_scale_init_value = layer_scale_init_value
+        self.use_mean_pooling = use_mean_pooling
+        self.patch_norm = patch_norm
+        self.mask_patch_size = mask_patch_size
+        self.mask_ratio = mask_ratio
+        self.mask_token_type = mask_token_type
+        self.loss_type = loss_type
+        self.norm_target = norm_target
+        self.initializer_range = initializer_range
+        self._validate_choices()
+        if backbone == "swin":
+            hidden_size = embed_dim * 2 ** (len(self.depths) - 1)
+        self.hidden_size = hidden_size
+        if layer_norm_eps is None:
+            layer_norm_eps = 1e-6 if backbone == "vit" else 1e-5
+        self.layer_norm_eps = layer_norm_eps
+        derived_stride = self._derived_encoder_stride()
+        if encoder_stride is not None and encoder_stride != derived_stride:
+            raise ValueError(
+                f"encoder_stride={encoder_stride} does not match the encoder's total downsampling {derived_stride} "
+                f"(backbone={backbone!r}, patch_size={patch_size}"
+                + (f", {len(self.depths)} stages" if backbone == "swin" else "")
+                + "): the decoder would reconstruct an image of the wrong size. Leave encoder_stride unset; it is "
+                "derived from the backbone."
+            )
+        self.encoder_stride = derived_stride
+        super().__init__(**kwargs)
+        self._validate_geometry()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def grid_size(self):
+        """Side of the patch-token grid after the patch embedding."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self):
+        return self.grid_size**2
+
+    @property
+    def num_stages(self):
+        return len(self.depths) if self.backbone == "swin" else 1
+
+    @property
+    def feature_grid_size(self):
+        """Side of the encoder's final feature map (what the decoder sees)."""
+        return self.image_size // self.encoder_stride
+
+    def _derived_encoder_stride(self):
+        if self.backbone == "swin":
+            return self.patch_size * 2 ** (len(self.depths) - 1)
+        return self.patch_size
+
+    # ------------------------------------------------------------------ validation
+    def _validate_choices(self):
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone={self.backbone!r} is not supported: use one of {BACKBONES}.")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r} is not supported: use one of {LOSS_TYPES}.")
+        if self.mask_token_type not in MASK_TOKEN_TYPES:
+            raise ValueError(
+                f"mask_token_type={self.mask_token_type!r} is not supported: use one of {MASK_TOKEN_TYPES}."
+            )
+        if not isinstance(self.mask_ratio, (int, float)) or not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(
+                f"mask_ratio={self.mask_ratio!r} must lie strictly between 0 and 1 (the paper uses 0.6)."
+            )
+        for name in ("image_size", "patch_size", "mask_patch_size", "num_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if self.backbone == "swin" and len(self.depths) != len(self.num_heads):
+            raise ValueError(
+                f"depths={self.depths} and num_heads={self.num_heads} must have one entry per Swin stage "
+                "(the same length)."
+            )
+
+    def _validate_geometry(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}: choose an "
+                "image_size divisible by patch_size."
+            )
+        if self.image_size % self.mask_patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of mask_patch_size={self.mask_patch_size}: "
+                f"choose an image_size divisible by mask_patch_size (e.g. {self.mask_patch_size * max(1, round(self.image_size / self.mask_patch_size))})."
+            )
+        if self.mask_patch_size % self.patch_size:
+            raise ValueError(
+                f"mask_patch_size={self.mask_patch_size} is not a multiple of patch_size={self.patch_size}: a "
+                "masked square must cover whole patches; choose mask_patch_size divisible by patch_size."
+            )
+        if self.image_size % self.encoder_stride:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of the encoder stride {self.encoder_stride} "
+                f"(patch_size x 2^(stages-1)): choose an image_size divisible by {self.encoder_stride}."
+            )
+        if self.backbone == "vit":
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}."
+                )
+        else:
+            for stage, heads in enumerate(self.num_heads):
+                dim = self.embed_dim * 2**stage
+                if dim % heads:
+                    raise ValueError(
+                        f"Swin stage {stage} has width embed_dim*2^{stage}={dim}, not divisible by "
+                        f"num_heads[{stage}]={heads}."
+                    )
+            for stage in range(len(self.depths)):
+                grid = self.grid_size // 2**stage
+                if grid > self.window_size and grid % self.window_size:
+                    raise ValueError(
+                        f"window_size={self.window_size} does not divide the {grid}x{grid} token grid of Swin stage "
+                        f"{stage} (image_size={self.image_size}, patch_size={self.patch_size}): choose a window "
+                        "size that divides every stage's grid, or an image_size that makes the grids divisible."
+                    )
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["depths"] = list(self.depths)
+        output["num_heads"] = list(self.num_heads)
+        return output
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """Build a config from a named preset (see `PRESETS`); keyword arguments override preset fields."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(sorted(PRESETS))}.")
+        fields = copy.deepcopy(PRESETS[name])
+        fields.update(overrides)
+        return cls(**fields)
+
+
+_SIMMIM_VIT = dict(
+    backbone="vit",
+    use_absolute_position_embeddings=False,
+    use_relative_position_bias=False,
+    use_shared_relative_position_bias=True,
+    layer_scale_init_value=0.1,
+    drop_path_rate=0.1,
+)
+_SWIN = dict(backbone="swin", patch_size=4, use_absolute_position_embeddings=False, drop_path_rate=0.0)
+
+PRESETS = {
+    # The paper's models.
+    "vit-base-patch16-224": dict(
+        _SIMMIM_VIT, image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12
+    ),
+    "swin-base-window6-192": dict(
+        _SWIN, image_size=192, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=6
+    ),
+    "swin-large-window12-192": dict(
+        _SWIN, image_size=192, embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12
+    ),
+    # Small models for CIFAR-sized images (32 px; mask_patch_size 8 gives a 4x4 grid of masked squares).
+    "vit-tiny-patch4-32": dict(
+        _SIMMIM_VIT,
+        image_size=32,
+        patch_size=4,
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        mask_patch_size=8,
+    ),
+    # Tiny presets: CPU tests and the default laptop run.
+    "vit-tiny-test": dict(
+        _SIMMIM_VIT,
+        image_size=32,
+        patch_size=4,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mask_patch_size=8,
+        drop_path_rate=0.0,
+    ),
+    "swin-tiny-test": dict(
+        _SWIN,
+        image_size=32,
+        patch_size=2,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[1, 2],
+        window_size=4,
+        mask_patch_size=8,
+    ),
+}

@@ -1,0 +1,494 @@
+"""Checkpoints in and out: official microsoft/SimMIM `.pth` files, transformers' ViT/Swin MIM checkpoints, and the
+export of our encoders back to transformers' own classes.
+
+Every direction infers the architecture from the weights (and the transformers config where there is one), so no
+hand-written config is needed; what a checkpoint cannot tell can be overridden by keyword.
+"""
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .configuration_simmim import SimMIMConfig
+
+logger = logging.getLogger(__name__)
+
+# Buffers the official and transformers code keep in their state dicts; ours are computed from the config.
+_DERIVED_BUFFERS = re.compile(r"(relative_position_index|attn_mask|position_ids)$")
+
+
+# ============================================================================ official microsoft/SimMIM
+class UnsafeCheckpointError(RuntimeError):
+    pass
+
+
+def load_official_checkpoint(path, allow_unsafe_pickle=False):
+    """Return `(state_dict, official_config_or_None)` from a microsoft/SimMIM checkpoint.
+
+    Loads with `torch.load(weights_only=True)`. Training checkpoints also pickle a yacs config (and optimizer
+    state); `weights_only` refuses those, and only `allow_unsafe_pickle=True` unpickles them (only do that for
+    files you trust: unpickling runs code).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Official checkpoint {path!r} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not allow_unsafe_pickle:
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled Python objects besides tensors (typically the yacs config and optimizer "
+                f"state of an official training checkpoint), which torch.load(weights_only=True) refuses:\n  {error}\n"
+                "Unpickling such a file can run arbitrary code. If you trust where it comes from, pass "
+                "--allow-unsafe-pickle (allow_unsafe_pickle=True)."
+            ) from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    official_config = None
+    if isinstance(checkpoint, dict) and "model" in checkpoint:
+        official_config = checkpoint.get("config")
+        state_dict = checkpoint["model"]
+    elif isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state_dict = checkpoint
+    else:
+        raise ValueError(f"{path} is not a SimMIM checkpoint: expected a dict with a 'model' state dict.")
+    if not any(k.startswith("encoder.") for k in state_dict):
+        raise ValueError(
+            f"{path} has no 'encoder.*' weights: expected an official SimMIM pretraining checkpoint "
+            "(keys 'encoder.*' and 'decoder.0.*')."
+        )
+    return state_dict, official_config
+
+
+def _official_overrides(official_config):
+    """Mask settings from an official yacs config, when the checkpoint carried one."""
+    if official_config is None:
+        return {}
+    try:
+        data = official_config["DATA"] if isinstance(official_config, dict) else official_config.DATA
+        return {"mask_patch_size": int(data["MASK_PATCH_SIZE"]), "mask_ratio": float(data["MASK_RATIO"])}
+    except (KeyError, AttributeError, TypeError):
+        return {}
+
+
+def config_from_official_state_dict(state_dict, **overrides):
+    """Infer a `SimMIMConfig` from an official state dict (`encoder.*`, `decoder.0.*`)."""
+    sd = state_dict
+    proj = sd["encoder.patch_embed.proj.weight"]
+    kwargs = dict(patch_size=proj.shape[-1], num_channels=proj.shape[1])
+    if any(k.startswith("encoder.layers.") for k in sd):
+        kwargs.update(_official_swin_architecture(sd, proj))
+    elif any(k.startswith("encoder.blocks.") for k in sd):
+        kwargs.update(_official_vit_architecture(sd, proj))
+    else:
+        raise ValueError("Cannot tell the backbone: the checkpoint has neither encoder.blocks.* (ViT) nor encoder.layers.* (Swin).")
+    if "decoder.0.weight" in sd:
+        stride = math.isqrt(sd["decoder.0.weight"].shape[0] // kwargs["num_channels"])
+        kwargs["encoder_stride"] = stride
+    if "image_size" not in kwargs and "image_size" not in overrides:
+        raise ValueError(
+            "The checkpoint does not tell the image size (no position embedding, relative position table or "
+            "attention mask that depends on it): pass image_size (--image_size)."
+        )
+    kwargs.update({k: v for k, v in overrides.items() if k == "image_size"})
+    if "mask_patch_size" not in overrides and kwargs["image_size"] % 32:
+        kwargs["mask_patch_size"] = math.gcd(kwargs["image_size"], 32)
+    kwargs.update(overrides)
+    return SimMIMConfig(**kwargs)
+
+
+def _count(sd, pattern):
+    found = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def _official_vit_architecture(sd, proj):
+    hidden = proj.shape[0]
+    depth = _count(sd, r"encoder\.blocks\.(\d+)\.")
+    shared = "encoder.rel_pos_bias.relative_position_bias_table" in sd
+    per_block = "encoder.blocks.0.attn.relative_position_bias_table" in sd
+    table = sd.get("encoder.rel_pos_bias.relative_position_bias_table", sd.get("encoder.blocks.0.attn.relative_position_bias_table"))
+    kwargs = dict(
+        backbone="vit",
+        hidden_size=hidden,
+        num_hidden_layers=depth,
+        mlp_ratio=sd["encoder.blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        qkv_bias="encoder.blocks.0.attn.q_bias" in sd or "encoder.blocks.0.attn.qkv.bias" in sd,
+        use_absolute_position_embeddings="encoder.pos_embed" in sd,
+        use_shared_relative_position_bias=shared,
+        use_relative_position_bias=per_block,
+        layer_scale_init_value=0.1 if "encoder.blocks.0.gamma_1" in sd else 0.0,
+        use_mean_pooling="encoder.fc_norm.weight" in sd,
+        drop_path_rate=0.1,
+    )
+    if table is not None:
+        kwargs["num_attention_heads"] = table.shape[1]
+        grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
+    elif "encoder.pos_embed" in sd:
+        grid = math.isqrt(sd["encoder.pos_embed"].shape[1] - 1)
+    else:
+        grid = None
+    if "num_attention_heads" not in kwargs:
+        kwargs["num_attention_heads"] = max(1, hidden // 64)
+        logger.warning(
+            "The checkpoint does not tell the number of attention heads (no relative position bias table); "
+            "assuming hidden_size/64 = %d. Pass num_attention_heads to override.", kwargs["num_attention_heads"]
+        )
+    if grid is not None:
+        kwargs["image_size"] = grid * proj.shape[-1]
+    return kwargs
+
+
+def _official_swin_architecture(sd, proj):
+    num_stages = _count(sd, r"encoder\.layers\.(\d+)\.")
+    depths = [_count(sd, rf"encoder\.layers\.{i}\.blocks\.(\d+)\.") for i in range(num_stages)]
+    tables = [sd[f"encoder.layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(num_stages)]
+    window = (math.isqrt(tables[0].shape[0]) + 1) // 2
+    embed_dim = proj.shape[0]
+    kwargs = dict(
+        backbone="swin",
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=[t.shape[1] for t in tables],
+        window_size=window,
+        mlp_ratio=sd["encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        qkv_bias="encoder.layers.0.blocks.0.attn.qkv.bias" in sd,
+        use_absolute_position_embeddings="encoder.absolute_pos_embed" in sd,
+        patch_norm="encoder.patch_embed.norm.weight" in sd,
+        drop_path_rate=0.0,
+    )
+    grid = None
+    if "encoder.absolute_pos_embed" in sd:
+        grid = math.isqrt(sd["encoder.absolute_pos_embed"].shape[1])
+    elif "encoder.layers.0.blocks.1.attn_mask" in sd:  # (num_windows, N, N) of stage 0
+        grid = window * math.isqrt(sd["encoder.layers.0.blocks.1.attn_mask"].shape[0])
+    else:  # the first stage whose window shrank to its grid tells that grid
+        for i, table in enumerate(tables):
+            stage_window = (math.isqrt(table.shape[0]) + 1) // 2
+            if stage_window < window:
+                grid = stage_window * 2**i
+                break
+    if grid is not None:
+        kwargs["image_size"] = grid * proj.shape[-1]
+    return kwargs
+
+
+def convert_official_state_dict(state_dict):
+    """Official keys -> ours. ViT q/v biases become one qkv bias with a zero key part (softmax ignores a key
+    bias, so the function is unchanged); derived buffers are dropped."""
+    out = {}
+    for key, value in state_dict.items():
+        if _DERIVED_BUFFERS.search(key) or key.startswith("encoder.head."):
+            continue
+        if key.endswith("attn.v_bias"):
+            continue
+        if key.endswith("attn.q_bias"):
+            stem = key[: -len("q_bias")]
+            v_bias = state_dict[stem + "v_bias"]
+            value = torch.cat([value, torch.zeros_like(value), v_bias])
+            key = stem + "qkv.bias"
+        key = re.sub(r"^(encoder\.blocks\.\d+)\.attn\.relative_position_bias_table$", r"\1.rel_pos_bias.relative_position_bias_table", key)
+        if key.startswith("encoder."):
+            key = "simmim." + key
+        out[key] = value
+    return out
+
+
+def convert_official_checkpoint(checkpoint_path, output_dir=None, allow_unsafe_pickle=False, **overrides):
+    """Official `.pth` -> `SimMIMForMaskedImageModeling` (saved to `output_dir` when given)."""
+    from .modeling_simmim import SimMIMForMaskedImageModeling
+
+    state_dict, official_config = load_official_checkpoint(checkpoint_path, allow_unsafe_pickle)
+    overrides = {**_official_overrides(official_config), **overrides}
+    config = config_from_official_state_dict(state_dict, **overrides)
+    model = SimMIMForMaskedImageModeling(config)
+    _load_strict(model, convert_official_state_dict(state_dict), "official checkpoint " + str(checkpoint_path))
+    if output_dir is not None:
+        _save_with_processor(model, output_dir)
+    return model
+
+
+# ============================================================================ transformers ViT / Swin
+# (transformers' on-disk key, ours); {i}/{j} match block / stage indices. q/k/v are fused separately.
+_VIT_KEYS = [
+    ("vit.embeddings.cls_token", "simmim.encoder.cls_token"),
+    ("vit.embeddings.mask_token", "simmim.encoder.mask_token"),
+    ("vit.embeddings.position_embeddings", "simmim.encoder.pos_embed"),
+    ("vit.embeddings.patch_embeddings.projection.{p}", "simmim.encoder.patch_embed.proj.{p}"),
+    ("vit.encoder.layer.{i}.attention.output.dense.{p}", "simmim.encoder.blocks.{i}.attn.proj.{p}"),
+    ("vit.encoder.layer.{i}.layernorm_before.{p}", "simmim.encoder.blocks.{i}.norm1.{p}"),
+    ("vit.encoder.layer.{i}.layernorm_after.{p}", "simmim.encoder.blocks.{i}.norm2.{p}"),
+    ("vit.encoder.layer.{i}.intermediate.dense.{p}", "simmim.encoder.blocks.{i}.mlp.fc1.{p}"),
+    ("vit.encoder.layer.{i}.output.dense.{p}", "simmim.encoder.blocks.{i}.mlp.fc2.{p}"),
+    ("vit.layernorm.{p}", "simmim.encoder.norm.{p}"),
+    ("decoder.0.{p}", "decoder.0.{p}"),
+]
+_VIT_QKV = ("vit.encoder.layer.{i}.attention.attention.{qkv}.{p}", "simmim.encoder.blocks.{i}.attn.qkv.{p}")
+_SWIN_KEYS = [
+    ("swin.embeddings.mask_token", "simmim.encoder.mask_token"),
+    ("swin.embeddings.patch_embeddings.projection.{p}", "simmim.encoder.patch_embed.proj.{p}"),
+    ("swin.embeddings.norm.{p}", "simmim.encoder.patch_embed.norm.{p}"),
+    ("swin.encoder.layers.{i}.blocks.{j}.layernorm_before.{p}", "simmim.encoder.layers.{i}.blocks.{j}.norm1.{p}"),
+    (
+        "swin.encoder.layers.{i}.blocks.{j}.attention.self.relative_position_bias_table",
+        "simmim.encoder.layers.{i}.blocks.{j}.attn.relative_position_bias_table",
+    ),
+    ("swin.encoder.layers.{i}.blocks.{j}.attention.output.dense.{p}", "simmim.encoder.layers.{i}.blocks.{j}.attn.proj.{p}"),
+    ("swin.encoder.layers.{i}.blocks.{j}.layernorm_after.{p}", "simmim.encoder.layers.{i}.blocks.{j}.norm2.{p}"),
+    ("swin.encoder.layers.{i}.blocks.{j}.intermediate.dense.{p}", "simmim.encoder.layers.{i}.blocks.{j}.mlp.fc1.{p}"),
+    ("swin.encoder.layers.{i}.blocks.{j}.output.dense.{p}", "simmim.encoder.layers.{i}.blocks.{j}.mlp.fc2.{p}"),
+    ("swin.encoder.layers.{i}.downsample.reduction.{p}", "simmim.encoder.layers.{i}.downsample.reduction.{p}"),
+    ("swin.encoder.layers.{i}.downsample.norm.{p}", "simmim.encoder.layers.{i}.downsample.norm.{p}"),
+    ("swin.layernorm.{p}", "simmim.encoder.norm.{p}"),
+    ("decoder.0.{p}", "decoder.0.{p}"),
+]
+_SWIN_QKV = (
+    "swin.encoder.layers.{i}.blocks.{j}.attention.self.{qkv}.{p}",
+    "simmim.encoder.layers.{i}.blocks.{j}.attn.qkv.{p}",
+)
+_GROUPS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "p": r"(?P<p>weight|bias)", "qkv": r"(?P<qkv>query|key|value)"}
+
+
+def _pattern(template):
+    regex = re.escape(template)
+    for name, group in _GROUPS.items():
+        regex = regex.replace(re.escape("{" + name + "}"), group)
+    return re.compile("^" + regex + "$")
+
+
+def _rename(state_dict, pairs, qkv_pair, forward):
+    """Rename keys by template pairs (forward: transformers -> ours); fuse or split q/k/v."""
+    rules = [(_pattern(a if forward else b), b if forward else a) for a, b in pairs]
+    out, unmatched = {}, []
+    qkv_src, qkv_dst = qkv_pair if forward else qkv_pair[::-1]
+    qkv_re = _pattern(qkv_src)
+    fused = {}
+    for key, value in state_dict.items():
+        if _DERIVED_BUFFERS.search(key):
+            continue
+        match = qkv_re.match(key)
+        if match:
+            groups = match.groupdict()
+            if forward:
+                target = qkv_dst.format(**{k: v for k, v in groups.items() if k != "qkv"})
+                fused.setdefault(target, {})[groups["qkv"]] = value
+            else:
+                for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+                    out[qkv_dst.format(qkv=name, **groups)] = part.clone()
+            continue
+        for pattern, target in rules:
+            match = pattern.match(key)
+            if match:
+                out[target.format(**match.groupdict())] = value
+                break
+        else:
+            unmatched.append(key)
+    for target, parts in fused.items():
+        out[target] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    if unmatched:
+        raise ValueError(f"Unrecognised weights: {sorted(unmatched)[:8]}{' ...' if len(unmatched) > 8 else ''}")
+    return out
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def config_from_transformers(hf_config, **overrides):
+    """A transformers ViT/Swin config (dict or object) -> `SimMIMConfig` computing the same function."""
+    c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    common = dict(
+        image_size=_first(c.get("image_size", 224)),
+        patch_size=_first(c.get("patch_size", 16)),
+        num_channels=c.get("num_channels", 3),
+        qkv_bias=c.get("qkv_bias", True),
+        hidden_act=c.get("hidden_act", "gelu"),
+        hidden_dropout_prob=c.get("hidden_dropout_prob", 0.0),
+        attention_probs_dropout_prob=c.get("attention_probs_dropout_prob", 0.0),
+        initializer_range=c.get("initializer_range", 0.02),
+        mask_token_type="learned",
+    )
+    if c["model_type"] == "vit":
+        kwargs = dict(
+            common,
+            backbone="vit",
+            hidden_size=c["hidden_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            mlp_ratio=c["intermediate_size"] / c["hidden_size"],
+            layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+            use_absolute_position_embeddings=True,
+            use_relative_position_bias=False,
+            use_shared_relative_position_bias=False,
+            layer_scale_init_value=0.0,
+            drop_path_rate=0.0,
+        )
+    elif c["model_type"] == "swin":
+        kwargs = dict(
+            common,
+            backbone="swin",
+            embed_dim=c["embed_dim"],
+            depths=c["depths"],
+            num_heads=c["num_heads"],
+            window_size=c["window_size"],
+            mlp_ratio=c.get("mlp_ratio", 4.0),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+            use_absolute_position_embeddings=c.get("use_absolute_embeddings", False),
+            drop_path_rate=c.get("drop_path_rate", 0.1),
+        )
+    else:
+        raise ValueError(f"model_type={c['model_type']!r}: only transformers 'vit' and 'swin' checkpoints convert.")
+    if kwargs["image_size"] % 32 and "mask_patch_size" not in overrides:
+        kwargs["mask_patch_size"] = math.gcd(kwargs["image_size"], 32)
+    kwargs.update(overrides)
+    return SimMIMConfig(**kwargs)
+
+
+def load_transformers_checkpoint(model_dir):
+    """`(config_dict, state_dict)` of a transformers checkpoint folder (safetensors, possibly sharded, or .bin)."""
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{model_dir} has no config.json: expected a transformers checkpoint folder.")
+    with open(config_path) as f:
+        config = json.load(f)
+    state_dict = {}
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    for name in files:
+        state_dict.update(load_file(os.path.join(model_dir, name)))
+    if not files and os.path.isfile(os.path.join(model_dir, "pytorch_model.bin")):
+        state_dict = torch.load(os.path.join(model_dir, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    if not state_dict:
+        raise FileNotFoundError(f"{model_dir} has no model.safetensors or pytorch_model.bin.")
+    return config, state_dict
+
+
+def convert_transformers_state_dict(state_dict, model_type, num_patches=None):
+    pairs, qkv = (_VIT_KEYS, _VIT_QKV) if model_type == "vit" else (_SWIN_KEYS, _SWIN_QKV)
+    sd = dict(state_dict)
+    if model_type == "swin" and "swin.embeddings.position_embeddings" in sd:
+        # transformers keeps one extra (unused) position; ours holds exactly one per patch.
+        sd["simmim_abs"] = sd.pop("swin.embeddings.position_embeddings")[:, :num_patches]
+        pairs = pairs + [("simmim_abs", "simmim.encoder.absolute_pos_embed")]
+    return _rename(sd, pairs, qkv, forward=True)
+
+
+def convert_transformers_checkpoint(model_dir, output_dir=None, **overrides):
+    """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` folder -> ours."""
+    from .modeling_simmim import SimMIMForMaskedImageModeling
+
+    hf_config, state_dict = load_transformers_checkpoint(model_dir)
+    config = config_from_transformers(hf_config, **overrides)
+    if hf_config.get("encoder_stride", config.encoder_stride) != config.encoder_stride:
+        raise ValueError(
+            f"{model_dir}: encoder_stride={hf_config['encoder_stride']} does not match the encoder's downsampling "
+            f"{config.encoder_stride}; this checkpoint's decoder cannot reconstruct full-size images."
+        )
+    converted = convert_transformers_state_dict(state_dict, hf_config["model_type"], config.num_patches)
+    model = SimMIMForMaskedImageModeling(config)
+    strict = any(k.startswith("decoder.") for k in converted)
+    _load_strict(model, converted, model_dir, allow_missing_decoder=not strict)
+    if output_dir is not None:
+        _save_with_processor(model, output_dir)
+    return model
+
+
+def transformers_config_from_simmim(config):
+    """Our config -> transformers `ViTConfig` / `SwinConfig`, or a clear error where transformers has no
+    equivalent architecture."""
+    from transformers import SwinConfig, ViTConfig
+
+    if config.backbone == "vit":
+        unsupported = [
+            name
+            for name, bad in [
+                ("use_shared_relative_position_bias", config.use_shared_relative_position_bias),
+                ("use_relative_position_bias", config.use_relative_position_bias),
+                ("layer_scale_init_value", config.layer_scale_init_value),
+                ("use_absolute_position_embeddings=False", not config.use_absolute_position_embeddings),
+                ("use_mean_pooling", config.use_mean_pooling),
+            ]
+            if bad
+        ]
+        if unsupported:
+            raise ValueError(
+                "transformers' ViT has no equivalent of " + ", ".join(unsupported) + ": only a plain ViT "
+                "(use_absolute_position_embeddings=True, no relative position bias, layer_scale_init_value=0) "
+                "exports to ViTForMaskedImageModeling."
+            )
+        return ViTConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=int(config.hidden_size * config.mlp_ratio),
+            hidden_act=config.hidden_act,
+            layer_norm_eps=config.layer_norm_eps,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            num_channels=config.num_channels,
+            qkv_bias=config.qkv_bias,
+            encoder_stride=config.encoder_stride,
+        )
+    if not config.patch_norm:
+        raise ValueError("transformers' Swin always normalises the patch embedding: patch_norm=False does not export.")
+    return SwinConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        embed_dim=config.embed_dim,
+        depths=list(config.depths),
+        num_heads=list(config.num_heads),
+        window_size=config.window_size,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        use_absolute_embeddings=config.use_absolute_position_embeddings,
+        encoder_stride=config.encoder_stride,
+    )
+
+
+def export_to_transformers(model, output_dir):
+    """Save our ViT/Swin MIM model as a transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling`
+    checkpoint (the hub layout) and return it loaded through transformers' own `from_pretrained`."""
+    from transformers import SwinForMaskedImageModeling, ViTForMaskedImageModeling
+
+    config = model.config
+    hf_config = transformers_config_from_simmim(config)
+    ours = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if config.backbone == "vit":
+        if "simmim.encoder.mask_token" not in ours:
+            raise ValueError("Only a model with a learned mask token (mask_token_type='learned') exports.")
+        sd = _rename(ours, _VIT_KEYS, _VIT_QKV, forward=False)
+        model_class = ViTForMaskedImageModeling
+    else:
+        if "simmim.encoder.absolute_pos_embed" in ours:
+            pos = ours.pop("simmim.encoder.absolute_pos_embed")
+            ours["simmim_abs"] = torch.cat([pos, torch.zeros_like(pos[:, :1])], dim=1)
+        pairs = _SWIN_KEYS + [("swin.embeddings.position_embeddings", "simmim_abs")]
+        sd = _rename(ours, pairs, _SWIN_QKV, forward=False)
+        model_class = SwinForMaskedImageModeling
+    hf_config.architectures = [model_class.__name__]
+    os.makedirs(output_dir, exist_ok=True)
+    hf_config.save_pretrained(output_dir)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+    return model_class.from_pretrained(output_dir)
+
+
+# ============================================================================ helpers
+def _load_strict(model, state_dict, source, allow_missing_decoder=False):
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if allow_missing_decoder:
+        missing = [k for k in missing if not k.startswith("decoder.")]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the inferred architecture: missing {missing}, unexpected {unexpected}.")
+
+
+def _save_with_processor(model, output_dir):
+    from .image_processing_simmim import SimMIMImageProcessor
+
+    model.save_pretrained(output_dir)
+    SimMIMImageProcessor.from_model_config(model.config).save_pretrained(output_dir)

@@ -1,0 +1,285 @@
+"""SimMIM models: the encoder (`SimMIMModel`), pretraining (`SimMIMForMaskedImageModeling`) and fine-tuning
+(`SimMIMForImageClassification`).
+
+The walk from pixels to loss, in `SimMIMForMaskedImageModeling.forward`:
+pixel_values + bool_masked_pos -> encoder (masked patch embeddings replaced by the mask token; all tokens go
+through every block) -> feature map (B, C, H/stride, W/stride) -> decoder (1x1 conv + PixelShuffle) ->
+reconstruction (B, 3, H, W) -> `simmim_loss` on the masked pixels only.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    MaskedImageModelingOutput,
+)
+
+from .configuration_simmim import SimMIMConfig
+from .modeling_swin import (
+    SwinBlock,
+    SwinTransformer,
+    WindowAttention,
+    swin_relative_position_index,
+    swin_shift_attention_mask,
+)
+from .modeling_vit import RelativePositionBias, ViTBlock, VisionTransformer, vit_relative_position_index
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+def check_pixel_values(pixel_values, config):
+    if pixel_values is None:
+        raise ValueError("pixel_values is required: a float tensor of shape (batch, channels, height, width).")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {config.num_channels}, {config.image_size}, {config.image_size}); "
+            f"got shape {tuple(pixel_values.shape)}."
+        )
+    _, c, h, w = pixel_values.shape
+    if c != config.num_channels:
+        raise ValueError(
+            f"pixel_values has {c} channels but the model expects num_channels={config.num_channels}: convert images "
+            "to RGB (the image processor and `hf_simmim.data` do this)."
+        )
+    if (h, w) != (config.image_size, config.image_size):
+        raise ValueError(
+            f"pixel_values is {h}x{w} but the model was built for image_size={config.image_size}: resize or crop "
+            "the images to that size (the checkpoint's image processor does this)."
+        )
+
+
+def mask_to_grid(bool_masked_pos, config, batch_size):
+    """Accept `(B, num_patches)` or `(B, h, w)`, bool or 0/1 integers; return a `(B, g, g)` bool grid."""
+    g = config.grid_size
+    expected = f"(batch, {g * g}) or (batch, {g}, {g})"
+    if bool_masked_pos.is_floating_point() or bool_masked_pos.is_complex():
+        raise ValueError(f"bool_masked_pos must be bool or 0/1 integers of shape {expected}; got {bool_masked_pos.dtype}.")
+    shape = tuple(bool_masked_pos.shape)
+    if shape not in ((batch_size, g * g), (batch_size, g, g)):
+        raise ValueError(
+            f"bool_masked_pos has shape {shape}, expected {expected}: one entry per {config.patch_size}x"
+            f"{config.patch_size} patch (image_size={config.image_size}, patch_size={config.patch_size}). "
+            "Masks from `hf_simmim.SimMIMMaskGenerator(config)` have the right shape."
+        )
+    if bool_masked_pos.dtype != torch.bool:
+        if ((bool_masked_pos != 0) & (bool_masked_pos != 1)).any():
+            raise ValueError("bool_masked_pos must hold only 0 and 1 (1 = masked).")
+        bool_masked_pos = bool_masked_pos.bool()
+    return bool_masked_pos.reshape(batch_size, g, g)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def normalize_per_patch(images, patch_size, eps=1e-6):
+    """Zero mean, unit variance per channel inside each non-overlapping `patch_size` patch."""
+    b, c, h, w = images.shape
+    patches = images.view(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    mean = patches.mean(dim=(3, 5), keepdim=True)
+    var = patches.var(dim=(3, 5), keepdim=True, unbiased=False)
+    return ((patches - mean) / (var + eps).sqrt()).view(b, c, h, w)
+
+
+def simmim_loss(pixel_values, reconstruction, mask_grid, patch_size, loss_type="l1", norm_target=False):
+    """The SimMIM loss: the pixel loss averaged over masked pixels and channels only.
+
+    `mask_grid` `(B, g, g)` is upsampled to pixels by repetition; the official formula is
+    `sum(|x - x_rec| * M) / (sum(M) + 1e-5) / C`.
+    """
+    target = normalize_per_patch(pixel_values, patch_size) if norm_target else pixel_values
+    mask = mask_grid.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
+    mask = mask.to(reconstruction.dtype)
+    if loss_type == "l1":
+        per_pixel = F.l1_loss(target, reconstruction, reduction="none")
+    elif loss_type == "l2":
+        per_pixel = F.mse_loss(target, reconstruction, reduction="none")
+    else:
+        per_pixel = F.smooth_l1_loss(target, reconstruction, reduction="none")
+    return (per_pixel * mask).sum() / (mask.sum() + 1e-5) / pixel_values.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------- models
+class SimMIMPreTrainedModel(PreTrainedModel):
+    config_class = SimMIMConfig
+    base_model_prefix = "simmim"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["ViTBlock", "SwinBlock", "PatchMerging"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, std=std * getattr(module, "init_scale", 1.0))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (VisionTransformer, SwinTransformer)):
+            for name in ("cls_token", "mask_token", "pos_embed", "absolute_pos_embed"):
+                param = getattr(module, name, None)
+                if param is not None:
+                    init.trunc_normal_(param, std=std)
+        elif isinstance(module, RelativePositionBias):
+            init.zeros_(module.relative_position_bias_table)
+            init.copy_(module.relative_position_index, vit_relative_position_index(module.grid_size))
+        elif isinstance(module, WindowAttention):
+            init.trunc_normal_(module.relative_position_bias_table, std=std)
+            init.copy_(module.relative_position_index, swin_relative_position_index(module.window))
+        elif isinstance(module, ViTBlock) and module.gamma_1 is not None:
+            init.constant_(module.gamma_1, self.config.layer_scale_init_value)
+            init.constant_(module.gamma_2, self.config.layer_scale_init_value)
+        elif isinstance(module, SwinBlock) and module.attn_mask is not None:
+            init.copy_(module.attn_mask, swin_shift_attention_mask(module.resolution, module.window, module.shift))
+
+    def _check_inputs(self, pixel_values, bool_masked_pos):
+        check_pixel_values(pixel_values, self.config)
+        if bool_masked_pos is not None:
+            return mask_to_grid(bool_masked_pos, self.config, pixel_values.shape[0])
+        return None
+
+
+class SimMIMPooler(nn.Module):
+    """Average of the patch tokens; for ViT with `use_mean_pooling`, followed by `fc_norm` (official fine-tuning)."""
+
+    def __init__(self, config):
+        super().__init__()
+        use_fc_norm = config.backbone == "vit" and config.use_mean_pooling
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_fc_norm else None
+
+    def forward(self, patch_tokens):
+        pooled = patch_tokens.mean(dim=1)
+        return pooled if self.fc_norm is None else self.fc_norm(pooled)
+
+
+class SimMIMModel(SimMIMPreTrainedModel):
+    """The SimMIM encoder (ViT or Swin) as a vision backbone.
+
+    `forward(pixel_values, bool_masked_pos=None)` returns `last_hidden_state` (ViT: `(B, 1 + L, C)` with CLS
+    first; Swin: `(B, L_last, C)`), `pooler_output` `(B, C)` and, with `output_hidden_states=True`, the input of
+    every ViT block / Swin stage and the final output.
+    """
+
+    def __init__(self, config, add_pooling_layer=True, use_mask_token=True):
+        super().__init__(config)
+        encoder_class = VisionTransformer if config.backbone == "vit" else SwinTransformer
+        self.encoder = encoder_class(config, use_mask_token=use_mask_token)
+        self.pooler = SimMIMPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.encoder.patch_embed
+
+    def forward(
+        self,
+        pixel_values=None,
+        bool_masked_pos=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        sequence, hidden_states = self.encoder(pixel_values, mask_grid, output_hidden_states=output_hidden_states)
+        pooled = self.pooler(self.encoder.patch_tokens(sequence)) if self.pooler is not None else None
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=sequence, pooler_output=pooled, hidden_states=hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
+    """SimMIM pretraining: encoder + one 1x1 conv + PixelShuffle decoder + masked pixel loss.
+
+    `forward(pixel_values, bool_masked_pos)` returns `MaskedImageModelingOutput(loss, reconstruction, ...)`;
+    `bool_masked_pos` is `(B, num_patches)` or `(B, h, w)`, bool or 0/1 integers (1 = masked). Without a mask, the
+    model reconstructs the unmasked image and returns no loss.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.simmim = SimMIMModel(config, add_pooling_layer=False, use_mask_token=True)
+        stride = config.encoder_stride
+        self.decoder = nn.Sequential(
+            nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1),
+            nn.PixelShuffle(stride),
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values=None,
+        bool_masked_pos=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
+        outputs = self.simmim(
+            pixel_values, bool_masked_pos=mask_grid, output_hidden_states=output_hidden_states, return_dict=True
+        )
+        features = self.simmim.encoder.feature_map(outputs.last_hidden_state)
+        reconstruction = self.decoder(features)
+        loss = None
+        if mask_grid is not None:
+            loss = simmim_loss(
+                pixel_values,
+                reconstruction,
+                mask_grid,
+                self.config.patch_size,
+                self.config.loss_type,
+                self.config.norm_target,
+            )
+        output = MaskedImageModelingOutput(
+            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class SimMIMForImageClassification(SimMIMPreTrainedModel):
+    """The encoder with the official fine-tuning head: ViT averages the patch tokens and applies `fc_norm`; Swin
+    averages the normalised final tokens. `labels` give a cross-entropy (or MSE for one label) loss.
+
+    Loading a pretraining checkpoint drops the decoder and the mask token (and, for ViT, the final norm that mean
+    pooling replaces).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"mask_token", r"^simmim\.encoder\.norm\."]
+
+    def __init__(self, config):
+        if config.backbone == "vit":
+            config.use_mean_pooling = True
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.simmim = SimMIMModel(config, add_pooling_layer=True, use_mask_token=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        outputs = self.simmim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            elif labels.ndim == logits.ndim and labels.is_floating_point():  # soft targets (mixup / cutmix)
+                loss = torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(logits, labels.view(-1))
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = [
+    "SimMIMPreTrainedModel",
+    "SimMIMModel",
+    "SimMIMForMaskedImageModeling",
+    "SimMIMForImageClassification",
+    "simmim_loss",
+]

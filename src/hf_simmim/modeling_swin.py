@@ -1,0 +1,214 @@
+"""The Swin Transformer (v1) encoder, as the official microsoft/SimMIM `SwinTransformerForSimMIM`.
+
+Module names follow the official code (`layers.{i}.blocks.{j}.attn.qkv`, `downsample.reduction`, ...). The
+relative position index and the shifted-window attention mask are non-persistent buffers computed from the
+config, so checkpoints hold only learned weights.
+"""
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .modeling_layers import Attention, DropPath, Mlp, fill_masked_tokens
+
+
+def window_partition(x, window):
+    """`(B, H, W, C)` -> `(B, nW, window*window, C)`."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def window_reverse(windows, window, h, w):
+    """`(B, nW, window*window, C)` -> `(B, H, W, C)`."""
+    b, _, _, c = windows.shape
+    x = windows.view(b, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+def swin_relative_position_index(window):
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return relative[:, :, 0] * (2 * window - 1) + relative[:, :, 1]
+
+
+def swin_shift_attention_mask(resolution, window, shift):
+    """The official shifted-window mask: 0 inside a region, -100 across regions; `(nW, N, N)`."""
+    h, w = resolution
+    regions = torch.zeros(1, h, w, 1)
+    count = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            regions[:, hs, ws, :] = count
+            count += 1
+    windows = window_partition(regions, window).squeeze(0).squeeze(-1)  # (nW, N)
+    mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+class WindowAttention(Attention):
+    """Attention inside each window with a learned relative position bias; the shift mask comes from the block."""
+
+    def __init__(self, dim, window, num_heads, config):
+        super().__init__(
+            dim, num_heads, config.qkv_bias, config.attention_probs_dropout_prob, config.hidden_dropout_prob
+        )
+        self.window = window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", swin_relative_position_index(window), persistent=False)
+
+    def relative_position_bias(self):
+        n = self.window * self.window
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # (heads, N, N)
+
+    def forward(self, windows, shift_mask=None):
+        """windows: `(B, nW, N, C)`; shift_mask: `(nW, N, N)` or None."""
+        bias = self.relative_position_bias()
+        if shift_mask is not None:
+            bias = bias.unsqueeze(0) + shift_mask.unsqueeze(1)  # (nW, heads, N, N)
+        return super().forward(windows, bias)
+
+
+class SwinBlock(GradientCheckpointingLayer):
+    def __init__(self, config, dim, resolution, num_heads, shift, drop_path):
+        super().__init__()
+        window = config.window_size
+        if min(resolution) <= window:  # as the official code: one window covers the stage, no shift
+            window, shift = min(resolution), 0
+        self.resolution, self.window, self.shift = resolution, window, shift
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = WindowAttention(dim, window, num_heads, config)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = Mlp(dim, int(dim * config.mlp_ratio), config.hidden_act, config.hidden_dropout_prob)
+        mask = swin_shift_attention_mask(resolution, window, shift) if shift else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, x):
+        b, _, c = x.shape
+        h, w = self.resolution
+        y = self.norm1(x).view(b, h, w, c)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = self.attn(window_partition(y, self.window), self.attn_mask)
+        y = window_reverse(y, self.window, h, w)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + self.drop_path(y.reshape(b, h * w, c))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2 neighbourhood (official order), normalise, and project 4C -> 2C."""
+
+    def __init__(self, resolution, dim, eps):
+        super().__init__()
+        self.resolution = resolution
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        b, _, c = x.shape
+        h, w = self.resolution
+        x = x.view(b, h, w, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, config, stage, drop_paths):
+        super().__init__()
+        dim = config.embed_dim * 2**stage
+        side = config.grid_size // 2**stage
+        resolution = (side, side)
+        self.blocks = nn.ModuleList(
+            [
+                SwinBlock(
+                    config,
+                    dim,
+                    resolution,
+                    config.num_heads[stage],
+                    0 if i % 2 == 0 else config.window_size // 2,
+                    drop_paths[i],
+                )
+                for i in range(config.depths[stage])
+            ]
+        )
+        last = stage == len(config.depths) - 1
+        self.downsample = None if last else PatchMerging(resolution, dim, config.layer_norm_eps)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Conv2d(config.num_channels, config.embed_dim, config.patch_size, stride=config.patch_size)
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps) if config.patch_norm else None
+
+    def forward(self, pixel_values):
+        x = self.proj(pixel_values).flatten(2).transpose(1, 2)
+        return x if self.norm is None else self.norm(x)
+
+
+class SwinTransformer(nn.Module):
+    """Patch embedding (+ norm) -> mask-token fill -> (absolute position) -> stages -> final norm.
+
+    Returns the final tokens `(B, L_last, C_last)` and, on request, the input of each stage plus the output.
+    """
+
+    def __init__(self, config, use_mask_token=True):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.mask_token = (
+            nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+            if use_mask_token and config.mask_token_type == "learned"
+            else None
+        )
+        self.absolute_pos_embed = (
+            nn.Parameter(torch.zeros(1, config.num_patches, config.embed_dim))
+            if config.use_absolute_position_embeddings
+            else None
+        )
+        self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
+        self.layers = nn.ModuleList(
+            [
+                SwinStage(config, i, rates[starts[i] : starts[i] + config.depths[i]])
+                for i in range(len(config.depths))
+            ]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values, bool_masked_pos=None, output_hidden_states=False):
+        x = self.patch_embed(pixel_values)
+        if bool_masked_pos is not None:
+            x = fill_masked_tokens(x, bool_masked_pos, self.mask_token, self.config.mask_token_type)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        hidden_states = []
+        for stage in self.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x = stage(x)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return x, (tuple(hidden_states) if output_hidden_states else None)
+
+    def feature_map(self, sequence):
+        """`(B, L, C)` final tokens -> `(B, C, h, w)` map for the decoder."""
+        b, _, c = sequence.shape
+        g = self.config.feature_grid_size
+        return sequence.transpose(1, 2).reshape(b, c, g, g)
+
+    def patch_tokens(self, sequence):
+        return sequence
