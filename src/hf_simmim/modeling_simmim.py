@@ -29,6 +29,14 @@ from .modeling_swin import (
 from .modeling_vit import RelativePositionBias, ViTBlock, VisionTransformer, vit_relative_position_index
 
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_simmim.SimMIMConfig",
+    "AutoModel": "modeling_simmim.SimMIMModel",
+    "AutoModelForMaskedImageModeling": "modeling_simmim.SimMIMForMaskedImageModeling",
+    "AutoModelForImageClassification": "modeling_simmim.SimMIMForImageClassification",
+}
+
+
 # ---------------------------------------------------------------------------------------------- input checks
 def check_pixel_values(pixel_values, config):
     if pixel_values is None:
@@ -136,6 +144,12 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SwinBlock) and module.attn_mask is not None:
             init.copy_(module.attn_mask, swin_shift_attention_mask(module.resolution, module.window, module.shift))
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Record every Auto class, so `trust_remote_code=True` loads this checkpoint as any of them.
+        if getattr(type(self), "_auto_class", None) is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _check_inputs(self, pixel_values, bool_masked_pos):
         check_pixel_values(pixel_values, self.config)
         if bool_masked_pos is not None:
@@ -163,6 +177,8 @@ class SimMIMModel(SimMIMPreTrainedModel):
     first; Swin: `(B, L_last, C)`), `pooler_output` `(B, C)` and, with `output_hidden_states=True`, the input of
     every ViT block / Swin stage and the final output.
     """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config, add_pooling_layer=True, use_mask_token=True):
         super().__init__(config)

@@ -1,0 +1,50 @@
+"""hf_simmim: SimMIM (Xie et al., CVPR 2022) as Hugging Face transformers models.
+
+Importing the package registers `SimMIMConfig`, the models and the image processor with the Auto classes.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForMaskedImageModeling,
+)
+
+from .configuration_simmim import PRESETS, SimMIMConfig
+from .image_processing_simmim import SimMIMImageProcessor
+from .masking import SimMIMMaskGenerator
+from .modeling_simmim import (
+    SimMIMForImageClassification,
+    SimMIMForMaskedImageModeling,
+    SimMIMModel,
+    SimMIMPreTrainedModel,
+    simmim_loss,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SimMIMConfig.model_type, SimMIMConfig, exist_ok=True)
+AutoModel.register(SimMIMConfig, SimMIMModel, exist_ok=True)
+AutoModelForMaskedImageModeling.register(SimMIMConfig, SimMIMForMaskedImageModeling, exist_ok=True)
+AutoModelForImageClassification.register(SimMIMConfig, SimMIMForImageClassification, exist_ok=True)
+AutoImageProcessor.register(SimMIMConfig, slow_image_processor_class=SimMIMImageProcessor, exist_ok=True)
+
+# Saved checkpoints carry this code, so `trust_remote_code=True` loads them where hf_simmim is not installed.
+SimMIMConfig.register_for_auto_class()
+SimMIMModel.register_for_auto_class("AutoModel")
+SimMIMForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageModeling")
+SimMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+SimMIMImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "PRESETS",
+    "SimMIMConfig",
+    "SimMIMImageProcessor",
+    "SimMIMMaskGenerator",
+    "SimMIMModel",
+    "SimMIMPreTrainedModel",
+    "SimMIMForMaskedImageModeling",
+    "SimMIMForImageClassification",
+    "simmim_loss",
+]
