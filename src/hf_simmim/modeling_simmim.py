@@ -19,6 +19,7 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_simmim import SimMIMConfig
+from .modeling_resize import is_resizable, load_resized_position_tables
 from .modeling_swin import (
     SwinBlock,
     SwinTransformer,
@@ -143,6 +144,35 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             init.constant_(module.gamma_2, self.config.layer_scale_init_value)
         elif isinstance(module, SwinBlock) and module.attn_mask is not None:
             init.copy_(module.attn_mask, swin_shift_attention_mask(module.resolution, module.window, module.shift))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As transformers' `from_pretrained`, plus: position tables saved at another window or image size
+        (e.g. `window_size=7` for a checkpoint pretrained with 6) are interpolated instead of refused."""
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+        mismatched = {entry[0]: entry for entry in info.get("mismatched_keys", ())}
+        resizable = [key for key in mismatched if is_resizable(key)]
+        others = [mismatched[key] for key in mismatched if key not in resizable]
+        if others and not ignore_mismatched:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: weights of another shape than this config gives: "
+                + ", ".join(f"{k} (checkpoint {tuple(a)}, model {tuple(b)})" for k, a, b in sorted(others)[:4])
+                + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+                + ". Fix the config overrides, or pass ignore_mismatched_sizes=True to re-initialise them."
+            )
+        if resizable:
+            hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+            load_resized_position_tables(model, resizable, pretrained_model_name_or_path, **hub_kwargs)
+            info["mismatched_keys"] = set(others)
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Record every Auto class, so `trust_remote_code=True` loads this checkpoint as any of them.

@@ -1,0 +1,78 @@
+"""Resizing position tables when a checkpoint is loaded at another window or image size (e.g. Swin pretrained with
+window 6 at 192 px, fine-tuned with window 7 at 224 px): relative position bias tables and absolute position
+embeddings are interpolated bicubically, as the official fine-tuning code does."""
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+RESIZABLE_SUFFIXES = ("relative_position_bias_table", "pos_embed", "absolute_pos_embed")
+
+
+def is_resizable(key):
+    return key.endswith(RESIZABLE_SUFFIXES)
+
+
+def _resize_grid(grid_values, new_side):
+    """(rows = side*side, C) -> (new_side*new_side, C) by bicubic interpolation over the square grid."""
+    side = math.isqrt(grid_values.shape[0])
+    if side * side != grid_values.shape[0]:
+        raise ValueError(f"cannot resize a table of {grid_values.shape[0]} rows: not a square grid")
+    image = grid_values.float().T.reshape(1, -1, side, side)
+    image = F.interpolate(image, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    return image.reshape(-1, new_side * new_side).T.to(grid_values.dtype)
+
+
+def resize_position_table(key, value, target_shape):
+    """Resize `value` (as saved under `key`) to `target_shape`."""
+    if key.endswith("relative_position_bias_table"):
+        rows, _ = target_shape
+        extra = 3 if "rel_pos_bias." in key else 0  # ViT tables end with the CLS rows; Swin tables have none
+        grid = value[: value.shape[0] - extra]
+        resized = _resize_grid(grid, math.isqrt(rows - extra))
+        return torch.cat([resized, value[value.shape[0] - extra :]], dim=0) if extra else resized
+    # absolute position embeddings: (1, [CLS] + N, C)
+    _, tokens, _ = target_shape
+    extra = tokens - math.isqrt(tokens) ** 2  # 1 for ViT's CLS position, 0 for Swin
+    resized = _resize_grid(value[0, extra:], math.isqrt(tokens - extra))
+    return torch.cat([value[0, :extra], resized], dim=0).unsqueeze(0)
+
+
+def checkpoint_files(path, **hub_kwargs):
+    """The safetensors file(s) of a local folder or hub repository."""
+    from transformers.utils import cached_file
+
+    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if index is not None:
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [cached_file(path, name, **hub_kwargs) for name in names]
+    return [cached_file(path, "model.safetensors", **hub_kwargs)]
+
+
+def read_tensors(files, wanted_suffixes):
+    """Tensors whose key ends with one of `wanted_suffixes` -> {suffix: tensor}."""
+    found = {}
+    for file in files:
+        with safe_open(file, framework="pt") as reader:
+            for key in reader.keys():
+                for suffix in wanted_suffixes:
+                    if key == suffix or key.endswith("." + suffix):
+                        found[suffix] = reader.get_tensor(key)
+    return found
+
+
+def load_resized_position_tables(model, mismatched, path, **hub_kwargs):
+    """Fill the model's mismatched position tables from the checkpoint at `path`, interpolated to size."""
+    prefix = model.base_model_prefix + "."
+    suffixes = {key: key[len(prefix) :] if key.startswith(prefix) else key for key in mismatched}
+    tensors = read_tensors(checkpoint_files(os.fspath(path), **hub_kwargs), set(suffixes.values()))
+    parameters = dict(model.named_parameters())
+    for key, suffix in suffixes.items():
+        target = parameters[key]
+        with torch.no_grad():
+            target.copy_(resize_position_table(key, tensors[suffix], tuple(target.shape)))
