@@ -1,0 +1,61 @@
+"""Shared test fixtures: where the official reference fixtures and the CIFAR-10 subset live, and small helpers.
+
+The shared folder sits beside the checkout (`<repo>/../shared`). Without it, the tests that need it are skipped
+on a developer machine, but fail under CI (`CI` set), so CI can never silently skip the parity checks.
+"""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+OFFICIAL_FIXTURES_DIR = SHARED_DIR / "fixtures" / "official_simmim"
+CIFAR10_SMALL_DIR = SHARED_DIR / "data" / "cifar10-small"
+
+
+def running_in_ci():
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_shared_dir(path, what):
+    """Return `path` if it is a folder; otherwise fail under CI and skip elsewhere, naming what is missing."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    reason = f"{what} not found at {path} (expected ../shared beside the checkout)"
+    if running_in_ci():
+        pytest.fail(f"{reason}; CI must not skip these tests.", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def official_fixtures_dir():
+    """`<repo>/../shared/fixtures/official_simmim`: the official microsoft/SimMIM reference outputs."""
+    return require_shared_dir(OFFICIAL_FIXTURES_DIR, "official SimMIM fixtures")
+
+
+@pytest.fixture(scope="session")
+def cifar10_small_dir():
+    """`<repo>/../shared/data/cifar10-small`: a 10k/2k CIFAR-10 subset as Parquet."""
+    return require_shared_dir(CIFAR10_SMALL_DIR, "cifar10-small data set")
+
+
+def perturb_parameters_(model, std=0.1, seed=0):
+    """Add Gaussian noise to every parameter so zero biases, unit LayerNorm weights and zero tables become
+    non-trivial (a conversion that drops or swaps one of them then changes the outputs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(std * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model
+
+
+def max_abs_diff(a, b):
+    return (a.detach().float() - b.detach().float()).abs().max().item()
