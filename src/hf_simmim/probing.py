@@ -1,0 +1,86 @@
+"""Frozen-encoder evaluation: linear probing and k-NN on average-pooled patch tokens of a chosen block.
+
+The paper's linear-probe protocol for ViT-B takes the average-pooled patch tokens of the 8th block. Features are
+extracted once, standardised with the training set's statistics (a BatchNorm without affine parameters, as MAE's
+probe), and a linear classifier is trained on them; k-NN votes among the nearest training features by cosine
+similarity, weighted by `exp(sim / T)` (the DINO protocol).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def pooled_features(model, pixel_values, block=None):
+    """Average-pooled patch tokens after `block` ViT blocks / Swin stages (default: the last, normalised).
+
+    `model` is a `SimMIMModel` (or any model whose `.simmim` is one). ViT's CLS token is left out.
+    """
+    encoder_model = getattr(model, "simmim", model)
+    config = encoder_model.config
+    depth = config.num_hidden_layers if config.backbone == "vit" else len(config.depths)
+    block = depth if block is None else block
+    if not 1 <= block <= depth:
+        raise ValueError(f"block={block} must lie in 1..{depth} ({'blocks' if config.backbone == 'vit' else 'stages'}).")
+    outputs = encoder_model(pixel_values, output_hidden_states=True, return_dict=True)
+    tokens = outputs.hidden_states[block]  # input of block `block` = output of the first `block` blocks
+    if config.backbone == "vit":
+        tokens = tokens[:, 1:]
+    return tokens.mean(dim=1)
+
+
+@torch.no_grad()
+def extract_features(model, dataloader, block=None, device=None):
+    """Run a frozen encoder over a dataloader of `pixel_values`/`labels` batches -> `(features, labels)` tensors."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    features, labels = [], []
+    for batch in dataloader:
+        features.append(pooled_features(model, batch["pixel_values"].to(device), block).float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(features), torch.cat(labels)
+
+
+def standardise(train, *others, eps=1e-6):
+    mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True) + eps
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def linear_probe(train_features, train_labels, test_features, num_classes, epochs=100, lr=1e-2,
+                 weight_decay=0.0, batch_size=256, seed=0):
+    """Train a linear classifier on standardised frozen features; return test logits `(N_test, num_classes)`."""
+    train_x, test_x = standardise(train_features, test_features)
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(train_x.shape[1], num_classes)
+    torch.nn.init.trunc_normal_(head.weight, std=0.01, generator=generator)
+    torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, int(np.ceil(len(train_x) / batch_size)))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(train_x), batch_size):
+            index = order[start : start + batch_size]
+            loss = F.cross_entropy(head(train_x[index]), train_labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        return head(test_x)
+
+
+def knn_scores(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-NN class scores `(N_test, num_classes)`: each of the k most cosine-similar training features
+    votes for its class with weight `exp(similarity / temperature)`."""
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    k = min(k, len(train))
+    scores = []
+    for start in range(0, len(test), chunk):
+        similarity = test[start : start + chunk] @ train.T
+        top, index = similarity.topk(k, dim=1)
+        votes = torch.zeros(len(top), num_classes)
+        votes.scatter_add_(1, train_labels[index], (top / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
