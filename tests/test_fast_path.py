@@ -39,7 +39,7 @@ def test_bf16_autocast_matches_fp32(preset):
         g16 = grads16[name].float()
         # relative error of the whole tensor, as bf16 (8 mantissa bits) allows
         error = (g16 - g32).norm() / g32.norm().clamp_min(1e-12)
-        assert error < 5e-2, f"{name}: relative gradient error {error:.3g}"
+        assert error < 1e-1, f"{name}: relative gradient error {error:.3g}"
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import max_abs_diff, perturb_parameters_
+from conftest import max_abs_diff, perturb_parameters_, require_shared_dir
 from safetensors.torch import load_file
 
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
@@ -180,6 +180,17 @@ def test_derived_buffers_equal_the_official_ones(official_fixtures_dir, name):
         )
 
 
+def test_missing_fixtures_fail_under_ci_and_skip_elsewhere(tmp_path, monkeypatch):
+    missing = tmp_path / "absent"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must not skip"):
+        require_shared_dir(missing, "official SimMIM fixtures")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="absent"):
+        require_shared_dir(missing, "official SimMIM fixtures")
+    assert require_shared_dir(tmp_path, "official SimMIM fixtures") == tmp_path
+
+
 # ---------------------------------------------------------------------------------------------- checkpoint files
 def test_unsafe_pickle_refused_by_default_and_converts_when_allowed(official_fixtures_dir, tmp_path, capsys):
     folder, _, inputs, outputs = load_fixture(official_fixtures_dir, "vit")
@@ -221,6 +232,23 @@ def test_checkpoint_with_plain_extra_values_loads_with_weights_only(official_fix
     torch.load(path, weights_only=True)  # the premise: a weights_only load accepts it
     model = convert_official_checkpoint(str(path))  # no allow_unsafe_pickle
     assert_matches_official(model, inputs, outputs, "vit ({'model', 'epoch'})")
+
+
+def test_image_size_override_when_the_checkpoint_cannot_tell(official_fixtures_dir, tmp_path, capsys):
+    """Without the shift-mask buffers, the Swin fixture's weights do not tell its image size (every table is
+    4x4-window sized): conversion asks for it, and --image_size supplies it."""
+    folder, _, inputs, outputs = load_fixture(official_fixtures_dir, "swin")
+    state_dict = torch.load(folder / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    stripped = {k: v for k, v in state_dict.items() if not k.endswith(("attn_mask", "relative_position_index"))}
+    path = tmp_path / "stripped.pth"
+    torch.save({"model": stripped}, path)
+    with pytest.raises(ValueError, match="image_size"):
+        convert_official_checkpoint(str(path))
+    out_dir = tmp_path / "converted"
+    assert cli_main(["convert", "official", str(path), str(out_dir), "--image_size", "128"]) == 0
+    assert_matches_official(
+        SimMIMForMaskedImageModeling.from_pretrained(out_dir), inputs, outputs, "swin (buffers stripped, --image_size)"
+    )
 
 
 def test_missing_checkpoint_and_non_simmim_checkpoint(tmp_path):
@@ -396,4 +424,5 @@ def test_vit_key_bias_is_dropped_without_changing_the_function(tmp_path):
     pixel_values = torch.randn(2, 3, 32, 32)
     mask = torch.from_numpy(np.stack([SimMIMMaskGenerator.from_config(config, seed=s)() for s in (0, 1)]))
     with torch.no_grad():
-        assert max_abs_diff(source(pixel_values, mask).reconstruction, reference(pixel_values, mask).reconstruction) <= ATOL
+        expected = reference(pixel_values, mask).reconstruction
+        assert max_abs_diff(source(pixel_values, mask).reconstruction, expected) <= ATOL

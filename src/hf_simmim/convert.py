@@ -328,6 +328,11 @@ def config_from_transformers(hf_config, **overrides):
             drop_path_rate=0.0,
         )
     elif c["model_type"] == "swin":
+        if c.get("layer_norm_eps", 1e-5) != 1e-5:
+            raise ValueError(
+                f"layer_norm_eps={c['layer_norm_eps']}: transformers' Swin uses eps 1e-5 in its patch-embedding norm "
+                "and this value elsewhere, which hf_simmim's single layer_norm_eps cannot express."
+            )
         kwargs = dict(
             common,
             backbone="swin",
@@ -434,6 +439,11 @@ def transformers_config_from_simmim(config):
         )
     if not config.patch_norm:
         raise ValueError("transformers' Swin always normalises the patch embedding: patch_norm=False does not export.")
+    if config.layer_norm_eps != 1e-5:
+        raise ValueError(
+            f"layer_norm_eps={config.layer_norm_eps}: transformers' Swin keeps eps 1e-5 in its patch-embedding norm "
+            "whatever its config says, so only layer_norm_eps=1e-5 exports exactly."
+        )
     return SwinConfig(
         image_size=config.image_size,
         patch_size=config.patch_size,
@@ -459,16 +469,14 @@ def export_to_transformers(model, output_dir):
     config = model.config
     hf_config = transformers_config_from_simmim(config)
     ours = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if "simmim.encoder.mask_token" not in ours:
+        raise ValueError("Only a model with a learned mask token (mask_token_type='learned') exports.")
     if config.backbone == "vit":
-        if "simmim.encoder.mask_token" not in ours:
-            raise ValueError("Only a model with a learned mask token (mask_token_type='learned') exports.")
         sd = _rename(ours, _VIT_KEYS, _VIT_QKV, forward=False)
         model_class = ViTForMaskedImageModeling
     else:
-        if "simmim.encoder.absolute_pos_embed" in ours:
-            pos = ours.pop("simmim.encoder.absolute_pos_embed")
-            ours["simmim_abs"] = torch.cat([pos, torch.zeros_like(pos[:, :1])], dim=1)
-        pairs = _SWIN_KEYS + [("swin.embeddings.position_embeddings", "simmim_abs")]
+        # transformers' Swin holds exactly one absolute position per patch, as ours does.
+        pairs = _SWIN_KEYS + [("swin.embeddings.position_embeddings", "simmim.encoder.absolute_pos_embed")]
         sd = _rename(ours, pairs, _SWIN_QKV, forward=False)
         model_class = SwinForMaskedImageModeling
     hf_config.architectures = [model_class.__name__]

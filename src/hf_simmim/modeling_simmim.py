@@ -7,6 +7,8 @@ through every block) -> feature map (B, C, H/stride, W/stride) -> decoder (1x1 c
 reconstruction (B, 3, H, W) -> `simmim_loss` on the masked pixels only.
 """
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +44,11 @@ AUTO_MAP = {
 def check_pixel_values(pixel_values, config):
     if pixel_values is None:
         raise ValueError("pixel_values is required: a float tensor of shape (batch, channels, height, width).")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a float tensor of normalised images, got {pixel_values.dtype}: preprocess the "
+            "images with the checkpoint's image processor (or `hf_simmim.data`)."
+        )
     if pixel_values.ndim != 4:
         raise ValueError(
             f"pixel_values must have shape (batch, {config.num_channels}, {config.image_size}, {config.image_size}); "
@@ -298,7 +305,8 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"mask_token", r"^simmim\.encoder\.norm\."]
 
     def __init__(self, config):
-        if config.backbone == "vit":
+        if config.backbone == "vit" and not config.use_mean_pooling:
+            config = copy.deepcopy(config)  # leave the caller's config (e.g. shared with a pretraining model) as it is
             config.use_mean_pooling = True
         super().__init__(config)
         self.num_labels = config.num_labels

@@ -1,0 +1,321 @@
+"""From images to batches: RGB conversion of every PIL mode, the paper's RandomResizedCrop against torchvision's
+algorithm, the datasets transform (fresh masks on read, fixed masks with map), corrupt images, the collator and
+the image processor."""
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_simmim import SimMIMConfig, SimMIMImageProcessor
+from hf_simmim.data import SimMIMTransform, collate_fn
+from hf_simmim.image_transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    random_resized_crop_box,
+    resize_center_crop,
+    to_rgb,
+)
+
+
+def rgb_array(image):
+    converted = to_rgb(image)
+    assert converted.mode == "RGB"
+    array = np.asarray(converted)
+    assert array.dtype == np.uint8 and array.shape == (image.height, image.width, 3)
+    return array.astype(int)
+
+
+# ---------------------------------------------------------------------------------------------- to_rgb
+def test_to_rgb_grayscale_and_bilevel():
+    gray = Image.fromarray(np.array([[0, 100, 255]], dtype=np.uint8), mode="L")
+    np.testing.assert_array_equal(rgb_array(gray)[0], [[0, 0, 0], [100, 100, 100], [255, 255, 255]])
+    bilevel = Image.new("1", (2, 1), 0)
+    bilevel.putpixel((1, 0), 1)
+    np.testing.assert_array_equal(rgb_array(bilevel)[0], [[0, 0, 0], [255, 255, 255]])
+
+
+def test_to_rgb_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(255, 0, 0, 255), (255, 0, 0, 0), (0, 0, 255, 128)])
+    out = rgb_array(rgba)[0]
+    np.testing.assert_array_equal(out[0], [255, 0, 0])  # opaque: unchanged
+    np.testing.assert_array_equal(out[1], [255, 255, 255])  # transparent: the white background
+    np.testing.assert_allclose(out[2], [127, 127, 255], atol=1)  # half: blended
+    la = Image.new("LA", (2, 1))
+    la.putdata([(100, 255), (100, 0)])
+    np.testing.assert_array_equal(rgb_array(la)[0], [[100, 100, 100], [255, 255, 255]])
+
+
+@pytest.mark.parametrize("transparent", [False, True])
+def test_to_rgb_palette(transparent):
+    palette = [0, 0, 0, 200, 30, 40, 10, 220, 90] + [0] * (256 * 3 - 9)
+    image = Image.new("P", (3, 1))
+    image.putpalette(palette)
+    image.putdata([0, 1, 2])
+    if transparent:
+        image.info["transparency"] = 1
+    out = rgb_array(image)[0]
+    np.testing.assert_array_equal(out[0], [0, 0, 0])
+    np.testing.assert_array_equal(out[1], [255, 255, 255] if transparent else [200, 30, 40])
+    np.testing.assert_array_equal(out[2], [10, 220, 90])
+
+
+def test_to_rgb_cmyk():
+    image = Image.new("CMYK", (3, 1))
+    image.putdata([(0, 0, 0, 0), (0, 255, 255, 0), (0, 0, 0, 255)])
+    np.testing.assert_array_equal(rgb_array(image)[0], [[255, 255, 255], [255, 0, 0], [0, 0, 0]])
+
+
+def test_to_rgb_16_bit_scales_the_full_range():
+    image = Image.fromarray(np.array([[0, 257 * 100, 32768, 65535]], dtype=np.uint16))
+    assert image.mode == "I;16"
+    np.testing.assert_array_equal(rgb_array(image)[0, :, 0], [0, 100, 128, 255])
+    # A 16-bit PNG read back from disk is the same mode, so the same scaling applies.
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    reread = Image.open(buffer)
+    assert reread.mode == "I;16"
+    np.testing.assert_array_equal(rgb_array(reread)[0, :, 0], [0, 100, 128, 255])
+
+
+def test_to_rgb_float_and_32_bit_integer():
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert unit.mode == "F"
+    np.testing.assert_array_equal(rgb_array(unit)[0, :, 0], [0, 128, 255])
+    wide = Image.fromarray(np.array([[0, 500, 1000]], dtype=np.int32))
+    assert wide.mode == "I"
+    np.testing.assert_array_equal(rgb_array(wide)[0, :, 0], [0, 128, 255])
+
+
+def test_to_rgb_numpy_and_errors():
+    array = np.random.RandomState(0).randint(0, 256, (4, 5, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(to_rgb(array)), array)
+    with pytest.raises(TypeError):
+        to_rgb("not an image")
+
+
+# ---------------------------------------------------------------------------------------------- crops
+def torchvision_crop_box(width, height, scale, ratio, rng):
+    """torchvision.transforms.RandomResizedCrop.get_params, transcribed, drawing from `rng` (uniform for the
+    area and log-aspect, then top and left: torch.randint(0, n + 1) == random.randint(0, n))."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            i = rng.randint(0, height - h)
+            j = rng.randint(0, width - w)
+            return j, i, j + w, i + h
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w = width
+        h = height
+    i = (height - h) // 2
+    j = (width - w) // 2
+    return j, i, j + w, i + h
+
+
+@pytest.mark.parametrize("size", [(200, 150), (32, 32), (64, 200), (400, 40), (40, 400)])
+def test_random_resized_crop_box_follows_torchvision(size):
+    width, height = size
+    scale, ratio = (0.67, 1.0), (3 / 4, 4 / 3)
+    ours_rng, reference_rng = random.Random(0), random.Random(0)
+    for _ in range(300):
+        assert random_resized_crop_box(width, height, scale, ratio, ours_rng) == torchvision_crop_box(
+            width, height, scale, ratio, reference_rng
+        )
+
+
+def test_random_resized_crop_box_statistics():
+    width, height = 300, 280
+    rng = random.Random(1)
+    boxes = np.array([random_resized_crop_box(width, height, rng=rng) for _ in range(3000)])
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+    assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    area_fraction = w * h / (width * height)
+    # Rounding w and h to pixels moves the area by at most ~(1/w + 1/h).
+    assert area_fraction.min() >= 0.67 - 0.02 and area_fraction.max() <= 1.0
+    aspect = w / h
+    assert aspect.min() >= 0.75 * (1 - 0.02) and aspect.max() <= 4 / 3 * (1 + 0.02)
+    # Both ends of the ranges are reached, and positions spread over the image.
+    assert area_fraction.min() < 0.7 and area_fraction.max() > 0.9
+    assert aspect.min() < 0.8 and aspect.max() > 1.25
+    assert len(set(boxes[:, 0])) > 20 and len(set(boxes[:, 1])) > 10
+
+
+def test_random_resized_crop_box_falls_back_to_a_centre_crop():
+    assert random_resized_crop_box(400, 40, rng=random.Random(0)) == (173, 0, 226, 40)
+    assert random_resized_crop_box(40, 400, rng=random.Random(0)) == (0, 173, 40, 226)
+
+
+def test_resize_center_crop_drops_the_border():
+    """crop_pct 0.875 at 32 px: the shorter side goes to 36, then the central 32x32 is kept."""
+    array = np.zeros((36, 48, 3), dtype=np.uint8)
+    array[:] = (255, 0, 0)
+    array[2:34, 8:40] = (0, 0, 255)
+    out = np.asarray(resize_center_crop(Image.fromarray(array), 32, crop_pct=0.875))
+    assert out.shape == (32, 32, 3)
+    assert (out == (0, 0, 255)).all()
+
+
+# ---------------------------------------------------------------------------------------------- processor
+def test_image_processor_normalises_a_constant_image_exactly():
+    processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
+    colour = (10, 200, 77)
+    image = Image.new("RGB", (50, 40), colour)
+    pixel_values = processor(image)["pixel_values"]
+    assert pixel_values.shape == (1, 3, 32, 32) and pixel_values.dtype == torch.float32
+    expected = (np.array(colour) / 255 - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)
+    for channel in range(3):
+        torch.testing.assert_close(
+            pixel_values[0, channel], torch.full((32, 32), expected[channel], dtype=torch.float32), rtol=0, atol=1e-6
+        )
+    # Grayscale input comes out as three equal channels; a batch of two gives two rows.
+    gray = processor([Image.new("L", (40, 40), 128), Image.new("L", (33, 60), 128)])["pixel_values"]
+    assert gray.shape == (2, 3, 32, 32)
+    expected_gray = (128 / 255 - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)
+    torch.testing.assert_close(gray.mean(dim=(0, 2, 3)), torch.tensor(expected_gray, dtype=torch.float32))
+
+
+def test_image_processor_masks():
+    config = SimMIMConfig.from_preset("vit-tiny-test")
+    processor = SimMIMImageProcessor.from_model_config(config)
+    image = Image.new("RGB", (32, 32), (1, 2, 3))
+    out = processor([image] * 3, return_bool_masked_pos=True, mask_seed=0)
+    assert out["bool_masked_pos"].shape == (3, 8, 8) and out["bool_masked_pos"].dtype == torch.bool
+    assert (out["bool_masked_pos"].sum(dim=(1, 2)) == 10 * 4).all()  # ceil(0.6 * 16) squares of 2x2 patches
+    again = processor([image] * 3, return_bool_masked_pos=True, mask_seed=0)
+    assert torch.equal(out["bool_masked_pos"], again["bool_masked_pos"])
+    with pytest.raises(ValueError, match="crop_pct"):
+        SimMIMImageProcessor(crop_pct=1.5)
+    with pytest.raises(ValueError, match="empty"):
+        processor([])
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def png_bytes(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_dataset(n=8, decode=True, extra_cells=()):
+    import datasets
+
+    rng = np.random.RandomState(0)
+    cells = [{"bytes": png_bytes(rng.randint(0, 256, (36, 40, 3), dtype=np.uint8)), "path": None} for _ in range(n)]
+    cells += list(extra_cells)
+    return datasets.Dataset.from_dict(
+        {"image": cells, "label": list(range(len(cells)))},
+        features=datasets.Features({"image": datasets.Image(decode=decode), "label": datasets.Value("int64")}),
+    )
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
+
+
+def test_set_transform_draws_a_fresh_mask_and_crop_every_read(processor):
+    dataset = image_dataset(4)
+    dataset.set_transform(SimMIMTransform(processor, train=True))
+    torch.manual_seed(0)
+    random.seed(0)
+    reads = [dataset[1] for _ in range(6)]
+    for row in reads:
+        assert np.asarray(row["pixel_values"]).shape == (3, 32, 32)
+        assert np.asarray(row["bool_masked_pos"]).shape == (8, 8)
+        assert row["label"] == 1
+    assert len({np.asarray(r["bool_masked_pos"]).tobytes() for r in reads}) > 3
+    assert len({np.asarray(r["pixel_values"]).tobytes() for r in reads}) > 3
+    batch = collate_fn([dataset[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["bool_masked_pos"].shape == (4, 8, 8) and batch["bool_masked_pos"].dtype == torch.bool
+    assert batch["labels"].tolist() == [0, 1, 2, 3]
+
+
+def test_map_with_mask_seed_gives_fixed_masks_independent_of_batch_size(processor):
+    dataset = image_dataset(7)
+
+    def masks(batch_size, seed=0):
+        mapped = dataset.map(
+            SimMIMTransform(processor, train=False, mask_seed=seed),
+            batched=True,
+            with_indices=True,
+            batch_size=batch_size,
+            remove_columns=["image"],
+            load_from_cache_file=False,
+        )
+        return np.array(mapped["bool_masked_pos"], dtype=bool), np.array(mapped["pixel_values"], dtype=np.float32)
+
+    reference, pixels = masks(1)
+    assert reference.shape == (7, 8, 8) and pixels.shape == (7, 3, 32, 32)
+    for batch_size in (2, 3, 1000):
+        again, again_pixels = masks(batch_size)
+        np.testing.assert_array_equal(again, reference)
+        np.testing.assert_array_equal(again_pixels, pixels)
+    assert len({m.tobytes() for m in reference}) > 3  # rows get different masks
+    assert not np.array_equal(masks(2, seed=1)[0], reference)
+    # Evaluation preprocessing: a 36x40 image is resized so its short side is 32, then centre-cropped.
+    expected = processor(dataset[0]["image"])["pixel_values"][0]
+    np.testing.assert_allclose(pixels[0], expected.numpy(), atol=1e-6)
+
+
+def test_corrupt_images_are_counted_and_dropped(processor):
+    good = png_bytes(np.zeros((32, 32, 3), dtype=np.uint8))
+    corrupt = [{"bytes": b"definitely not an image", "path": None}, {"bytes": good[: len(good) // 2], "path": None}]
+    dataset = image_dataset(2, decode=False, extra_cells=corrupt)
+    transform = SimMIMTransform(processor, train=True)
+    dataset.set_transform(transform)
+    rows = [dataset[i] for i in range(4)]
+    assert [row["pixel_values"] is None for row in rows] == [False, False, True, True]
+    assert transform.skipped.count == 2
+    batch = collate_fn(rows)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["bool_masked_pos"].shape == (2, 8, 8)
+    assert batch["labels"].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="unreadable"):
+        collate_fn(rows[2:])
+
+
+def test_missing_image_column_is_named(processor):
+    transform = SimMIMTransform(processor, image_column="img")
+    with pytest.raises(KeyError, match="img"):
+        transform({"image": [], "label": []})
+
+
+def test_cifar10_small_statistics_survive_the_pipeline(cifar10_small_dir, processor, tmp_path):
+    """Evaluation preprocessing of 32x32 CIFAR images is the identity up to normalisation, so un-normalising
+    the batch recovers the channel means the data set's README states (0.4913, 0.4821, 0.4465 on train)."""
+    import datasets
+
+    files = sorted(str(p) for p in cifar10_small_dir.glob("train-*.parquet"))
+    dataset = datasets.load_dataset(
+        "parquet", data_files={"train": files}, split="train[:600]", cache_dir=str(tmp_path)
+    )
+    dataset = dataset.with_transform(SimMIMTransform(processor, train=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=200, collate_fn=collate_fn)
+    batches = list(loader)
+    pixel_values = torch.cat([b["pixel_values"] for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    assert pixel_values.shape == (600, 3, 32, 32)
+    assert set(labels.tolist()) == set(range(10))
+    std, mean = torch.tensor(IMAGENET_DEFAULT_STD), torch.tensor(IMAGENET_DEFAULT_MEAN)
+    images = pixel_values * std[:, None, None] + mean[:, None, None]
+    assert images.min() >= -1e-6 and images.max() <= 1 + 1e-6
+    torch.testing.assert_close(images.mean(dim=(0, 2, 3)), torch.tensor([0.4913, 0.4821, 0.4465]), rtol=0, atol=0.02)
