@@ -3,6 +3,8 @@
 Importing the package registers `SimMIMConfig`, the models and the image processor with the Auto classes.
 """
 
+import logging
+
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -28,7 +30,12 @@ AutoConfig.register(SimMIMConfig.model_type, SimMIMConfig, exist_ok=True)
 AutoModel.register(SimMIMConfig, SimMIMModel, exist_ok=True)
 AutoModelForMaskedImageModeling.register(SimMIMConfig, SimMIMForMaskedImageModeling, exist_ok=True)
 AutoModelForImageClassification.register(SimMIMConfig, SimMIMForImageClassification, exist_ok=True)
-AutoImageProcessor.register(SimMIMConfig, slow_image_processor_class=SimMIMImageProcessor, exist_ok=True)
+try:
+    AutoImageProcessor.register(SimMIMConfig, slow_image_processor_class=SimMIMImageProcessor, exist_ok=True)
+except ImportError as error:  # some transformers 5.x releases need torchvision for AutoImageProcessor
+    logging.getLogger(__name__).warning(
+        "AutoImageProcessor registration skipped (%s); use SimMIMImageProcessor.from_pretrained directly.", error
+    )
 
 # Saved checkpoints carry this code, so `trust_remote_code=True` loads them where hf_simmim is not installed.
 SimMIMConfig.register_for_auto_class()

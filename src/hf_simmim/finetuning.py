@@ -10,7 +10,7 @@ is layer `L + 1`; a Swin patch merging belongs to the last block of its stage. A
 import numpy as np
 import torch
 
-from .training import no_weight_decay_parameter_names
+from .training import SimMIMTrainer, no_weight_decay_parameter_names
 
 ENCODER_PREFIX = "simmim.encoder."
 
@@ -120,3 +120,29 @@ class MixupCutmix:
                 lam = float(self.rng.beta(self.mixup_alpha, self.mixup_alpha))
                 pixel_values = pixel_values * lam + pixel_values.flip(0) * (1.0 - lam)
         return {**batch, "pixel_values": pixel_values, "labels": self.soft_targets(labels, lam)}
+
+
+class SimMIMFineTuneTrainer(SimMIMTrainer):
+    """`SimMIMTrainer` for classification: AdamW over `layer_decay_parameter_groups` (each layer's learning rate
+    follows the schedule scaled by its `lr_scale`), and mixup / cutmix on training batches only."""
+
+    def __init__(self, *args, layer_decay=1.0, mixup=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_decay = layer_decay
+        self.mixup = mixup
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            groups = layer_decay_parameter_groups(model, self.args.learning_rate, self.args.weight_decay, self.layer_decay)
+            for group in groups:
+                group.pop("names")
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)  # each group has its own
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if self.mixup is not None:
+            inputs = self.mixup(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)

@@ -123,7 +123,13 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["ViTBlock", "SwinBlock", "PatchMerging"]
+    # The loss is a per-batch mean: Trainer must average it over accumulation steps, not rescale it by a count.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        # FSDP wraps these blocks; only the backbone's own block class exists in the model.
+        self._no_split_modules = ["ViTBlock"] if config.backbone == "vit" else ["SwinBlock"]
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -1,0 +1,188 @@
+"""The model card a pretraining run writes as `README.md` of its output folder (and uploads with `push_to_hub`).
+
+The template is `model_cards/simmim_pretraining.md` inside the package (`string.Template` placeholders); the hub
+metadata comes from `huggingface_hub.ModelCardData`, and the filled card is parsed with
+`huggingface_hub.ModelCard` before it is written, so an invalid card fails the run's last step, not the upload.
+"""
+
+import math
+import os
+import platform
+import string
+from importlib import resources
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATE = "simmim_pretraining.md"
+TAGS = ["simmim", "masked-image-modeling", "self-supervised-learning", "vision", "hf_simmim"]
+
+
+def load_template(name=TEMPLATE):
+    """The text of a template shipped in `hf_simmim/model_cards/`."""
+    return resources.files("hf_simmim").joinpath("model_cards", name).read_text(encoding="utf-8")
+
+
+def card_metadata(license="apache-2.0", datasets=None, base_model=None, tags=()):
+    """Hub metadata: library, license, tags, pipeline, and the datasets / base model when they are hub ids."""
+    data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        tags=list(dict.fromkeys([*TAGS, *tags])),
+        pipeline_tag="image-feature-extraction",
+        datasets=list(datasets) if datasets else None,
+        base_model=base_model,
+    )
+    return data
+
+
+def render_model_card(values, metadata, template=None):
+    """Fill the template with `values` (a dict; missing entries raise `KeyError`) and `metadata`
+    (`ModelCardData`); return a validated `huggingface_hub.ModelCard`."""
+    text = string.Template(template if template is not None else load_template()).substitute(
+        {**values, "metadata": metadata.to_yaml()}
+    )
+    card = ModelCard(text)  # parses the YAML front matter; raises ValueError if it is not valid metadata
+    return card
+
+
+def _fmt(value, digits=4):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _sentence(text):
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _last(log_history, key):
+    for entry in reversed(log_history):
+        if key in entry:
+            return entry[key]
+    return None
+
+
+def _framework_versions():
+    import datasets
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return "\n".join(
+        f"- {name} {version}"
+        for name, version in (
+            ("hf_simmim", __version__),
+            ("transformers", transformers.__version__),
+            ("torch", torch.__version__),
+            ("datasets", datasets.__version__),
+            ("python", platform.python_version()),
+        )
+    )
+
+
+def is_hub_id(name):
+    """Whether `name` looks like a hub repository id (not a local path)."""
+    return bool(name) and not os.path.exists(name) and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+
+
+def trainer_card_values(trainer, run_info):
+    """Everything the template needs, from a `SimMIMTrainer` after training and the run's `run_info` dict
+    (`data_description`, `learning_rate_rule`, `skipped_images`, optional `model_name`, `model_id`)."""
+    from .training import total_train_batch_size
+
+    args, state = trainer.args, trainer.state
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    config = model.config
+    processor = trainer.processing_class
+    recipe = trainer.recipe
+    mask_squares = (config.image_size // config.mask_patch_size) ** 2
+    if config.backbone == "vit":
+        architecture = (
+            f"ViT ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads)"
+        )
+    else:
+        architecture = (
+            f"Swin (embed dim {config.embed_dim}, depths {list(config.depths)}, heads {list(config.num_heads)}, "
+            f"window {config.window_size})"
+        )
+    warmup = args.get_warmup_steps(max(state.max_steps, 1))
+    if recipe.schedule == "cosine":
+        schedule = (
+            f"linear warmup from {_fmt(recipe.warmup_lr)} over {warmup} steps, then cosine to {_fmt(recipe.min_lr)}"
+        )
+    elif recipe.schedule == "multistep":
+        schedule = (
+            f"linear warmup from {_fmt(recipe.warmup_lr)} over {warmup} steps, then x{recipe.gamma} at "
+            f"{', '.join(map(str, recipe.milestones))} of the run"
+        )
+    else:
+        schedule = f"transformers '{args.lr_scheduler_type}' with {warmup} warmup steps"
+    precision = "bf16 mixed precision" if args.bf16 else "fp16 mixed precision" if args.fp16 else "fp32"
+    output_dir = args.output_dir
+    model_id = run_info.get("model_id") or (trainer.hub_model_id if args.push_to_hub else None) or output_dir
+    return {
+        "model_name": run_info.get("model_name") or os.path.basename(os.path.normpath(output_dir)),
+        "model_id": model_id,
+        "architecture": architecture,
+        "num_parameters": f"{sum(p.numel() for p in model.parameters()):,}",
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "encoder_stride": config.encoder_stride,
+        "mask_ratio": config.mask_ratio,
+        "mask_patch_size": config.mask_patch_size,
+        "mask_count": math.ceil(mask_squares * config.mask_ratio),
+        "mask_squares": mask_squares,
+        "loss_type": config.loss_type.upper(),
+        "data_description": _sentence(run_info.get("data_description") or "not recorded"),
+        "adam_beta1": args.adam_beta1,
+        "adam_beta2": args.adam_beta2,
+        "adam_epsilon": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+        "learning_rate": _fmt(args.learning_rate),
+        "learning_rate_rule": run_info.get("learning_rate_rule", "set directly"),
+        "schedule": schedule,
+        "max_grad_norm": args.max_grad_norm,
+        "total_batch_size": total_train_batch_size(args),
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "world_size": args.world_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "precision": precision,
+        "steps": state.global_step,
+        "epochs": _fmt(float(state.epoch or 0.0), 3),
+        "crop_scale": tuple(getattr(processor, "crop_scale", (0.67, 1.0))),
+        "crop_ratio": tuple(round(r, 3) for r in getattr(processor, "crop_ratio", (0.75, 4 / 3))),
+        "seed": args.seed,
+        "final_loss": _fmt(_last(state.log_history, "loss")),
+        "final_eval_loss": _fmt(_last(state.log_history, "eval_loss")),
+        "skipped_images": run_info.get("skipped_images", 0),
+        "reconstruction_image": run_info.get("reconstruction_image", "reconstruction.png"),
+        "loss_curve_image": run_info.get("loss_curve_image", "loss_curve.png"),
+        "framework_versions": _framework_versions(),
+    }
+
+
+def write_model_card(trainer, run_info):
+    """Write the filled card as `OUTPUT_DIR/README.md` (main process only); return its path.
+
+    `run_info` may also hold `license`, `datasets` (hub ids) and `base_model` (a hub id) for the metadata.
+    Signature fits `SimMIMTrainer(model_card_writer=functools.partial(write_model_card, run_info=...))`.
+    """
+    if not trainer.is_world_process_zero():
+        return None
+    base_model = run_info.get("base_model")
+    metadata = card_metadata(
+        license=run_info.get("license", "apache-2.0"),
+        datasets=run_info.get("datasets"),
+        base_model=base_model if is_hub_id(base_model) else None,
+    )
+    card = render_model_card(trainer_card_values(trainer, run_info), metadata)
+    os.makedirs(trainer.args.output_dir, exist_ok=True)
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    card.save(path)
+    return path

@@ -1,0 +1,277 @@
+"""Pictures of a SimMIM run, drawn with PIL only (no matplotlib).
+
+- `reconstruction_grid`: one row per image: original | masked input | reconstruction | reconstruction pasted
+  into the visible pixels (what the model predicts where it could not see, the real pixels elsewhere);
+- `loss_curve`: training (and evaluation) loss against the optimizer step, with axes and labels;
+- `reconstruct_images`: the grid for image files and a checkpoint (`hf-simmim reconstruct`).
+"""
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+COLUMNS = ("original", "masked input", "reconstruction", "rec. + visible")
+MASK_GREY = 128
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+MIN_CELL = 96  # small images (CIFAR's 32 px) are enlarged, pixel by pixel, to at least this size
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def _text_size(draw, text, font):
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+# ---------------------------------------------------------------------------------------------- tensors -> pixels
+def denormalize(pixel_values, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD):
+    """Normalised `(B, 3, H, W)` (tensor or array) -> uint8 `(B, H, W, 3)` array."""
+    array = pixel_values.detach().float().cpu().numpy() if torch.is_tensor(pixel_values) else np.asarray(pixel_values)
+    mean = np.asarray(image_mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(image_std, dtype=np.float32).reshape(1, -1, 1, 1)
+    array = np.clip((array * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return array.transpose(0, 2, 3, 1)
+
+
+def pixel_mask(bool_masked_pos, patch_size, batch_size):
+    """A `(B, num_patches)` or `(B, g, g)` patch mask -> bool `(B, H, W)` pixel mask (True = masked)."""
+    mask = torch.as_tensor(np.asarray(bool_masked_pos) if not torch.is_tensor(bool_masked_pos) else bool_masked_pos)
+    mask = mask.reshape(batch_size, -1).bool().cpu()
+    grid = int(round(math.sqrt(mask.shape[1])))
+    mask = mask.reshape(batch_size, grid, grid)
+    return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).numpy()
+
+
+@torch.no_grad()
+def reconstruct(model, pixel_values, bool_masked_pos):
+    """Run a SimMIM model (any wrapper) in eval mode on one batch; return the float32 CPU reconstruction."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        dtype = param.dtype if param.is_floating_point() else torch.float32
+        outputs = model(
+            pixel_values=pixel_values.to(param.device, dtype), bool_masked_pos=bool_masked_pos.to(param.device)
+        )
+    finally:
+        model.train(was_training)
+    reconstruction = outputs.reconstruction if hasattr(outputs, "reconstruction") else outputs[1]
+    return reconstruction.detach().float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+def reconstruction_panels(
+    pixel_values,
+    bool_masked_pos,
+    reconstruction,
+    patch_size,
+    image_mean=IMAGENET_DEFAULT_MEAN,
+    image_std=IMAGENET_DEFAULT_STD,
+):
+    """The four uint8 `(B, H, W, 3)` arrays of the grid's columns: original, masked input (masked pixels grey),
+    reconstruction, and reconstruction in the masked pixels + original in the visible ones."""
+    batch_size = pixel_values.shape[0]
+    original = denormalize(pixel_values, image_mean, image_std)
+    predicted = denormalize(reconstruction, image_mean, image_std)
+    if predicted.shape != original.shape:
+        raise ValueError(
+            f"reconstruction has shape {tuple(reconstruction.shape)} but the images {tuple(pixel_values.shape)}."
+        )
+    mask = pixel_mask(bool_masked_pos, patch_size, batch_size)[..., None]
+    if mask.shape[1:3] != original.shape[1:3]:
+        raise ValueError(
+            f"the mask covers {mask.shape[1]}x{mask.shape[2]} pixels with patch_size={patch_size}, but the images "
+            f"are {original.shape[1]}x{original.shape[2]}."
+        )
+    masked_input = np.where(mask, np.uint8(MASK_GREY), original)
+    pasted = np.where(mask, predicted, original)
+    return original, masked_input, predicted, pasted
+
+
+def reconstruction_grid(
+    pixel_values,
+    bool_masked_pos,
+    reconstruction,
+    patch_size,
+    image_mean=IMAGENET_DEFAULT_MEAN,
+    image_std=IMAGENET_DEFAULT_STD,
+    title=None,
+    min_cell=MIN_CELL,
+):
+    """The picture: a row per image, the four `COLUMNS`, a header (and `title`) on top. Returns a PIL image."""
+    panels = reconstruction_panels(pixel_values, bool_masked_pos, reconstruction, patch_size, image_mean, image_std)
+    original = panels[0]
+    batch_size = original.shape[0]
+    height, width = original.shape[1:3]
+    scale = max(1, math.ceil(min_cell / max(height, width)))
+    cell_w, cell_h, gap = width * scale, height * scale, 4
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_h = max(_text_size(probe, name, font)[1] for name in COLUMNS) + 6
+    cell_w = max(cell_w, max(_text_size(probe, name, font)[0] for name in COLUMNS) + 4)
+    top = text_h + (text_h if title else 0) + gap
+    canvas = Image.new("RGB", (len(COLUMNS) * (cell_w + gap) + gap, top + batch_size * (cell_h + gap)), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((gap, 2), title, fill=TEXT, font=font)
+    for column, name in enumerate(COLUMNS):
+        x = gap + column * (cell_w + gap)
+        text_w = _text_size(draw, name, font)[0]
+        draw.text((x + (cell_w - text_w) // 2, top - text_h), name, fill=TEXT, font=font)
+    for row in range(batch_size):
+        y = top + row * (cell_h + gap)
+        for column, panel in enumerate(panels):
+            tile = Image.fromarray(panel[row]).resize((width * scale, height * scale), Image.NEAREST)
+            x = gap + column * (cell_w + gap) + (cell_w - width * scale) // 2
+            canvas.paste(tile, (x, y))
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------- the loss curve
+def _nice_ticks(low, high, count=5):
+    if high <= low:
+        high = low + (abs(low) or 1.0) * 0.1
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw), default=10 * magnitude)
+    first = math.floor(low / step) * step
+    ticks, value = [], first
+    while value <= high + step * 0.5:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def _format(value):
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000 or abs(value) < 1e-3:
+        return f"{value:.2g}"
+    return f"{value:.4g}"
+
+
+def loss_curve(log_history, title="SimMIM pretraining loss", size=(720, 440)):
+    """Training `loss` (line) and `eval_loss` (line with dots) against `step`, from `Trainer.state.log_history`.
+    Returns a PIL image; raises `ValueError` if the history holds no loss."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e and math.isfinite(e["loss"])]
+    evals = [
+        (e["step"], e["eval_loss"])
+        for e in log_history
+        if "eval_loss" in e and "step" in e and math.isfinite(e["eval_loss"])
+    ]
+    if not train and not evals:
+        raise ValueError("log_history holds no 'loss' or 'eval_loss' entry to plot (log at least once).")
+    points = train + evals
+    x_ticks = _nice_ticks(min(0, min(p[0] for p in points)), max(p[0] for p in points) or 1)
+    y_ticks = _nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    x_lo, x_hi, y_lo, y_hi = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+
+    width, height = size
+    left, right, top, bottom = 70, 20, 40, 55
+    image = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    font = _font()
+
+    def to_xy(step, value):
+        x = left + (step - x_lo) / ((x_hi - x_lo) or 1) * (width - left - right)
+        y = height - bottom - (value - y_lo) / ((y_hi - y_lo) or 1) * (height - top - bottom)
+        return x, y
+
+    grid_colour, axis_colour = (225, 225, 225), (60, 60, 60)
+    for tick in y_ticks:
+        _, y = to_xy(x_lo, tick)
+        draw.line([(left, y), (width - right, y)], fill=grid_colour)
+        label = _format(tick)
+        tw, th = _text_size(draw, label, font)
+        draw.text((left - 6 - tw, y - th / 2 - 1), label, fill=TEXT, font=font)
+    for tick in x_ticks:
+        x, _ = to_xy(tick, y_lo)
+        draw.line([(x, top), (x, height - bottom)], fill=grid_colour)
+        label = _format(tick)
+        tw, _ = _text_size(draw, label, font)
+        draw.text((x - tw / 2, height - bottom + 6), label, fill=TEXT, font=font)
+    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill=axis_colour, width=2)
+
+    tw, _ = _text_size(draw, "optimizer step", font)
+    draw.text(((left + width - right - tw) / 2, height - bottom + 24), "optimizer step", fill=TEXT, font=font)
+    draw.text((8, top - 22), "loss", fill=TEXT, font=font)
+    tw, _ = _text_size(draw, title, font)
+    draw.text(((width - tw) / 2, 10), title, fill=TEXT, font=font)
+
+    series = [
+        (name, colour, data, dots)
+        for name, colour, data, dots in (
+            ("train loss", (31, 119, 180), train, False),
+            ("eval loss", (255, 127, 14), evals, True),
+        )
+        if data
+    ]
+    for _, colour, data, dots in series:
+        xy = [to_xy(s, v) for s, v in data]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        if dots or len(xy) == 1:
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    legend_x, legend_y = width - right - 116, top + 6
+    draw.rectangle(
+        [legend_x, top + 2, width - right - 4, top + 8 + 16 * len(series)], fill=BACKGROUND, outline=axis_colour
+    )
+    for name, colour, _, _ in series:
+        draw.line([(legend_x + 6, legend_y + 6), (legend_x + 30, legend_y + 6)], fill=colour, width=3)
+        draw.text((legend_x + 36, legend_y), name, fill=TEXT, font=font)
+        legend_y += 16
+    return image
+
+
+def save_loss_curve(log_history, path, **kwargs):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    loss_curve(log_history, **kwargs).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- from files
+def reconstruct_images(checkpoint, image_paths, output_path, mask_seed=0):
+    """Reconstruct image files with a SimMIM checkpoint and save the grid as `output_path` (returned).
+
+    Masks are drawn with `mask_seed`, so the same call gives the same picture. The checkpoint's image processor
+    is used if it has one, otherwise one built from its config.
+    """
+    from .data import decode_image
+    from .image_processing_simmim import SimMIMImageProcessor
+    from .modeling_simmim import SimMIMForMaskedImageModeling
+
+    if not image_paths:
+        raise ValueError("No image given: pass at least one image file.")
+    missing = [path for path in image_paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"Image file(s) not found: {', '.join(map(str, missing))}.")
+    model = SimMIMForMaskedImageModeling.from_pretrained(checkpoint)
+    if os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
+        processor = SimMIMImageProcessor.from_pretrained(checkpoint)
+    else:
+        processor = SimMIMImageProcessor.from_model_config(model.config)
+    images = [decode_image(str(path)) for path in image_paths]
+    batch = processor(images, return_bool_masked_pos=True, mask_seed=mask_seed)
+    reconstruction = reconstruct(model, batch["pixel_values"], batch["bool_masked_pos"])
+    grid = reconstruction_grid(
+        batch["pixel_values"],
+        batch["bool_masked_pos"],
+        reconstruction,
+        model.config.patch_size,
+        processor.image_mean,
+        processor.image_std,
+        title=os.path.basename(os.path.normpath(str(checkpoint))),
+    )
+    directory = os.path.dirname(os.path.abspath(output_path))
+    os.makedirs(directory, exist_ok=True)
+    grid.save(output_path)
+    return output_path
