@@ -480,3 +480,45 @@ class SimMIMPretrainingDataset(torch.utils.data.Dataset):
     def batch(self, indices):
         """Rows `indices` collated into model inputs (unreadable rows dropped)."""
         return collate_fn(self.__getitems__(indices))
+
+
+# ================================================================================================================
+# Labels, for fine-tuning and evaluation
+# ================================================================================================================
+def label_names(dataset, label_column="label"):
+    """Class names of `label_column`: the `ClassLabel` names, else `"0" ... "N-1"` for integer labels 0..N-1.
+    Raises `ValueError` naming the column when it is missing or not integer labels."""
+    import datasets
+
+    if label_column not in dataset.column_names:
+        raise ValueError(
+            f"The label column {label_column!r} is not in the dataset; its columns are {list(dataset.column_names)}. "
+            "Pass the right one with --label_column_name."
+        )
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+        raise ValueError(
+            f"The label column {label_column!r} holds {feature}, not integer class labels: cast it with "
+            "`dataset.class_encode_column` or pass another --label_column_name."
+        )
+    labels = dataset.unique(label_column)
+    if min(labels) < 0:
+        raise ValueError(f"The label column {label_column!r} has negative labels: labels must be 0..num_classes-1.")
+    return [str(i) for i in range(max(labels) + 1)]
+
+
+def select_per_class(dataset, label_column="label", samples_per_class=None, fraction=None, seed=0):
+    """A seeded, class-balanced subset for low-label experiments: `samples_per_class` rows of each class (all of
+    a class that has fewer), or `fraction` of each class (at least one row). Neither given: `dataset` as it is."""
+    if samples_per_class is None and fraction is None:
+        return dataset
+    labels = np.asarray(dataset[label_column])
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        count = samples_per_class if samples_per_class is not None else max(1, int(round(fraction * len(rows))))
+        chosen.append(rng.permutation(rows)[: min(count, len(rows))])
+    return dataset.select(np.sort(np.concatenate(chosen)).tolist())

@@ -186,3 +186,74 @@ def write_model_card(trainer, run_info):
     path = os.path.join(trainer.args.output_dir, "README.md")
     card.save(path)
     return path
+
+
+FINETUNING_TEMPLATE = "simmim_finetuning.md"
+
+
+def finetuning_card_values(trainer, run_info):
+    """What the fine-tuning template needs, from a `SimMIMFineTuneTrainer` after training and `run_info`
+    (`source`, `layer_decay`, `train_images`, `eval_images`, `classes`, `results`)."""
+    from .training import total_train_batch_size
+
+    args, state = trainer.args, trainer.state
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    config = model.config
+    if config.backbone == "vit":
+        architecture = f"ViT ({config.num_hidden_layers} layers, width {config.hidden_size})"
+        head = "mean-pooled patch tokens, fc_norm, linear"
+    else:
+        architecture = f"Swin (embed dim {config.embed_dim}, depths {list(config.depths)}, window {config.window_size})"
+        head = "average-pooled final tokens after the final norm, linear"
+    mixup = trainer.mixup
+    mixing = (
+        f"mixup {mixup.mixup_alpha} / cutmix {mixup.cutmix_alpha}, label smoothing {mixup.label_smoothing}"
+        if mixup is not None
+        else f"label smoothing {args.label_smoothing_factor}"
+    )
+    results = run_info.get("results", {})
+    rows = [f"| {key[5:] if key.startswith('eval_') else key} | {_fmt(value)} |" for key, value in results.items()
+            if key.startswith("eval_top") or key == "eval_loss"]
+    classes = run_info.get("classes", [])
+    return {
+        "model_name": os.path.basename(os.path.normpath(args.output_dir)),
+        "model_id": run_info.get("model_id") or (trainer.hub_model_id if args.push_to_hub else None) or args.output_dir,
+        "source": run_info.get("source", ""),
+        "architecture": architecture,
+        "head": head,
+        "results_rows": "\n".join(rows) or "| (not evaluated) | |",
+        "eval_images": run_info.get("eval_images", "n/a"),
+        "train_images": run_info.get("train_images", "n/a"),
+        "num_classes": len(classes),
+        "class_names": ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else ""),
+        "weight_decay": args.weight_decay,
+        "learning_rate": _fmt(args.learning_rate),
+        "layer_decay": run_info.get("layer_decay"),
+        "schedule": f"linear warmup over {args.get_warmup_steps(max(state.max_steps, 1))} steps, then cosine",
+        "drop_path_rate": config.drop_path_rate,
+        "mixing": mixing,
+        "total_batch_size": total_train_batch_size(args),
+        "steps": state.global_step,
+        "epochs": _fmt(float(state.epoch or 0.0), 3),
+        "seed": args.seed,
+        "framework_versions": _framework_versions(),
+    }
+
+
+def write_finetuning_card(trainer, run_info):
+    """Write the fine-tuning card as `OUTPUT_DIR/README.md` (main process only); return its path."""
+    if not trainer.is_world_process_zero():
+        return None
+    base_model = run_info.get("base_model")
+    metadata = card_metadata(
+        license=run_info.get("license", "apache-2.0"),
+        datasets=run_info.get("datasets"),
+        base_model=base_model if is_hub_id(base_model) else None,
+        tags=("image-classification",),
+    )
+    metadata.pipeline_tag = "image-classification"
+    card = render_model_card(finetuning_card_values(trainer, run_info), metadata, load_template(FINETUNING_TEMPLATE))
+    os.makedirs(trainer.args.output_dir, exist_ok=True)
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    card.save(path)
+    return path

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Fine-tune or evaluate a SimMIM encoder on labelled images, on `transformers.Trainer`.
+
+    python examples/run_finetune.py --model_name_or_path outputs/simmim-pretraining    # bundled CIFAR-10 sample
+    python examples/run_finetune.py --model_name_or_path outputs/simmim-pretraining --from_scratch  # baseline
+    python examples/run_finetune.py --model_name_or_path CKPT --mode linear_probe --probe_block 8
+    python examples/run_finetune.py --model_name_or_path CKPT --mode knn
+    python examples/run_finetune.py --model_name_or_path CKPT --dataset_name PATH --samples_per_class 100
+
+Recipe (defaults, the official fine-tuning): AdamW, weight decay 0.05, layer-wise lr decay (0.65 ViT, 0.9 Swin;
+embeddings at layer 0, head and final norm at scale 1), lr = --base_learning_rate x total batch / 512, warmup
+then cosine, drop path 0.1, mixup 0.8 / cutmix 1.0, label smoothing 0.1, clipping 5.0. Accuracy (top-1, top-5)
+through the `evaluate` module shipped with hf_simmim. Writes the model, all_results.json and a model card to
+--output_dir.
+"""
+
+import functools
+import json
+import logging
+import os
+import sys
+
+import torch
+import transformers
+from transformers.trainer_utils import set_seed
+
+from hf_simmim import SimMIMModel, metrics
+from hf_simmim.arguments import prepare_output_dir
+from hf_simmim.data import (
+    SimMIMTransform,
+    check_image_dataset,
+    collate_fn,
+    detect_image_column,
+    label_names,
+    load_image_datasets,
+    select_per_class,
+    undecoded,
+)
+from hf_simmim.finetune_arguments import DEFAULT_LAYER_DECAY, load_classification_model, parse_finetune_arguments
+from hf_simmim.finetuning import MixupCutmix, SimMIMFineTuneTrainer
+from hf_simmim.model_card import write_finetuning_card
+from hf_simmim.probing import extract_features, knn_scores, linear_probe
+from hf_simmim.training import SimMIMRecipe, ThroughputCallback, add_callback_first, scale_learning_rate, total_train_batch_size
+
+logger = logging.getLogger("run_finetune")
+
+
+def accuracy_function(num_labels):
+    metric = metrics.load("top_k_accuracy")
+    ks = (1, 5) if num_labels > 5 else (1,)
+
+    def compute_metrics(eval_prediction):
+        logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+        return metric.compute(predictions=logits, references=labels, k=ks)
+
+    return compute_metrics, ks
+
+
+def run_probe(model_args, training_args, model, train_dataset, eval_dataset, num_labels, compute_ks):
+    """Linear probe or k-NN on frozen features; returns the metrics."""
+    loader = functools.partial(
+        torch.utils.data.DataLoader,
+        batch_size=training_args.per_device_eval_batch_size,
+        collate_fn=collate_fn,
+        num_workers=training_args.dataloader_num_workers,
+    )
+    device = training_args.device
+    model.to(device)
+    train_x, train_y = extract_features(model, loader(train_dataset), model_args.probe_block, device)
+    test_x, test_y = extract_features(model, loader(eval_dataset), model_args.probe_block, device)
+    if model_args.mode == "knn":
+        scores = knn_scores(train_x, train_y, test_x, num_labels, model_args.knn_k, model_args.knn_temperature)
+    else:
+        scores = linear_probe(
+            train_x, train_y, test_x, num_labels, epochs=model_args.probe_epochs, lr=model_args.probe_learning_rate,
+            seed=training_args.seed,
+        )
+    result = metrics.load("top_k_accuracy").compute(predictions=scores.numpy(), references=test_y.numpy(), k=compute_ks)
+    return {f"eval_{k}": v for k, v in result.items()}
+
+
+def main(argv=None):
+    model_args, data_args, recipe_args, training_args, given = parse_finetune_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
+    if not training_args.should_log:
+        logging.getLogger().setLevel(logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    resume_from = prepare_output_dir(training_args, recipe_args, model_args, given)
+
+    # ---------------------------------------------------------------- data, checked before anything trains
+    with training_args.main_process_first(desc="loading the dataset"):
+        train_raw, eval_raw = load_image_datasets(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            data_args.train_dir,
+            data_args.validation_dir,
+            data_args.validation_split_percentage,
+            seed=training_args.seed,
+            cache_dir=model_args.cache_dir,
+        )
+    if eval_raw is None or len(eval_raw) == 0:
+        raise ValueError("There is no evaluation split: pass --validation_dir or a --validation_split_percentage > 0.")
+    if data_args.max_eval_samples is not None:
+        eval_raw = eval_raw.select(range(min(data_args.max_eval_samples, len(eval_raw))))
+    image_column = detect_image_column(train_raw, data_args.image_column_name)
+    label_column = data_args.label_column_name
+    names = label_names(train_raw, label_column)
+    train_raw = select_per_class(
+        train_raw, label_column, data_args.samples_per_class, data_args.label_fraction, seed=training_args.seed
+    )
+    check_image_dataset(train_raw, image_column, 1, "train")
+    check_image_dataset(eval_raw, image_column, 1, "validation")
+
+    model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)), data_args.eval_crop_pct)
+    layer_decay = model_args.layer_decay or DEFAULT_LAYER_DECAY[model.config.backbone]
+    keep = (label_column,)
+    train_dataset = undecoded(train_raw, image_column).with_transform(
+        SimMIMTransform(processor, train=model_args.mode == "finetune", image_column=image_column, with_mask=False, keep_columns=keep)
+    )
+    eval_dataset = undecoded(eval_raw, image_column).with_transform(
+        SimMIMTransform(processor, train=False, image_column=image_column, with_mask=False, keep_columns=keep)
+    )
+    compute_metrics, ks = accuracy_function(len(names))
+    source = "from scratch" if model_args.from_scratch else f"from {model_args.model_name_or_path}"
+    logger.info(
+        "%s %s (%s) on %d training images (%d classes), evaluating on %d.",
+        model_args.mode, type(model).__name__, source, len(train_raw), len(names), len(eval_raw),
+    )
+
+    if model_args.mode != "finetune":
+        encoder = model.simmim if model_args.from_scratch else SimMIMModel.from_pretrained(model_args.model_name_or_path)
+        results = run_probe(model_args, training_args, encoder, train_dataset, eval_dataset, len(names), ks)
+        if training_args.process_index == 0:
+            os.makedirs(training_args.output_dir, exist_ok=True)
+            with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
+                json.dump(results, handle, indent=2)
+            print_summary(model_args, results, training_args.output_dir)
+        return 0
+
+    # ---------------------------------------------------------------- recipe, trainer
+    total = total_train_batch_size(training_args)
+    scale = total / 512
+    if "learning_rate" not in given:
+        training_args.learning_rate = scale_learning_rate(recipe_args.base_learning_rate, total)
+    else:
+        scale = training_args.learning_rate / recipe_args.base_learning_rate
+    recipe = SimMIMRecipe(
+        schedule="cosine", warmup_lr=recipe_args.warmup_learning_rate * scale, min_lr=recipe_args.min_learning_rate * scale
+    )
+    mixup = None
+    if recipe_args.mixup > 0 or recipe_args.cutmix > 0:
+        mixup = MixupCutmix(
+            len(names), recipe_args.mixup, recipe_args.cutmix, recipe_args.mixup_prob, recipe_args.mixup_switch_prob,
+            recipe_args.label_smoothing,
+        )
+    elif recipe_args.label_smoothing > 0:
+        training_args.label_smoothing_factor = recipe_args.label_smoothing
+    run_info = {
+        "source": source,
+        "mode": model_args.mode,
+        "layer_decay": layer_decay,
+        "train_images": len(train_raw),
+        "eval_images": len(eval_raw),
+        "classes": names,
+        "base_model": None if model_args.from_scratch else model_args.model_name_or_path,
+    }
+    trainer = SimMIMFineTuneTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_fn,
+        processing_class=processor,
+        compute_metrics=compute_metrics,
+        recipe=recipe,
+        layer_decay=layer_decay,
+        mixup=mixup,
+        model_card_writer=functools.partial(write_finetuning_card, run_info=run_info),
+    )
+    add_callback_first(trainer, ThroughputCallback())
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model()
+    trainer.save_state()
+    results = {**result.metrics, **trainer.evaluate()}
+    trainer.save_metrics("all", results, combined=False)
+    run_info["results"] = results
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="SimMIM fine-tuning")
+    if trainer.is_world_process_zero():
+        print_summary(model_args, results, training_args.output_dir)
+    return 0
+
+
+def print_summary(model_args, results, output_dir):
+    accuracies = ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items() if k.startswith("eval_top"))
+    print(
+        "\n".join(
+            [
+                "",
+                "=" * 78,
+                f"SimMIM {model_args.mode} done ({'from scratch' if model_args.from_scratch else model_args.model_name_or_path}).",
+                f"  accuracy  {accuracies}",
+                f"  results   {os.path.join(os.path.abspath(output_dir), 'all_results.json')}",
+                "=" * 78,
+            ]
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""examples/run_finetune.py end to end on the bundled sample (tiny model, a few steps), and its refusals."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from hf_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling, SimMIMImageProcessor
+from hf_simmim.data import label_names, select_per_class
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "examples" / "run_finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pretrained")
+    config = SimMIMConfig.from_preset("vit-tiny-test")
+    torch.manual_seed(0)
+    SimMIMForMaskedImageModeling(config).save_pretrained(path)
+    SimMIMImageProcessor.from_model_config(config).save_pretrained(path)
+    return path
+
+
+FAST = ["--max_steps", "6", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
+        "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none", "--samples_per_class", "4",
+        "--max_eval_samples", "40"]
+
+
+def test_finetune_from_pretrained_reports_accuracy_and_card(pretrained, tmp_path):
+    out = tmp_path / "ft"
+    assert _script().main(["--model_name_or_path", str(pretrained), "--output_dir", str(out), *FAST]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0.0 <= results["eval_top1"] <= results["eval_top5"] <= 1.0
+    assert results["train_samples_per_second"] > 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.pipeline_tag == "image-classification"
+    assert "top1" in card.text and "layer-wise decay 0.65" in card.text
+    model = SimMIMForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 10 and model.config.id2label[0] == "airplane"
+    # the encoder started from the checkpoint, not from scratch: the patch embedding moved only a little
+    source = SimMIMForMaskedImageModeling.from_pretrained(pretrained).simmim.encoder.patch_embed.proj.weight
+    tuned = model.simmim.encoder.patch_embed.proj.weight
+    assert (tuned - source).norm() < 0.5 * source.norm()
+
+
+def test_from_scratch_baseline_does_not_load_weights(pretrained, tmp_path):
+    out = tmp_path / "scratch"
+    assert _script().main(["--model_name_or_path", str(pretrained), "--from_scratch", "--output_dir", str(out), *FAST]) == 0
+    model = SimMIMForImageClassification.from_pretrained(out)
+    source = SimMIMForMaskedImageModeling.from_pretrained(pretrained).simmim.encoder.patch_embed.proj.weight
+    assert (model.simmim.encoder.patch_embed.proj.weight - source).norm() > 0.5 * source.norm()
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "knn"])
+def test_frozen_encoder_modes(pretrained, tmp_path, mode):
+    out = tmp_path / mode
+    args = ["--model_name_or_path", str(pretrained), "--mode", mode, "--output_dir", str(out),
+            "--samples_per_class", "8", "--max_eval_samples", "40", "--probe_epochs", "5", "--report_to", "none"]
+    assert _script().main(args) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert set(results) == {"eval_top1", "eval_top5"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--model_name_or_path is required"),
+        (["--mode", "svm"], "--mode"),
+        (["--label_fraction", "1.5"], "--label_fraction"),
+        (["--samples_per_class", "2", "--label_fraction", "0.5"], "not both"),
+        (["--label_column_name", "category"], "'category' is not in the dataset"),
+    ],
+)
+def test_refusals(pretrained, tmp_path, args, message):
+    base = ["--model_name_or_path", str(pretrained)] if args else []
+    with pytest.raises(ValueError, match=message):
+        _script().main([*base, *args, "--output_dir", str(tmp_path / "x"), "--report_to", "none"])
+
+
+def test_select_per_class_is_balanced_and_seeded():
+    labels = np.repeat(np.arange(3), [5, 10, 2])
+    dataset = datasets.Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
+    subset = select_per_class(dataset, "label", samples_per_class=4, seed=1)
+    counts = np.bincount(subset["label"])
+    assert counts.tolist() == [4, 4, 2]  # a class with fewer rows keeps them all
+    assert subset["row"] == select_per_class(dataset, "label", samples_per_class=4, seed=1)["row"]
+    assert subset["row"] != select_per_class(dataset, "label", samples_per_class=4, seed=2)["row"]
+    half = select_per_class(dataset, "label", fraction=0.5, seed=0)
+    assert np.bincount(half["label"]).tolist() == [2, 5, 1]
+    assert select_per_class(dataset, "label") is dataset
+
+
+def test_label_names():
+    features = datasets.Features({"label": datasets.ClassLabel(names=["cat", "dog"])})
+    assert label_names(datasets.Dataset.from_dict({"label": [0, 1]}, features=features)) == ["cat", "dog"]
+    assert label_names(datasets.Dataset.from_dict({"label": [0, 3]})) == ["0", "1", "2", "3"]
+    with pytest.raises(ValueError, match="not integer class labels"):
+        label_names(datasets.Dataset.from_dict({"label": ["a", "b"]}))
