@@ -33,3 +33,16 @@ def test_throughput_tiny_cpu_table(tmp_path, capsys):
     ours = [row for row in rows if row["model"].startswith("hf_simmim")]
     assert all(abs(row["ratio"] - row["images_per_s"] / theirs["images_per_s"]) < 1e-9 for row, theirs in zip(ours, rows[::2]))
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_quality_benchmark_smoke_runs_the_package_paths(tmp_path, cifar10_small_dir):
+    spec = importlib.util.spec_from_file_location("quality_cifar10", ROOT / "benchmarks" / "quality_cifar10.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.main(["--smoke", "--data_dir", str(cifar10_small_dir), "--output_dir", str(tmp_path)])
+    assert 0.0 <= summary["top1_pretrained"] <= 1.0 and 0.0 <= summary["top1_scratch"] <= 1.0
+    assert summary["gain_points"] == 100 * (summary["top1_pretrained"] - summary["top1_scratch"])
+    assert summary["masked_l1"] > 0 and summary["psnr_db"] > 0
+    for run in ("pretrain", "finetune-pretrained", "finetune-scratch"):
+        assert (tmp_path / run / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))

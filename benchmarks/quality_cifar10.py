@@ -1,0 +1,167 @@
+"""Does SimMIM pretraining pay off? Pretrain, then fine-tune with few labels, against the same fine-tuning from
+scratch, through the package's own run_mim.py and run_finetune.py.
+
+Protocol: pretrain a ViT-Tiny (patch 4, 32 px) on the 10,000 unlabeled training images of cifar10-small, measure
+masked reconstruction (L1, PSNR) on its 2,000 test images with fixed masks, fine-tune on 100 labels per class,
+evaluate top-1 on the 2,000 test images; fine-tune the same architecture from scratch the same way; print both
+accuracies and the gain.
+
+    python benchmarks/quality_cifar10.py --data_dir ../shared/data/cifar10-small          # GPU, under 10 minutes
+    python benchmarks/quality_cifar10.py --data_dir ../shared/data/cifar10-small --smoke  # a CPU check of the path
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from hf_simmim import SimMIMForMaskedImageModeling, SimMIMImageProcessor, metrics  # noqa: E402
+from hf_simmim.data import SimMIMTransform, collate_fn, undecoded  # noqa: E402
+
+
+def _example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-small"),
+                        help="folder with train-*.parquet and test-*.parquet (cifar10-small)")
+    parser.add_argument("--output_dir", default="outputs/quality_cifar10")
+    parser.add_argument("--preset", default="vit-tiny-patch4-32")
+    parser.add_argument("--pretrain_epochs", type=float, default=100)
+    parser.add_argument("--pretrain_batch_size", type=int, default=256)
+    parser.add_argument("--pretrain_base_lr", type=float, default=2e-3, help="per 512 images")
+    parser.add_argument("--finetune_epochs", type=float, default=100)
+    parser.add_argument("--finetune_batch_size", type=int, default=128)
+    parser.add_argument("--finetune_base_lr", type=float, default=5e-3, help="per 512 images")
+    parser.add_argument("--samples_per_class", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=None, help="dataloader workers (default: 8 on GPU, 0 on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a few steps of a tiny model: checks the path on CPU")
+    args = parser.parse_args(argv)
+    if args.workers is None:
+        args.workers = 8 if torch.cuda.is_available() else 0
+    if args.smoke:
+        args.preset = "vit-tiny-test"
+        args.pretrain_epochs = args.finetune_epochs = 1
+        args.samples_per_class = 4
+    return args
+
+
+def data_files(data_dir):
+    """Globs of the training and test Parquet files (run_mim / run_finetune accept globs)."""
+    train, test = str(Path(data_dir) / "train-*.parquet"), str(Path(data_dir) / "test-*.parquet")
+    if not list(Path(data_dir).glob("train-*.parquet")) or not list(Path(data_dir).glob("test-*.parquet")):
+        raise FileNotFoundError(f"{data_dir} has no train-*.parquet / test-*.parquet: pass --data_dir (cifar10-small).")
+    return train, test
+
+
+@torch.no_grad()
+def reconstruction_metrics(checkpoint, test_files, batch_size=256, max_images=None):
+    """Masked L1 and PSNR of the pretrained model on the test images, with fixed masks (mask_seed 0)."""
+    import datasets
+
+    model = SimMIMForMaskedImageModeling.from_pretrained(checkpoint).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    processor = SimMIMImageProcessor.from_pretrained(checkpoint)
+    test = datasets.load_dataset("parquet", data_files={"test": test_files})["test"]
+    if max_images:
+        test = test.select(range(min(max_images, len(test))))
+    rows = undecoded(test, "image").map(
+        SimMIMTransform(processor, train=False, mask_seed=0, keep_columns=()), batched=True, with_indices=True,
+        remove_columns=test.column_names,
+    ).with_format("numpy")
+    metric = metrics.load("masked_reconstruction")
+    for start in range(0, len(rows), batch_size):
+        batch = collate_fn([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        output = model(batch["pixel_values"].to(device), bool_masked_pos=batch["bool_masked_pos"].to(device))
+        metric.add_batch(
+            predictions=output.reconstruction.float().cpu().numpy(),
+            references=batch["pixel_values"].numpy(),
+            masks=batch["bool_masked_pos"].numpy().astype(np.float32),
+        )
+    return metric.compute(image_mean=processor.image_mean, image_std=processor.image_std)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train_files, test_files = data_files(args.data_dir)
+    out = Path(args.output_dir)
+    common = ["--seed", str(args.seed), "--dataloader_num_workers", str(args.workers), "--report_to", "none",
+              "--overwrite_output_dir", "--save_strategy", "no"]
+    if args.smoke:
+        common += ["--max_steps", "3"]
+    timings = {}
+
+    start = time.perf_counter()
+    pretrain = [
+        "--preset", args.preset, "--train_dir", train_files, "--validation_dir", test_files,
+        "--output_dir", str(out / "pretrain"), "--num_train_epochs", str(args.pretrain_epochs),
+        "--per_device_train_batch_size", str(args.pretrain_batch_size), "--base_learning_rate", str(args.pretrain_base_lr),
+        "--eval_strategy", "no", "--num_reconstruction_images", "8", *common,
+    ]
+    if args.smoke:
+        pretrain += ["--max_train_samples", "64", "--max_eval_samples", "16"]
+    if _example("run_mim").main(pretrain) != 0:
+        raise RuntimeError("pretraining failed")
+    timings["pretrain_s"] = time.perf_counter() - start
+    reconstruction = reconstruction_metrics(out / "pretrain", test_files, max_images=64 if args.smoke else None)
+
+    results = {}
+    for name, extra in (("pretrained", []), ("scratch", ["--from_scratch"])):
+        start = time.perf_counter()
+        finetune = [
+            "--model_name_or_path", str(out / "pretrain"), *extra, "--train_dir", train_files,
+            "--validation_dir", test_files, "--output_dir", str(out / f"finetune-{name}"),
+            "--samples_per_class", str(args.samples_per_class), "--num_train_epochs", str(args.finetune_epochs),
+            "--per_device_train_batch_size", str(args.finetune_batch_size),
+            "--base_learning_rate", str(args.finetune_base_lr), "--eval_strategy", "no", *common,
+        ]
+        if args.smoke:
+            finetune += ["--max_eval_samples", "64"]
+        if _example("run_finetune").main(finetune) != 0:
+            raise RuntimeError(f"fine-tuning ({name}) failed")
+        timings[f"finetune_{name}_s"] = time.perf_counter() - start
+        results[name] = json.loads((out / f"finetune-{name}" / "all_results.json").read_text())
+
+    summary = {
+        "protocol": f"{args.preset}: pretrain {args.pretrain_epochs} epochs on {train_files}; fine-tune "
+        f"{args.finetune_epochs} epochs on {args.samples_per_class} labels/class; test on {test_files}",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "top1_pretrained": results["pretrained"]["eval_top1"],
+        "top1_scratch": results["scratch"]["eval_top1"],
+        "gain_points": 100 * (results["pretrained"]["eval_top1"] - results["scratch"]["eval_top1"]),
+        "masked_l1": reconstruction["masked_l1"],
+        "psnr_db": reconstruction["psnr"],
+        **{k: round(v, 1) for k, v in timings.items()},
+    }
+    os.makedirs(out, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n".join([
+        "", "=" * 78, f"quality_cifar10 ({summary['device']})", summary["protocol"],
+        f"  top-1 fine-tuned from SimMIM pretraining  {summary['top1_pretrained']:.4f}",
+        f"  top-1 fine-tuned from scratch             {summary['top1_scratch']:.4f}",
+        f"  gain                                      {summary['gain_points']:+.1f} points",
+        f"  masked reconstruction (test)              L1 {summary['masked_l1']:.4f}, PSNR {summary['psnr_db']:.2f} dB",
+        f"  time: pretrain {summary['pretrain_s']} s, fine-tune {summary['finetune_pretrained_s']} s + "
+        f"{summary['finetune_scratch_s']} s", "=" * 78,
+    ]))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
