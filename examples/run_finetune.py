@@ -20,12 +20,13 @@ import logging
 import os
 import sys
 
+import numpy as np
 import torch
 import transformers
 from transformers.trainer_utils import set_seed
 
 from hf_simmim import SimMIMModel, metrics
-from hf_simmim.arguments import prepare_output_dir
+from hf_simmim.arguments import _parse_overrides, prepare_output_dir, set_learning_rate
 from hf_simmim.data import (
     SimMIMTransform,
     check_image_dataset,
@@ -40,7 +41,7 @@ from hf_simmim.finetune_arguments import DEFAULT_LAYER_DECAY, load_classificatio
 from hf_simmim.finetuning import MixupCutmix, SimMIMFineTuneTrainer
 from hf_simmim.model_card import write_finetuning_card
 from hf_simmim.probing import extract_features, knn_scores, linear_probe
-from hf_simmim.training import SimMIMRecipe, ThroughputCallback, add_callback_first, scale_learning_rate, total_train_batch_size
+from hf_simmim.training import SimMIMRecipe, ThroughputCallback, add_callback_first
 
 logger = logging.getLogger("run_finetune")
 
@@ -129,7 +130,13 @@ def main(argv=None):
     )
 
     if model_args.mode != "finetune":
-        encoder = model.simmim if model_args.from_scratch else SimMIMModel.from_pretrained(model_args.model_name_or_path)
+        encoder = model.simmim
+        if not model_args.from_scratch:  # the encoder with its final norm, at the resolution the overrides ask for
+            encoder = SimMIMModel.from_pretrained(
+                model_args.model_name_or_path,
+                cache_dir=model_args.cache_dir,
+                **_parse_overrides(model_args.config_overrides),
+            )
         results = run_probe(model_args, training_args, encoder, train_dataset, eval_dataset, len(names), ks)
         if training_args.process_index == 0:
             os.makedirs(training_args.output_dir, exist_ok=True)
@@ -139,12 +146,7 @@ def main(argv=None):
         return 0
 
     # ---------------------------------------------------------------- recipe, trainer
-    total = total_train_batch_size(training_args)
-    scale = total / 512
-    if "learning_rate" not in given:
-        training_args.learning_rate = scale_learning_rate(recipe_args.base_learning_rate, total)
-    else:
-        scale = training_args.learning_rate / recipe_args.base_learning_rate
+    scale, _ = set_learning_rate(training_args, recipe_args.base_learning_rate, given)
     recipe = SimMIMRecipe(
         schedule="cosine", warmup_lr=recipe_args.warmup_learning_rate * scale, min_lr=recipe_args.min_learning_rate * scale
     )
@@ -153,6 +155,7 @@ def main(argv=None):
         mixup = MixupCutmix(
             len(names), recipe_args.mixup, recipe_args.cutmix, recipe_args.mixup_prob, recipe_args.mixup_switch_prob,
             recipe_args.label_smoothing,
+            rng=np.random.default_rng([training_args.seed, training_args.process_index]),  # reproducible per --seed
         )
     elif recipe_args.label_smoothing > 0:
         training_args.label_smoothing_factor = recipe_args.label_smoothing

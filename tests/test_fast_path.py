@@ -62,3 +62,43 @@ def test_compiled_model_matches_eager():
         compiled = torch.compile(model, backend="aot_eager")(pixel_values, bool_masked_pos=mask)
     assert torch.allclose(compiled.loss, eager.loss, atol=1e-6)
     assert torch.allclose(compiled.reconstruction, eager.reconstruction, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bf16_model_takes_float32_images_and_computes_the_loss_in_float32(preset):
+    """A model loaded in bf16 takes the image processor's float32 pixel_values (as transformers' ViT/Swin do), and
+    the masked mean runs in float32: a bf16 sum over many pixels keeps only ~3 significant digits."""
+    config = SimMIMConfig.from_preset(preset)
+    torch.manual_seed(0)
+    model = SimMIMForMaskedImageModeling(config).eval()
+    pixel_values, mask = _inputs(config)
+    with torch.no_grad():
+        out = model.to(torch.bfloat16)(pixel_values, bool_masked_pos=mask)
+    assert out.reconstruction.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    m = mask.repeat_interleave(config.patch_size, 1).repeat_interleave(config.patch_size, 2)[:, None].double()
+    error = (pixel_values.double() - out.reconstruction.double()).abs() * m
+    expected = error.sum() / (m.sum() + 1e-5) / 3
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_attention_calls_sdpa_with_4d_inputs(preset, monkeypatch):
+    """SDPA's fused CUDA kernels (memory-efficient, cuDNN) take 4-D inputs only; 5-D inputs (Swin's
+    (batch, windows, heads, N, head_dim)) silently fall back to the math kernel."""
+    import torch.nn.functional as F
+
+    from hf_simmim import modeling_layers
+
+    shapes, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        shapes.append((q.ndim, None if attn_mask is None else attn_mask.ndim))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(modeling_layers.F, "scaled_dot_product_attention", recording_sdpa)
+    config = SimMIMConfig.from_preset(preset)
+    model = SimMIMForMaskedImageModeling(config).eval()
+    pixel_values, mask = _inputs(config)
+    with torch.no_grad():
+        model(pixel_values, bool_masked_pos=mask)
+    assert shapes and all(q_ndim == 4 and mask_ndim in (None, 3, 4) for q_ndim, mask_ndim in shapes), shapes

@@ -190,3 +190,26 @@ def test_knn_and_linear_probe_separate_clusters():
     # k-NN with k=1 returns the label of the single most similar training feature
     nearest = (F.normalize(test, dim=1) @ F.normalize(features, dim=1).T).argmax(1)
     assert torch.equal(knn_scores(features, labels, test, 3, k=1).argmax(1), labels[nearest])
+
+
+def test_vit_loaded_at_another_image_size_interpolates_cls_rows_intact(tmp_path):
+    config = SimMIMConfig.from_preset("vit-tiny-test", use_absolute_position_embeddings=True)
+    torch.manual_seed(0)
+    source = SimMIMForMaskedImageModeling(config)
+    source.save_pretrained(tmp_path)
+    model, info = SimMIMForImageClassification.from_pretrained(tmp_path, image_size=64, num_labels=2, output_loading_info=True)
+    assert not info["mismatched_keys"]
+    old_table = source.simmim.encoder.rel_pos_bias.relative_position_bias_table.detach()
+    new_table = model.simmim.encoder.rel_pos_bias.relative_position_bias_table.detach()
+    assert new_table.shape == ((2 * 16 - 1) ** 2 + 3, 2)
+    assert torch.equal(new_table[-3:], old_table[-3:])  # the CLS rows are copied, not interpolated
+    expected = F.interpolate(old_table[:-3].T.reshape(1, 2, 15, 15), size=(31, 31), mode="bicubic", align_corners=False)
+    assert torch.allclose(new_table[:-3], expected.reshape(2, -1).T, atol=1e-6)
+    old_pos = source.simmim.encoder.pos_embed.detach()
+    new_pos = model.simmim.encoder.pos_embed.detach()
+    assert new_pos.shape == (1, 1 + 16 * 16, 64)
+    assert torch.equal(new_pos[:, 0], old_pos[:, 0])  # the CLS position is kept
+    grid = old_pos[0, 1:].T.reshape(1, 64, 8, 8)
+    expected = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False).reshape(64, -1).T
+    assert torch.allclose(new_pos[0, 1:], expected, atol=1e-6)
+    assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 2)

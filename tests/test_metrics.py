@@ -12,9 +12,18 @@ def test_top_k_accuracy_hand_computed():
     metric = metrics.load("top_k_accuracy")
     scores = [[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5], [0.3, 0.3, 0.4]]
     labels = [2, 0, 0, 1]
-    # ranks of the true class: 1, 0, 2, 1 (ties count in the true class's favour)
+    # ranks of the true class: 1, 0, 2, 2 (the tie 0.3 / 0.3 ranks class 0 before the true class 1, as argmax)
     result = metric.compute(predictions=scores, references=labels, k=(1, 2, 3))
-    assert result == {"top1": 0.25, "top2": 0.75, "top3": 1.0}
+    assert result == {"top1": 0.25, "top2": 0.5, "top3": 1.0}
+    # constant logits: only labels equal to argmax (class 0) count
+    constant = metric.compute(predictions=[[1.0, 1.0, 1.0]] * 4, references=[0, 1, 2, 0], k=1)
+    assert constant == {"top1": 0.5}
+
+
+def test_top_k_accuracy_counts_nan_scores_as_wrong():
+    metric = metrics.load("top_k_accuracy")
+    scores = [[float("nan")] * 3, [0.1, float("nan"), 0.2], [0.1, 0.7, 0.2]]
+    assert metric.compute(predictions=scores, references=[0, 2, 1], k=(1, 3)) == {"top1": 1 / 3, "top3": 1 / 3}
 
 
 def test_top_k_accuracy_batches_and_default_k():

@@ -108,3 +108,14 @@ def test_label_names():
     assert label_names(datasets.Dataset.from_dict({"label": [0, 3]})) == ["0", "1", "2", "3"]
     with pytest.raises(ValueError, match="not integer class labels"):
         label_names(datasets.Dataset.from_dict({"label": ["a", "b"]}))
+
+
+def test_frozen_encoder_follows_the_config_overrides(pretrained, tmp_path):
+    """Probing loads the encoder with the same --config_overrides as the classifier, so a new resolution reaches
+    both the image processor and the encoder (its position table interpolated)."""
+    out = tmp_path / "knn64"
+    args = ["--model_name_or_path", str(pretrained), "--mode", "knn", "--output_dir", str(out),
+            "--config_overrides", "image_size=64", "--samples_per_class", "4", "--max_eval_samples", "20",
+            "--report_to", "none"]
+    assert _script().main(args) == 0
+    assert set(json.loads((out / "all_results.json").read_text())) == {"eval_top1", "eval_top5"}

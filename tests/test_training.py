@@ -148,6 +148,16 @@ def test_learning_rate_follows_the_total_batch_unless_given(tmp_path):
     assert recipe.warmup_lr == pytest.approx(1e-6 * 3e-3 / 2e-4)  # same ratios to the peak as the recipe
 
 
+def test_multistep_schedule_warms_up_for_10_of_800_epochs(tmp_path):
+    _, _, recipe_args, args, given = parse_run_arguments(["--lr_schedule", "multistep", "--output_dir", str(tmp_path)])
+    assert args.warmup_steps == 0.1  # the 100-epoch configs' 10 epochs
+    apply_learning_rate(args, resolve_recipe_defaults(recipe_args, _model_args()), given)
+    assert args.get_warmup_steps(8000) == 100  # 10 of 800 epochs
+    _, _, recipe_args, args, given = parse_run_arguments(["--lr_schedule", "multistep", "--warmup_steps", "7"])
+    apply_learning_rate(args, resolve_recipe_defaults(recipe_args, _model_args()), given)
+    assert args.warmup_steps == 7  # a given flag wins
+
+
 def _model_args(**values):
     from hf_simmim.arguments import ModelArguments
 

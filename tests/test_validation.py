@@ -69,6 +69,11 @@ CONFIG_ERRORS = {
     "swin stage width not divisible by heads": (swin(num_heads=[3, 2]), r"num_heads\[0\]=3"),
     "patch_size zero": (vit(patch_size=0), "patch_size"),
     "image_size not an integer": (vit(image_size=32.0), "image_size"),
+    "vit zero heads": (vit(num_attention_heads=0), r"num_attention_heads=0 must be a positive integer"),
+    "vit zero layers": (vit(num_hidden_layers=0), r"num_hidden_layers=0 must be a positive integer"),
+    "swin zero window": (swin(window_size=0), r"window_size=0 must be a positive integer"),
+    "swin no stages": (swin(depths=[], num_heads=[]), r"depths=\[\] and num_heads=\[\]"),
+    "swin zero heads in a stage": (swin(num_heads=[1, 0]), r"num_heads\[1\]=0 must be a positive integer"),
 }
 
 
@@ -213,3 +218,12 @@ def test_mask_shape_error_says_what_is_expected():
         model(torch.randn(2, 3, 32, 32), bool_masked_pos=torch.zeros(2, 16, dtype=torch.bool))
     message = str(error.value)
     assert "(batch, 64) or (batch, 8, 8)" in message and "patch_size=4" in message
+
+
+def test_config_overrides_refuse_unknown_fields():
+    from hf_simmim.arguments import _parse_overrides
+
+    parsed = _parse_overrides("mask_ratio=0.5,window_size=7,num_labels=3")
+    assert parsed == dict(mask_ratio=0.5, window_size=7, num_labels=3)
+    with pytest.raises(ValueError, match="mask_rato is not a SimMIMConfig field.*mask_ratio"):
+        _parse_overrides("mask_rato=0.5")

@@ -3,13 +3,14 @@ recipe, and `transformers.TrainingArguments` with SimMIM defaults), and turning 
 and an output folder.
 
 SimMIM defaults replace `TrainingArguments`' own where the recipe differs (weight decay 0.05, clipping 5.0,
-warmup 10% of the run, bf16 where the GPU has it, evaluation and pictures 4 times a run); any flag given on the
-command line wins. The footguns of transformers' `run_mim.py` are fixed here, not left to the user:
-`remove_unused_columns=False` (the image column must reach the transform), `label_names=["bool_masked_pos"]`
-(otherwise no eval loss), and `use_cpu=True` on a machine without an accelerator (otherwise `accelerate launch
---multi_gpu` there runs independent, non-distributed copies).
+warmup 10% of the run (10/800 with the multistep schedule), bf16 where the GPU has it, evaluation and pictures 4
+times a run); any flag given on the command line wins. The footguns of transformers' `run_mim.py` are fixed
+here, not left to the user: `remove_unused_columns=False` (the image column must reach the transform),
+`label_names=["bool_masked_pos"]` (otherwise no eval loss), and `use_cpu=True` on a machine without an
+accelerator (otherwise `accelerate launch --multi_gpu` there runs independent, non-distributed copies).
 """
 
+import inspect
 import json
 import logging
 import os
@@ -23,7 +24,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_simmim import PRESETS, SimMIMConfig
 from .image_processing_simmim import SimMIMImageProcessor
-from .training import SCHEDULES, SimMIMRecipe, scale_learning_rate, total_train_batch_size
+from .training import (
+    LR_REFERENCE_BATCH_SIZE,
+    SCHEDULES,
+    SimMIMRecipe,
+    scale_learning_rate,
+    total_train_batch_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,9 @@ DEFAULT_OUTPUT_DIR = os.path.join("outputs", "simmim-pretraining")
 # Base learning rates (per 512 images) and warmup start of the official configs: the 100-epoch cosine configs
 # (Swin-B) and the 800-epoch multistep configs (Swin-B/L, ViT-B).
 RECIPE_BASE_LEARNING_RATES = {"cosine": (2e-4, 1e-6), "multistep": (1e-4, 5e-7), "trainer": (2e-4, 1e-6)}
+# Every official config warms up for 10 epochs: 10% of the 100-epoch runs (the default `warmup_steps`), 10 of 800
+# epochs for the multistep configs.
+MULTISTEP_WARMUP_FRACTION = 10 / 800
 # The tiny CPU presets are ~1000x smaller than ViT-B: at the paper's 2e-4 their loss barely moves in the
 # one-minute default run (0.92 -> 0.87 in 300 steps), at 8e-3 it falls to ~0.72.
 PRESET_BASE_LEARNING_RATES = {"vit-tiny-test": 8e-3, "swin-tiny-test": 8e-3}
@@ -191,22 +201,24 @@ def _given_flags(argv):
     return names
 
 
+def parse_with_defaults(parser, defaults, argv=None):
+    """Parse `argv` (a list like `sys.argv[1:]`, or one `.json` file) with `defaults` replacing the dataclasses'
+    own; return `(dataclasses, given)`, `given` being the names set explicitly."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as handle:
+            values = json.load(handle)
+        return parser.parse_dict({**defaults, **values}), set(values)
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=argv), _given_flags(argv)
+
+
 def parse_run_arguments(argv=None):
     """Parse a run's arguments (a list like `sys.argv[1:]`, or one `.json` file) into
     `(ModelArguments, DataArguments, RecipeArguments, TrainingArguments, given)`, `given` being the names set
     explicitly (so SimMIM defaults and rules apply only to the others)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
-    defaults = simmim_training_defaults()
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        with open(argv[0], encoding="utf-8") as handle:
-            values = json.load(handle)
-        given = set(values)
-        parsed = parser.parse_dict({**defaults, **values})
-    else:
-        given = _given_flags(argv)
-        parser.set_defaults(**defaults)
-        parsed = parser.parse_args_into_dataclasses(args=argv)
+    parsed, given = parse_with_defaults(parser, simmim_training_defaults(), argv)
     model_args, data_args, recipe_args, training_args = parsed
     for name, value in FORCED_TRAINING_ARGUMENTS.items():
         if name in given and getattr(training_args, name) != value:
@@ -250,19 +262,27 @@ def resolve_recipe_defaults(recipe_args, model_args):
     return recipe_args
 
 
-def apply_learning_rate(training_args, recipe_args, given):
-    """Set `training_args.learning_rate` by the scaling rule (unless `--learning_rate` was given) and return the
-    `SimMIMRecipe` with `warmup_lr`/`min_lr` scaled the same way, plus a one-line description of the rule.
-    `recipe_args` must have its defaults resolved (`resolve_recipe_defaults`)."""
-    total = total_train_batch_size(training_args)
-    factor = total / 512
+def set_learning_rate(training_args, base_learning_rate, given):
+    """Set `training_args.learning_rate = base_learning_rate x total batch / 512` unless `--learning_rate` was
+    given. Return `(scale, rule)`: the factor from base to actual learning rate (warmup and minimum learning rates
+    scale by it too) and a one-line description of the rule."""
     if "learning_rate" in given:
-        scale = training_args.learning_rate / recipe_args.base_learning_rate if recipe_args.base_learning_rate else 0
-        rule = "set with --learning_rate; warmup and minimum learning rates scaled alike"
-    else:
-        training_args.learning_rate = scale_learning_rate(recipe_args.base_learning_rate, total)
-        scale = factor
-        rule = f"base {recipe_args.base_learning_rate:g} x total batch {total} / 512"
+        scale = training_args.learning_rate / base_learning_rate if base_learning_rate else 0
+        return scale, "set with --learning_rate; warmup and minimum learning rates scaled alike"
+    total = total_train_batch_size(training_args)
+    training_args.learning_rate = scale_learning_rate(base_learning_rate, total)
+    rule = f"base {base_learning_rate:g} x total batch {total} / {LR_REFERENCE_BATCH_SIZE}"
+    return total / LR_REFERENCE_BATCH_SIZE, rule
+
+
+def apply_learning_rate(training_args, recipe_args, given):
+    """Set `training_args.learning_rate` by the scaling rule (unless `--learning_rate` was given), and the warmup
+    of the multistep (800-epoch) configs (unless `--warmup_steps` was given); return the `SimMIMRecipe` with
+    `warmup_lr`/`min_lr` scaled like the learning rate, plus a one-line description of the rule.
+    `recipe_args` must have its defaults resolved (`resolve_recipe_defaults`)."""
+    if recipe_args.lr_schedule == "multistep" and "warmup_steps" not in given:
+        training_args.warmup_steps = MULTISTEP_WARMUP_FRACTION
+    scale, rule = set_learning_rate(training_args, recipe_args.base_learning_rate, given)
     recipe = SimMIMRecipe(
         schedule=recipe_args.lr_schedule,
         warmup_lr=recipe_args.warmup_learning_rate * scale,
@@ -357,6 +377,13 @@ def _parse_overrides(text):
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    fields = set(inspect.signature(SimMIMConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(overrides) - fields - set(SimMIMConfig().to_dict()) - {"num_labels"})
+    if unknown:
+        raise ValueError(
+            f"--config_overrides: {', '.join(unknown)} is not a SimMIMConfig field (the config would ignore it "
+            f"silently). Its fields: {', '.join(sorted(fields))}."
+        )
     return overrides
 
 

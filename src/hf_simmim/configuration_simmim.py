@@ -13,6 +13,11 @@ LOSS_TYPES = ("l1", "l2", "smooth_l1")
 MASK_TOKEN_TYPES = ("learned", "zeros", "noise")
 
 
+def _check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
 class SimMIMConfig(PreTrainedConfig):
     r"""Configuration of a SimMIM encoder and its masked-image-modeling head.
 
@@ -171,17 +176,26 @@ class SimMIMConfig(PreTrainedConfig):
             raise ValueError(
                 f"mask_ratio={self.mask_ratio!r} must lie strictly between 0 and 1 (the paper uses 0.6)."
             )
-        for name in ("image_size", "patch_size", "mask_patch_size", "num_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive integer.")
-        if self.backbone == "swin" and len(self.depths) != len(self.num_heads):
-            raise ValueError(
-                f"depths={self.depths} and num_heads={self.num_heads} must have one entry per Swin stage "
-                "(the same length)."
-            )
+        names = ("image_size", "patch_size", "mask_patch_size", "num_channels")
+        if self.backbone == "vit":
+            names += ("num_hidden_layers", "num_attention_heads")
+        else:
+            names += ("embed_dim", "window_size")
+        for name in names:
+            _check_positive_int(name, getattr(self, name))
+        if self.backbone == "swin":
+            if not self.depths or len(self.depths) != len(self.num_heads):
+                raise ValueError(
+                    f"depths={self.depths} and num_heads={self.num_heads} must have one entry per Swin stage "
+                    "(the same length, at least one stage)."
+                )
+            for stage, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+                _check_positive_int(f"depths[{stage}]", depth)
+                _check_positive_int(f"num_heads[{stage}]", heads)
 
     def _validate_geometry(self):
+        if self.backbone == "vit":
+            _check_positive_int("hidden_size", self.hidden_size)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}: choose an "

@@ -375,7 +375,7 @@ def convert_transformers_state_dict(state_dict, model_type, num_patches=None):
     pairs, qkv = (_VIT_KEYS, _VIT_QKV) if model_type == "vit" else (_SWIN_KEYS, _SWIN_QKV)
     sd = dict(state_dict)
     if model_type == "swin" and "swin.embeddings.position_embeddings" in sd:
-        # transformers keeps one extra (unused) position; ours holds exactly one per patch.
+        # Checkpoints of older transformers versions hold one extra (unused) position; ours one per patch.
         sd["simmim_abs"] = sd.pop("swin.embeddings.position_embeddings")[:, :num_patches]
         pairs = pairs + [("simmim_abs", "simmim.encoder.absolute_pos_embed")]
     return _rename(sd, pairs, qkv, forward=True)

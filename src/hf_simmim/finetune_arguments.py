@@ -2,17 +2,12 @@
 recipe, and `transformers.TrainingArguments` with the official fine-tuning defaults), parsed with
 `HfArgumentParser`. Flags given on the command line always win over these defaults."""
 
-import json
-import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .arguments import _given_flags, simmim_training_defaults
-
-logger = logging.getLogger(__name__)
+from .arguments import parse_with_defaults, simmim_training_defaults
 
 MODES = ("finetune", "linear_probe", "knn")
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "simmim-finetuning")
@@ -110,20 +105,10 @@ def finetune_training_defaults():
 
 def parse_finetune_arguments(argv=None):
     """`(model_args, data_args, recipe_args, training_args, given)`; `given` holds the flags set explicitly."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(
         (FineTuneModelArguments, FineTuneDataArguments, FineTuneRecipeArguments, TrainingArguments)
     )
-    defaults = finetune_training_defaults()
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        with open(argv[0], encoding="utf-8") as handle:
-            values = json.load(handle)
-        given = set(values)
-        parsed = parser.parse_dict({**defaults, **values})
-    else:
-        given = _given_flags(argv)
-        parser.set_defaults(**defaults)
-        parsed = parser.parse_args_into_dataclasses(args=argv)
+    parsed, given = parse_with_defaults(parser, finetune_training_defaults(), argv)
     model_args, data_args, recipe_args, training_args = parsed
     training_args.remove_unused_columns = False  # the image column must reach the transform
     if model_args.mode not in MODES:

@@ -175,13 +175,22 @@ def write_model_card(trainer, run_info):
     """
     if not trainer.is_world_process_zero():
         return None
+    return _save_card(trainer, run_info, trainer_card_values(trainer, run_info))
+
+
+def _save_card(trainer, run_info, values, template=None, tags=(), pipeline_tag=None):
+    """Render `values` into the template (default: the pretraining one) with the hub metadata of `run_info`
+    (`license`, `datasets`, `base_model`), and save it as `OUTPUT_DIR/README.md`; return its path."""
     base_model = run_info.get("base_model")
     metadata = card_metadata(
         license=run_info.get("license", "apache-2.0"),
         datasets=run_info.get("datasets"),
         base_model=base_model if is_hub_id(base_model) else None,
+        tags=tags,
     )
-    card = render_model_card(trainer_card_values(trainer, run_info), metadata)
+    if pipeline_tag is not None:
+        metadata.pipeline_tag = pipeline_tag
+    card = render_model_card(values, metadata, template)
     os.makedirs(trainer.args.output_dir, exist_ok=True)
     path = os.path.join(trainer.args.output_dir, "README.md")
     card.save(path)
@@ -244,16 +253,6 @@ def write_finetuning_card(trainer, run_info):
     """Write the fine-tuning card as `OUTPUT_DIR/README.md` (main process only); return its path."""
     if not trainer.is_world_process_zero():
         return None
-    base_model = run_info.get("base_model")
-    metadata = card_metadata(
-        license=run_info.get("license", "apache-2.0"),
-        datasets=run_info.get("datasets"),
-        base_model=base_model if is_hub_id(base_model) else None,
-        tags=("image-classification",),
-    )
-    metadata.pipeline_tag = "image-classification"
-    card = render_model_card(finetuning_card_values(trainer, run_info), metadata, load_template(FINETUNING_TEMPLATE))
-    os.makedirs(trainer.args.output_dir, exist_ok=True)
-    path = os.path.join(trainer.args.output_dir, "README.md")
-    card.save(path)
-    return path
+    values = finetuning_card_values(trainer, run_info)
+    template = load_template(FINETUNING_TEMPLATE)
+    return _save_card(trainer, run_info, values, template, ("image-classification",), "image-classification")

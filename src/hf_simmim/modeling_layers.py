@@ -48,7 +48,9 @@ class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and `F.scaled_dot_product_attention`.
 
     `x` is `(*batch, N, C)`; `attn_bias` (relative position bias, Swin shift mask) is added to the logits and must
-    broadcast to `(*batch, heads, N, N)`.
+    broadcast to `(*batch, heads, N, N)`. The batch dimensions are flattened into one before attention: SDPA's
+    fused CUDA kernels (memory-efficient, cuDNN) take 4-D inputs only and fall back to the slow math kernel
+    otherwise.
     """
 
     def __init__(self, dim, num_heads, qkv_bias, attn_drop, proj_drop):
@@ -62,14 +64,16 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_bias=None):
         *batch, n, c = x.shape
-        qkv = self.qkv(x).view(*batch, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.movedim(-3, 0).transpose(-3, -2).unbind(0)  # each (*batch, heads, N, head_dim)
+        qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (prod(batch), heads, N, head_dim)
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
+            if attn_bias.ndim > 3:  # per-batch-entry bias, e.g. Swin's (nW, heads, N, N) shift mask
+                attn_bias = attn_bias.expand(*batch, self.num_heads, n, n).reshape(-1, self.num_heads, n, n)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
         )
-        out = out.transpose(-3, -2).reshape(*batch, n, c)
+        out = out.transpose(1, 2).reshape(*batch, n, c)
         return self.proj_drop(self.proj(out))
 
 

@@ -1,6 +1,8 @@
 """Resizing position tables when a checkpoint is loaded at another window or image size (e.g. Swin pretrained with
 window 6 at 192 px, fine-tuned with window 7 at 224 px): relative position bias tables and absolute position
-embeddings are interpolated bicubically, as the official fine-tuning code does."""
+embeddings are interpolated bicubically. For Swin this is what the official fine-tuning code does; for ViT the
+official code fits a geometric-progression cubic (scipy) instead, and copies the shared table into per-block
+tables, which this package does not (the shared table stays shared)."""
 
 import json
 import math

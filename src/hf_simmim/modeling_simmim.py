@@ -101,11 +101,15 @@ def simmim_loss(pixel_values, reconstruction, mask_grid, patch_size, loss_type="
     """The SimMIM loss: the pixel loss averaged over masked pixels and channels only.
 
     `mask_grid` `(B, g, g)` is upsampled to pixels by repetition; the official formula is
-    `sum(|x - x_rec| * M) / (sum(M) + 1e-5) / C`.
+    `sum(|x - x_rec| * M) / (sum(M) + 1e-5) / C`. Computed in (at least) float32 whatever the model's dtype, as the
+    official code under autocast: a bf16 sum over millions of pixels keeps only about 3 significant digits.
     """
-    target = normalize_per_patch(pixel_values, patch_size) if norm_target else pixel_values
-    mask = mask_grid.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1)
-    mask = mask.to(reconstruction.dtype)
+    dtype = torch.promote_types(reconstruction.dtype, torch.float32)
+    target = pixel_values.to(dtype)
+    if norm_target:
+        target = normalize_per_patch(target, patch_size)
+    reconstruction = reconstruction.to(dtype)
+    mask = mask_grid.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).to(dtype)
     if loss_type == "l1":
         per_pixel = F.l1_loss(target, reconstruction, reduction="none")
     elif loss_type == "l2":
@@ -244,6 +248,8 @@ class SimMIMModel(SimMIMPreTrainedModel):
         mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        # Float32 images (what the image processor gives) also feed a model loaded in bf16/fp16, as in transformers.
+        pixel_values = pixel_values.to(self.encoder.patch_embed.proj.weight.dtype)
         sequence, hidden_states = self.encoder(pixel_values, mask_grid, output_hidden_states=output_hidden_states)
         pooled = self.pooler(self.encoder.patch_tokens(sequence)) if self.pooler is not None else None
         output = BaseModelOutputWithPooling(

@@ -14,6 +14,7 @@ Args:
     predictions: per-example class scores (logits or probabilities), shape (N, num_classes).
     references: integer labels, shape (N,).
     k: an int or a sequence of ints (default (1, 5)); a k larger than num_classes counts every example as correct.
+    Ties are broken as argmax breaks them (the lower class index ranks first).
 Returns:
     {"top{k}": float} for every k.
 """
@@ -36,7 +37,10 @@ class TopKAccuracy(evaluate.Metric):
         if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
             raise ValueError(f"predictions must be (N, num_classes) scores for N={labels.shape[0]} references.")
         ks = (k,) if isinstance(k, int) else tuple(k)
-        # rank of the true class = number of classes scoring strictly higher (ties favour the true class)
-        true_scores = scores[np.arange(len(labels)), labels]
-        rank = (scores > true_scores[:, None]).sum(axis=1)
-        return {f"top{kk}": float((rank < kk).mean()) for kk in ks}
+        # rank of the true class = classes scoring higher, plus equal-scoring classes of a lower index (ties are
+        # broken as argmax breaks them, so constant logits do not count as correct)
+        true_scores = scores[np.arange(len(labels)), labels][:, None]
+        lower_index = np.arange(scores.shape[1])[None, :] < labels[:, None]
+        rank = ((scores > true_scores) | ((scores == true_scores) & lower_index)).sum(axis=1)
+        valid = ~np.isnan(scores).any(axis=1)  # NaN scores (a diverged model) compare False: never count them
+        return {f"top{kk}": float(((rank < kk) & valid).mean()) for kk in ks}
