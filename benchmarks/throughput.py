@@ -31,31 +31,18 @@ TINY = {"vit": "vit-tiny-test", "swin": "swin-tiny-test"}
 
 
 def transformers_model(config):
-    """transformers' own MIM head at the same architecture (plain ViT: transformers has no SimMIM ViT variant)."""
-    from transformers import SwinConfig, SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
+    """transformers' own MIM head at the same widths, depths and sizes. transformers has no SimMIM ViT variant, so
+    the ViT row compares ours (shared relative position bias, layer scale) with its plain ViT."""
+    from transformers import SwinForMaskedImageModeling, ViTForMaskedImageModeling
+
+    from hf_simmim.convert import transformers_config_from_simmim
 
     if config.backbone == "vit":
-        hf = ViTConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            intermediate_size=int(config.hidden_size * config.mlp_ratio),
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            encoder_stride=config.encoder_stride,
-        )
-        return ViTForMaskedImageModeling(hf)
-    hf = SwinConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        embed_dim=config.embed_dim,
-        depths=config.depths,
-        num_heads=config.num_heads,
-        window_size=config.window_size,
-        encoder_stride=config.encoder_stride,
-        drop_path_rate=0.0,
-    )
-    return SwinForMaskedImageModeling(hf)
+        plain = SimMIMConfig(**{**config.to_dict(), "use_absolute_position_embeddings": True,
+                                "use_shared_relative_position_bias": False, "use_relative_position_bias": False,
+                                "layer_scale_init_value": 0.0})
+        return ViTForMaskedImageModeling(transformers_config_from_simmim(plain))
+    return SwinForMaskedImageModeling(transformers_config_from_simmim(config))
 
 
 def matmul_rate(device, dtype):

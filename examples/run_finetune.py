@@ -22,18 +22,15 @@ import sys
 
 import numpy as np
 import torch
-import transformers
-from transformers.trainer_utils import set_seed
 
 from hf_simmim import SimMIMModel, metrics
-from hf_simmim.arguments import _parse_overrides, prepare_output_dir, set_learning_rate
+from hf_simmim.arguments import _parse_overrides, load_run_datasets, prepare_output_dir, set_learning_rate, start_run
 from hf_simmim.data import (
     SimMIMTransform,
     check_image_dataset,
     collate_fn,
     detect_image_column,
     label_names,
-    load_image_datasets,
     select_per_class,
     undecoded,
 )
@@ -82,28 +79,13 @@ def run_probe(model_args, training_args, model, train_dataset, eval_dataset, num
 
 def main(argv=None):
     model_args, data_args, recipe_args, training_args, given = parse_finetune_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
-    if not training_args.should_log:
-        logging.getLogger().setLevel(logging.WARNING)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
+    start_run(training_args)
     resume_from = prepare_output_dir(training_args, recipe_args, model_args, given)
 
     # ---------------------------------------------------------------- data, checked before anything trains
-    with training_args.main_process_first(desc="loading the dataset"):
-        train_raw, eval_raw = load_image_datasets(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            data_args.train_dir,
-            data_args.validation_dir,
-            data_args.validation_split_percentage,
-            seed=training_args.seed,
-            cache_dir=model_args.cache_dir,
-        )
+    train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir)
     if eval_raw is None or len(eval_raw) == 0:
         raise ValueError("There is no evaluation split: pass --validation_dir or a --validation_split_percentage > 0.")
-    if data_args.max_eval_samples is not None:
-        eval_raw = eval_raw.select(range(min(data_args.max_eval_samples, len(eval_raw))))
     image_column = detect_image_column(train_raw, data_args.image_column_name)
     label_column = data_args.label_column_name
     names = label_names(train_raw, label_column)

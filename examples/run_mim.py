@@ -26,9 +26,10 @@ import os
 import sys
 
 import transformers
-from transformers.trainer_utils import set_seed
 
 from hf_simmim.arguments import (
+    load_run_datasets,
+    start_run,
     apply_learning_rate,
     describe_data,
     load_pretraining_model,
@@ -43,7 +44,6 @@ from hf_simmim.data import (
     check_not_empty,
     collate_fn,
     detect_image_column,
-    load_image_datasets,
 )
 from hf_simmim.model_card import write_model_card
 from hf_simmim.training import (
@@ -64,29 +64,11 @@ logger = logging.getLogger("run_mim")
 
 def main(argv=None):
     model_args, data_args, recipe_args, training_args, given = parse_run_arguments(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not training_args.should_log:
-        logging.getLogger().setLevel(logging.WARNING)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
-
+    start_run(training_args)
     resume_from = prepare_output_dir(training_args, recipe_args, model_args, given)
 
     # ---------------------------------------------------------------- data, checked before anything trains
-    with training_args.main_process_first(desc="loading the dataset"):
-        train_raw, eval_raw = load_image_datasets(
-            data_args.dataset_name,
-            data_args.dataset_config_name,
-            data_args.train_dir,
-            data_args.validation_dir,
-            data_args.validation_split_percentage,
-            seed=training_args.seed,
-            cache_dir=model_args.cache_dir,
-        )
-    if data_args.max_train_samples is not None:
-        train_raw = train_raw.select(range(min(data_args.max_train_samples, len(train_raw))))
-    if eval_raw is not None and data_args.max_eval_samples is not None:
-        eval_raw = eval_raw.select(range(min(data_args.max_eval_samples, len(eval_raw))))
+    train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir)
     if eval_raw is not None and len(eval_raw) == 0:
         logger.warning("The validation split is empty: training without evaluation.")
         eval_raw = None

@@ -231,6 +231,41 @@ def parse_run_arguments(argv=None):
     return model_args, data_args, recipe_args, training_args, given
 
 
+def start_run(training_args):
+    """Logging as the examples want it (INFO on the main process, warnings elsewhere) and the run's seed."""
+    import transformers
+    from transformers.trainer_utils import set_seed
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not training_args.should_log:
+        logging.getLogger().setLevel(logging.WARNING)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+
+def load_run_datasets(data_args, training_args, cache_dir=None):
+    """`(train, validation)` of a run from its data arguments (the main process loads first; the others reuse
+    its cache), cut to `max_eval_samples` (and `max_train_samples` where the run has it)."""
+    from .data import load_image_datasets
+
+    with training_args.main_process_first(desc="loading the dataset"):
+        train, validation = load_image_datasets(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            data_args.train_dir,
+            data_args.validation_dir,
+            data_args.validation_split_percentage,
+            seed=training_args.seed,
+            cache_dir=cache_dir,
+        )
+    max_train = getattr(data_args, "max_train_samples", None)
+    if max_train is not None:
+        train = train.select(range(min(max_train, len(train))))
+    if validation is not None and data_args.max_eval_samples is not None:
+        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    return train, validation
+
+
 def describe_data(data_args, train, validation, image_column):
     """One sentence on a run's data, for the log and the model card."""
     if data_args.dataset_name:
