@@ -227,3 +227,15 @@ def test_config_overrides_refuse_unknown_fields():
     assert parsed == dict(mask_ratio=0.5, window_size=7, num_labels=3)
     with pytest.raises(ValueError, match="mask_rato is not a SimMIMConfig field.*mask_ratio"):
         _parse_overrides("mask_rato=0.5")
+
+
+@pytest.mark.parametrize("model_class", ["SimMIMModel", "SimMIMForMaskedImageModeling", "SimMIMForImageClassification"])
+def test_misspelt_forward_arguments_are_refused(model_class):
+    import hf_simmim
+
+    model = getattr(hf_simmim, model_class)(hf_simmim.SimMIMConfig.from_preset("vit-tiny-test", num_labels=2))
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="unexpected arguments \\['bool_mask_pos'\\]"):
+        model(pixel_values, bool_mask_pos=torch.zeros(1, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(pixel_values, output_attentions=True)

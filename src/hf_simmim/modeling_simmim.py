@@ -197,6 +197,21 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _check_extra_arguments(self, kwargs, ignored=()):
+        """Refuse misspelt or unsupported forward arguments instead of silently ignoring them."""
+        if kwargs.pop("output_attentions", None):
+            raise ValueError(
+                "output_attentions=True is not supported: attention runs through scaled_dot_product_attention, "
+                "which does not return attention weights."
+            )
+        unknown = sorted(name for name in kwargs if name not in ignored)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}.forward got unexpected arguments {unknown}: it takes pixel_values"
+                + (", bool_masked_pos" if not isinstance(self, SimMIMForImageClassification) else ", labels")
+                + ", output_hidden_states and return_dict."
+            )
+
     def _check_inputs(self, pixel_values, bool_masked_pos):
         check_pixel_values(pixel_values, self.config)
         if bool_masked_pos is not None:
@@ -245,6 +260,7 @@ class SimMIMModel(SimMIMPreTrainedModel):
         return_dict=None,
         **kwargs,
     ):
+        self._check_extra_arguments(kwargs)
         mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -284,6 +300,8 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         return_dict=None,
         **kwargs,
     ):
+        # `labels` may come along in batches built from labelled datasets; pretraining has no use for them.
+        self._check_extra_arguments(kwargs, ignored=("labels",))
         mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
         outputs = self.simmim(
             pixel_values, bool_masked_pos=mask_grid, output_hidden_states=output_hidden_states, return_dict=True
@@ -327,6 +345,7 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+        self._check_extra_arguments(kwargs)
         outputs = self.simmim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
         loss = None
