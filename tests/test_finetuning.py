@@ -213,3 +213,29 @@ def test_vit_loaded_at_another_image_size_interpolates_cls_rows_intact(tmp_path)
     expected = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False).reshape(64, -1).T
     assert torch.allclose(new_pos[0, 1:], expected, atol=1e-6)
     assert model(torch.randn(1, 3, 64, 64)).logits.shape == (1, 2)
+
+
+def test_shared_table_seeds_per_block_tables_as_official_vit_finetuning(tmp_path):
+    config = SimMIMConfig.from_preset("vit-tiny-test")  # shared table, as the official ViT pretraining
+    torch.manual_seed(0)
+    source = SimMIMForMaskedImageModeling(config)
+    with torch.no_grad():
+        source.simmim.encoder.rel_pos_bias.relative_position_bias_table.normal_()
+    source.save_pretrained(tmp_path)
+    shared = source.simmim.encoder.rel_pos_bias.relative_position_bias_table
+    model, info = SimMIMForImageClassification.from_pretrained(
+        tmp_path, num_labels=2, use_relative_position_bias=True, use_shared_relative_position_bias=False,
+        output_loading_info=True,
+    )
+    assert model.simmim.encoder.rel_pos_bias is None
+    for block in model.simmim.encoder.blocks:
+        assert torch.equal(block.rel_pos_bias.relative_position_bias_table, shared)
+    assert not any("rel_pos_bias" in key for key in info["missing_keys"] | info["unexpected_keys"])
+    # the same function as the pretrained encoder with its shared table (the classifier head aside)
+    x = torch.randn(2, 3, 32, 32)
+    pretrained = SimMIMForImageClassification.from_pretrained(tmp_path, num_labels=2).eval()
+    model.eval()
+    with torch.no_grad():
+        a = model.simmim(x, output_hidden_states=True).hidden_states[-1]
+        b = pretrained.simmim(x, output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(a, b, atol=1e-5)

@@ -49,6 +49,8 @@ def test_finetune_from_pretrained_reports_accuracy_and_card(pretrained, tmp_path
     assert "top1" in card.text and "layer-wise decay 0.65" in card.text
     model = SimMIMForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 10 and model.config.id2label[0] == "airplane"
+    # the official ViT fine-tuning: per-block relative position tables, each started from the shared one
+    assert model.config.use_relative_position_bias and not model.config.use_shared_relative_position_bias
     # the encoder started from the checkpoint, not from scratch: the patch embedding moved only a little
     source = SimMIMForMaskedImageModeling.from_pretrained(pretrained).simmim.encoder.patch_embed.proj.weight
     tuned = model.simmim.encoder.patch_embed.proj.weight

@@ -32,6 +32,13 @@ class FineTuneModelArguments:
     )
     mode: str = field(default="finetune", metadata={"help": f"One of {MODES}."})
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth while fine-tuning (official 0.1)."})
+    per_block_relative_position_bias: bool = field(
+        default=True,
+        metadata={
+            "help": "ViT with a shared relative position table: give each block its own table, started from the "
+            "shared one (the official fine-tuning), so layer-wise decay applies to it per block."
+        },
+    )
     layer_decay: float | None = field(
         default=None, metadata={"help": "Layer-wise lr decay (default: 0.65 ViT, 0.9 Swin, as the official configs)."}
     )
@@ -137,6 +144,16 @@ def load_classification_model(model_args, num_labels, id2label=None, eval_crop_p
     from .modeling_simmim import SimMIMForImageClassification
 
     overrides = {"drop_path_rate": model_args.drop_path_rate, **_parse_overrides(model_args.config_overrides)}
+    if model_args.per_block_relative_position_bias and not {
+        "use_relative_position_bias", "use_shared_relative_position_bias"
+    } & set(overrides):
+        base = (
+            SimMIMConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+            if model_args.model_name_or_path
+            else SimMIMConfig.from_preset(model_args.preset)
+        )
+        if base.backbone == "vit" and base.use_shared_relative_position_bias:
+            overrides.update(use_relative_position_bias=True, use_shared_relative_position_bias=False)
     labels = {"num_labels": num_labels}
     if id2label:
         labels.update(id2label=dict(id2label), label2id={name: i for i, name in id2label.items()})

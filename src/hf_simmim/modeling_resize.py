@@ -1,18 +1,22 @@
 """Resizing position tables when a checkpoint is loaded at another window or image size (e.g. Swin pretrained with
 window 6 at 192 px, fine-tuned with window 7 at 224 px): relative position bias tables and absolute position
 embeddings are interpolated bicubically. For Swin this is what the official fine-tuning code does; for ViT the
-official code fits a geometric-progression cubic (scipy) instead, and copies the shared table into per-block
-tables, which this package does not (the shared table stays shared)."""
+official code fits a geometric-progression cubic (scipy) instead. As the official ViT fine-tuning, a model built with
+per-block tables (`use_relative_position_bias=True, use_shared_relative_position_bias=False`) starts every block
+from a checkpoint's shared table (`load_shared_table_into_blocks`)."""
 
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
 RESIZABLE_SUFFIXES = ("relative_position_bias_table", "pos_embed", "absolute_pos_embed")
+SHARED_TABLE = re.compile(r"(^|\.)encoder\.rel_pos_bias\.relative_position_bias_table$")
+PER_BLOCK_TABLE = re.compile(r"(^|\.)encoder\.blocks\.\d+\.rel_pos_bias\.relative_position_bias_table$")
 
 
 def is_resizable(key):
@@ -78,3 +82,16 @@ def load_resized_position_tables(model, mismatched, path, **hub_kwargs):
         target = parameters[key]
         with torch.no_grad():
             target.copy_(resize_position_table(key, tensors[suffix], tuple(target.shape)))
+
+
+def load_shared_table_into_blocks(model, per_block_keys, path, **hub_kwargs):
+    """Copy a checkpoint's shared ViT relative position table into each block's own table (resized if the
+    image size differs), as the official fine-tuning does (`remap_pretrained_keys_vit`)."""
+    suffix = "encoder.rel_pos_bias.relative_position_bias_table"
+    shared = read_tensors(checkpoint_files(os.fspath(path), **hub_kwargs), {suffix})[suffix]
+    parameters = dict(model.named_parameters())
+    for key in per_block_keys:
+        target = parameters[key]
+        value = shared if shared.shape == target.shape else resize_position_table(key, shared, tuple(target.shape))
+        with torch.no_grad():
+            target.copy_(value)

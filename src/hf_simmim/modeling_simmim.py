@@ -21,7 +21,13 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_simmim import SimMIMConfig
-from .modeling_resize import is_resizable, load_resized_position_tables
+from .modeling_resize import (
+    PER_BLOCK_TABLE,
+    SHARED_TABLE,
+    is_resizable,
+    load_resized_position_tables,
+    load_shared_table_into_blocks,
+)
 from .modeling_swin import (
     SwinBlock,
     SwinTransformer,
@@ -165,7 +171,8 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """As transformers' `from_pretrained`, plus: position tables saved at another window or image size
-        (e.g. `window_size=7` for a checkpoint pretrained with 6) are interpolated instead of refused."""
+        (e.g. `window_size=7` for a checkpoint pretrained with 6) are interpolated instead of refused, and a ViT
+        built with per-block relative position bias starts each block from a checkpoint's shared table."""
         want_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         model, info = super().from_pretrained(
@@ -185,10 +192,16 @@ class SimMIMPreTrainedModel(PreTrainedModel):
                 + (f" and {len(others) - 4} more" if len(others) > 4 else "")
                 + ". Fix the config overrides, or pass ignore_mismatched_sizes=True to re-initialise them."
             )
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
         if resizable:
-            hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
             load_resized_position_tables(model, resizable, pretrained_model_name_or_path, **hub_kwargs)
             info["mismatched_keys"] = set(others)
+        per_block = sorted(key for key in info["missing_keys"] if PER_BLOCK_TABLE.search(key))
+        if per_block and any(SHARED_TABLE.search(key) for key in info["unexpected_keys"]):
+            # As the official ViT fine-tuning: every block starts from the pretrained shared table.
+            load_shared_table_into_blocks(model, per_block, pretrained_model_name_or_path, **hub_kwargs)
+            info["missing_keys"] -= set(per_block)
+            info["unexpected_keys"] = {key for key in info["unexpected_keys"] if not SHARED_TABLE.search(key)}
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
