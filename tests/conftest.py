@@ -4,6 +4,7 @@ The shared folder sits beside the checkout (`<repo>/../shared`). Without it, the
 on a developer machine, but fail under CI (`CI` set), so CI can never silently skip the parity checks.
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -18,6 +19,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 OFFICIAL_FIXTURES_DIR = SHARED_DIR / "fixtures" / "official_simmim"
 CIFAR10_SMALL_DIR = SHARED_DIR / "data" / "cifar10-small"
+
+
+def load_script(relative_path):
+    """Import a script of the repository (`examples/run_mim.py`, `benchmarks/throughput.py`, ...) as a module."""
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def running_in_ci():

@@ -1,19 +1,14 @@
 """benchmarks/throughput.py in its tiny CPU form produces its table (speed is not asserted)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/throughput.py")
 
 
 def test_throughput_tiny_cpu_table(tmp_path, capsys):
@@ -39,9 +34,7 @@ def test_throughput_tiny_cpu_table(tmp_path, capsys):
 
 
 def test_quality_benchmark_smoke_runs_the_package_paths(tmp_path, cifar10_small_dir):
-    spec = importlib.util.spec_from_file_location("quality_cifar10", ROOT / "benchmarks" / "quality_cifar10.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/quality_cifar10.py")
     summary = module.main(["--smoke", "--data_dir", str(cifar10_small_dir), "--output_dir", str(tmp_path)])
     assert 0.0 <= summary["top1_pretrained"] <= 1.0 and 0.0 <= summary["top1_scratch"] <= 1.0
     pretrained = json.loads((tmp_path / "finetune-pretrained" / "all_results.json").read_text())["eval_top1"]

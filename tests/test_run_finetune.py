@@ -1,8 +1,6 @@
 """examples/run_finetune.py end to end on the bundled sample (tiny model, a few steps), and its refusals."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -13,14 +11,11 @@ from huggingface_hub import ModelCard
 from hf_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling, SimMIMImageProcessor
 from hf_simmim.data import label_names, select_per_class
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("run_finetune", ROOT / "examples" / "run_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/run_finetune.py")
 
 
 @pytest.fixture(scope="module")

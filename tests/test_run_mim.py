@@ -1,7 +1,6 @@
 """End to end: `examples/run_mim.py` as a user runs it (in-process through `main(argv)`, or as a subprocess where
 a process must be killed or launched twice by accelerate)."""
 
-import importlib.util
 import io
 import json
 import os
@@ -15,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "run_mim.py"
@@ -40,10 +41,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def run_mim():
-    spec = importlib.util.spec_from_file_location("run_mim", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/run_mim.py")
 
 
 def png_bytes(size=(32, 32), colour=(200, 30, 30)):

@@ -149,10 +149,6 @@ class SimMIMConfig(PreTrainedConfig):
         return self.grid_size**2
 
     @property
-    def num_stages(self):
-        return len(self.depths) if self.backbone == "swin" else 1
-
-    @property
     def feature_grid_size(self):
         """Side of the encoder's final feature map (what the decoder sees)."""
         return self.image_size // self.encoder_stride
