@@ -44,3 +44,23 @@ def test_quality_benchmark_smoke_runs_the_package_paths(tmp_path, cifar10_small_
     for run in ("pretrain", "finetune-pretrained", "finetune-scratch"):
         assert (tmp_path / run / "model.safetensors").is_file()
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_data_pipeline_benchmark_table(tmp_path, capsys):
+    """benchmarks/data_pipeline.py measures the training data path (generated JPEGs, DataLoader with 0 and 1
+    workers) and prints its table; speed is not asserted."""
+    benchmark = load_script("benchmarks/data_pipeline.py")
+    out = tmp_path / "data.json"
+    result = benchmark.main([
+        "--preset", "vit-tiny-test", "--num_images", "48", "--image_width", "96", "--image_height", "72",
+        "--batch_size", "8", "--workers", "0,1", "--work_dir", str(tmp_path / "jpegs"), "--json", str(out),
+    ])
+    printed = capsys.readouterr().out
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 48
+    assert set(result["loader_images_per_s"]) == {"0", "1"} and all(v > 0 for v in result["loader_images_per_s"].values())
+    assert set(result["stage_ms"]) == {"open", "decode+crop+resize", "flip+normalise", "mask"}
+    assert result["transform_images_per_s_one_process"] > 0 and result["image_size"] == 32
+    assert "DataLoader workers" in printed and "images/s" in printed
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    with pytest.raises(SystemExit):
+        benchmark.main(["--workers", "two"])

@@ -16,8 +16,11 @@ from hf_simmim.data import SimMIMTransform, collate_fn
 from hf_simmim.image_transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    random_resized_crop,
     random_resized_crop_box,
+    reduce_on_decode,
     resize_center_crop,
+    to_normalized_array,
     to_rgb,
 )
 
@@ -173,6 +176,93 @@ def test_resize_center_crop_drops_the_border():
     assert (out == (0, 0, 255)).all()
 
 
+def test_to_normalized_array_is_the_textbook_formula():
+    array = np.random.RandomState(0).randint(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = to_normalized_array(Image.fromarray(array), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    expected = ((array / 255.0 - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)).transpose(2, 0, 1)
+    assert out.dtype == np.float32 and out.shape == (3, 5, 7) and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6)
+
+
+def smooth_photo(width, height):
+    """A smooth RGB image (gradients and a disc), so a decode at reduced scale is close to a full one."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    disc = ((x - width / 3) ** 2 + (y - height / 2) ** 2 < (height / 4) ** 2) * 80
+    array = np.stack([255 * x / width, 255 * y / height, 128 + disc - 40], axis=-1)
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def jpeg_file(image, quality=95):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_reduce_on_decode_keeps_the_crop_at_least_the_output_size():
+    data = jpeg_file(smooth_photo(1200, 900))
+    box = (100, 50, 1000, 650)  # 900 x 600: may shrink by up to 600 / 64 -> libjpeg's 1/8
+    image, reduced_box = reduce_on_decode(Image.open(io.BytesIO(data)), box, 64)
+    assert image.size == (150, 113)  # decoded at 1/8 scale (ceil(900 / 8) rows)
+    np.testing.assert_allclose(reduced_box, (12.5, 6.25, 125.0, 81.25))
+    assert min(reduced_box[2] - reduced_box[0], reduced_box[3] - reduced_box[1]) >= 64
+    image, reduced_box = reduce_on_decode(Image.open(io.BytesIO(data)), box, 224)  # 600 / 224: at most 1/2
+    assert image.size == (600, 450) and reduced_box == (50.0, 25.0, 500.0, 325.0)
+    # A crop under twice the output size, a decoded JPEG, and a PNG are left alone.
+    for source, small_box in ((Image.open(io.BytesIO(data)), (0, 0, 400, 400)), (Image.open(io.BytesIO(data)), box)):
+        if small_box == box:
+            source.load()
+        image, same = reduce_on_decode(source, small_box, 224)
+        assert image.size == (1200, 900) and same == small_box
+    png = Image.open(io.BytesIO(png_bytes(np.asarray(smooth_photo(1200, 900)))))
+    assert reduce_on_decode(png, box, 64) == (png, box)
+
+
+def test_random_resized_crop_from_a_reduced_jpeg_matches_a_full_decode():
+    data = jpeg_file(smooth_photo(1600, 1200))
+    lazy = random_resized_crop(Image.open(io.BytesIO(data)), 96, rng=random.Random(3))
+    full_image = Image.open(io.BytesIO(data))
+    full_image.load()  # decoded in full: no reduction
+    full = random_resized_crop(full_image, 96, rng=random.Random(3))
+    assert lazy.size == full.size == (96, 96) and lazy.mode == "RGB"
+    difference = np.abs(np.asarray(lazy, dtype=int) - np.asarray(full, dtype=int))
+    assert difference.mean() < 2.0 and np.percentile(difference, 99) <= 8
+
+
+def test_training_crop_uses_the_processors_resampling_filter():
+    """Pretraining crops bilinearly (torchvision's default, used by the official pretraining); a processor set to
+    bicubic (fine-tuning) crops bicubically; evaluation resizes with `resample`."""
+    rng = np.random.RandomState(1)
+    image = Image.fromarray(rng.randint(0, 256, (50, 60, 3), dtype=np.uint8))
+    processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
+    assert processor.train_resample == Image.BILINEAR and processor.resample == Image.BICUBIC
+
+    def transformed(proc):
+        transform = SimMIMTransform(proc, train=True, with_mask=False, rng=random.Random(5))
+        return transform({"image": [image]})["pixel_values"][0]
+
+    rng_check = random.Random(5)
+    random_resized_crop_box(60, 50, rng=rng_check)
+    flipped = rng_check.random() < 0.5  # the transform draws the crop, then the flip, from its rng
+
+    def expected(resample):
+        crop = random_resized_crop(image, 32, rng=random.Random(5), resample=resample)
+        return to_normalized_array(crop.transpose(Image.FLIP_LEFT_RIGHT) if flipped else crop)
+
+    np.testing.assert_array_equal(transformed(processor), expected(Image.BILINEAR))
+    bicubic = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"), train_resample="bicubic")
+    np.testing.assert_array_equal(transformed(bicubic), expected(Image.BICUBIC))
+    assert not np.array_equal(expected(Image.BICUBIC), expected(Image.BILINEAR))
+    nearest = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"), resample=0)
+    np.testing.assert_array_equal(
+        nearest(image)["pixel_values"][0].numpy(),
+        to_normalized_array(resize_center_crop(image, 32, resample=Image.NEAREST)),
+    )
+    with pytest.raises(ValueError, match="train_resample=9 is not a PIL resampling filter"):
+        SimMIMImageProcessor(train_resample=9)
+    with pytest.raises(ValueError, match="resample='cubic'"):
+        SimMIMImageProcessor(resample="cubic")
+
+
 # ---------------------------------------------------------------------------------------------- processor
 def test_image_processor_normalises_a_constant_image_exactly():
     processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
@@ -278,13 +368,18 @@ def test_map_with_mask_seed_gives_fixed_masks_independent_of_batch_size(processo
 
 def test_corrupt_images_are_counted_and_dropped(processor):
     good = png_bytes(np.zeros((32, 32, 3), dtype=np.uint8))
-    corrupt = [{"bytes": b"definitely not an image", "path": None}, {"bytes": good[: len(good) // 2], "path": None}]
+    jpeg = jpeg_file(smooth_photo(400, 300))  # training decodes lazily: a truncated JPEG fails in the crop
+    corrupt = [
+        {"bytes": b"definitely not an image", "path": None},
+        {"bytes": good[: len(good) // 2], "path": None},
+        {"bytes": jpeg[: len(jpeg) // 2], "path": None},
+    ]
     dataset = image_dataset(2, decode=False, extra_cells=corrupt)
     transform = SimMIMTransform(processor, train=True)
     dataset.set_transform(transform)
-    rows = [dataset[i] for i in range(4)]
-    assert [row["pixel_values"] is None for row in rows] == [False, False, True, True]
-    assert transform.skipped.count == 2
+    rows = [dataset[i] for i in range(5)]
+    assert [row["pixel_values"] is None for row in rows] == [False, False, True, True, True]
+    assert transform.skipped.count == 3
     batch = collate_fn(rows)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["bool_masked_pos"].shape == (2, 8, 8)

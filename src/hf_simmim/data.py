@@ -32,9 +32,10 @@ from .image_transforms import random_horizontal_flip, random_resized_crop, resiz
 logger = logging.getLogger(__name__)
 
 
-def decode_image(value):
+def decode_image(value, lazy=False):
     """A dataset cell -> PIL image: a PIL image, `{"bytes": ..., "path": ...}` (an undecoded `datasets.Image`),
-    raw bytes, or a file path."""
+    raw bytes, or a file path. Decoded at once (a truncated file fails here), unless `lazy`: then only the header
+    is read, so the training crop can have a JPEG decoded at reduced scale (`reduce_on_decode`)."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):
@@ -52,7 +53,8 @@ def decode_image(value):
         return Image.fromarray(value)
     else:
         raise TypeError(f"cannot read an image from {type(value).__name__}")
-    image.load()  # decode now, so a truncated file fails here and not later
+    if not lazy:
+        image.load()  # decode now, so a truncated file fails here and not later
     return image
 
 
@@ -117,13 +119,14 @@ class SimMIMTransform:
         self.skipped = skipped if skipped is not None else SkippedImages()
 
     def image_to_array(self, image):
-        image = to_rgb(image)
         p = self.processor
         if self.train:
-            image = random_resized_crop(image, p.image_size, tuple(p.crop_scale), tuple(p.crop_ratio), self.rng)
+            image = random_resized_crop(
+                image, p.image_size, tuple(p.crop_scale), tuple(p.crop_ratio), self.rng, p.train_resample
+            )
             image = random_horizontal_flip(image, p.hflip_prob, self.rng)
         else:
-            image = resize_center_crop(image, p.image_size, p.crop_pct)
+            image = resize_center_crop(to_rgb(image), p.image_size, p.crop_pct, p.resample)
         return to_normalized_array(image, p.image_mean, p.image_std)
 
     def _mask(self, index):
@@ -140,7 +143,7 @@ class SimMIMTransform:
         pixel_values, masks = [], []
         for position, cell in enumerate(examples[self.image_column]):
             try:
-                array = self.image_to_array(decode_image(cell))
+                array = self.image_to_array(decode_image(cell, lazy=self.train))
             except Exception as error:  # a corrupt or unreadable image must never stop an epoch
                 self.skipped.add()
                 where = cell.get("path") if isinstance(cell, dict) and cell.get("path") else f"batch position {position}"

@@ -7,11 +7,25 @@ directly. It also records the training augmentation of the paper so a run can be
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_center_crop, to_normalized_array, to_rgb
 from .masking import SimMIMMaskGenerator
+
+
+RESAMPLING_FILTERS = {int(f): f.name.lower() for f in Image.Resampling}
+
+
+def _resampling_filter(name, value):
+    """A PIL resampling filter given as its number (as `preprocessor_config.json` stores it) or name."""
+    if isinstance(value, str) and value.upper() in Image.Resampling.__members__:
+        return int(Image.Resampling[value.upper()])
+    if not isinstance(value, bool) and isinstance(value, int) and value in RESAMPLING_FILTERS:
+        return int(value)
+    choices = ", ".join(f"{number} ({label})" for number, label in sorted(RESAMPLING_FILTERS.items()))
+    raise ValueError(f"{name}={value!r} is not a PIL resampling filter: use one of {choices}.")
 
 
 class SimMIMImageProcessor(BaseImageProcessor):
@@ -29,6 +43,8 @@ class SimMIMImageProcessor(BaseImageProcessor):
         crop_scale=(0.67, 1.0),
         crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
         hflip_prob=0.5,
+        resample=Image.BICUBIC,
+        train_resample=Image.BILINEAR,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -44,6 +60,11 @@ class SimMIMImageProcessor(BaseImageProcessor):
         self.crop_scale = list(crop_scale)
         self.crop_ratio = list(crop_ratio)
         self.hflip_prob = hflip_prob
+        # PIL resampling filters: `resample` for the evaluation resize (bicubic, as timm and the official
+        # evaluation), `train_resample` for the training RandomResizedCrop (bilinear, torchvision's default, which
+        # the official pretraining uses; fine-tuning sets bicubic, as the official fine-tuning).
+        self.resample = _resampling_filter("resample", resample)
+        self.train_resample = _resampling_filter("train_resample", train_resample)
 
     @classmethod
     def from_model_config(cls, config, **kwargs):
@@ -61,7 +82,7 @@ class SimMIMImageProcessor(BaseImageProcessor):
 
     def preprocess_image(self, image):
         """One image (any PIL mode or HWC array) -> normalised float32 CHW array of the model's size."""
-        image = resize_center_crop(to_rgb(image), self.image_size, self.crop_pct)
+        image = resize_center_crop(to_rgb(image), self.image_size, self.crop_pct, self.resample)
         return to_normalized_array(image, self.image_mean, self.image_std)
 
     def __call__(self, images, **kwargs):

@@ -13,6 +13,8 @@ from importlib import resources
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .image_processing_simmim import RESAMPLING_FILTERS
+
 TEMPLATE = "simmim_pretraining.md"
 TAGS = ["simmim", "masked-image-modeling", "self-supervised-learning", "vision", "hf_simmim"]
 
@@ -157,6 +159,7 @@ def trainer_card_values(trainer, run_info):
         "epochs": _fmt(float(state.epoch or 0.0), 3),
         "crop_scale": tuple(getattr(processor, "crop_scale", (0.67, 1.0))),
         "crop_ratio": tuple(round(r, 3) for r in getattr(processor, "crop_ratio", (0.75, 4 / 3))),
+        "crop_resample": RESAMPLING_FILTERS.get(getattr(processor, "train_resample", 2), "bilinear"),
         "seed": args.seed,
         "final_loss": _fmt(_last(state.log_history, "loss")),
         "final_eval_loss": _fmt(_last(state.log_history, "eval_loss")),
