@@ -103,6 +103,8 @@ def main(argv=None):
     out = Path(args.output_dir)
     common = ["--seed", str(args.seed), "--dataloader_num_workers", str(args.workers), "--report_to", "none",
               "--overwrite_output_dir", "--save_strategy", "no"]
+    if args.workers:  # short epochs (8 steps when fine-tuning): keep the workers instead of forking them again
+        common += ["--dataloader_persistent_workers", "true"]
     if args.smoke:
         common += ["--max_steps", "3"]
     timings = {}

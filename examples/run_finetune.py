@@ -96,7 +96,9 @@ def main(argv=None):
     check_image_dataset(eval_raw, image_column, 1, "validation")
 
     model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)), data_args.eval_crop_pct)
-    layer_decay = model_args.layer_decay or DEFAULT_LAYER_DECAY[model.config.backbone]
+    layer_decay = model_args.layer_decay
+    if layer_decay is None:  # decay protects pretrained lower layers; from scratch there is nothing to protect
+        layer_decay = 1.0 if model_args.from_scratch else DEFAULT_LAYER_DECAY[model.config.backbone]
     keep = (label_column,)
     train_dataset = undecoded(train_raw, image_column).with_transform(
         SimMIMTransform(processor, train=model_args.mode == "finetune", image_column=image_column, with_mask=False, keep_columns=keep)

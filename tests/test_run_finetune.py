@@ -58,6 +58,9 @@ def test_from_scratch_baseline_does_not_load_weights(pretrained, tmp_path):
     model = SimMIMForImageClassification.from_pretrained(out)
     source = SimMIMForMaskedImageModeling.from_pretrained(pretrained).simmim.encoder.patch_embed.proj.weight
     assert (model.simmim.encoder.patch_embed.proj.weight - source).norm() > 0.5 * source.norm()
+    # the baseline trains every layer at the full rate (no layer-wise decay) and crops bicubically, as fine-tuning
+    assert "layer-wise decay 1.0" in ModelCard.load(out / "README.md").text
+    assert SimMIMImageProcessor.from_pretrained(out).train_resample == 3
 
 
 @pytest.mark.parametrize("mode", ["linear_probe", "knn"])

@@ -5,6 +5,7 @@ recipe, and `transformers.TrainingArguments` with the official fine-tuning defau
 import os
 from dataclasses import dataclass, field
 
+from PIL import Image
 from transformers import HfArgumentParser, TrainingArguments
 
 from .arguments import parse_with_defaults, simmim_training_defaults
@@ -40,7 +41,11 @@ class FineTuneModelArguments:
         },
     )
     layer_decay: float | None = field(
-        default=None, metadata={"help": "Layer-wise lr decay (default: 0.65 ViT, 0.9 Swin, as the official configs)."}
+        default=None,
+        metadata={
+            "help": "Layer-wise lr decay (default: 0.65 ViT, 0.9 Swin, as the official configs; 1.0, i.e. none, "
+            "with --from_scratch, so the baseline's lower layers train at the full rate)."
+        },
     )
     probe_block: int | None = field(
         default=None, metadata={"help": "linear_probe / knn: features after this many blocks (ViT) or stages (Swin); default the last."}
@@ -179,4 +184,5 @@ def load_classification_model(model_args, num_labels, id2label=None, eval_crop_p
     processor.image_size = model.config.image_size  # fine-tuning may change the resolution
     processor.patch_size = model.config.patch_size
     processor.crop_pct = eval_crop_pct
+    processor.train_resample = int(Image.BICUBIC)  # the official fine-tuning crops bicubically (timm)
     return model, processor
