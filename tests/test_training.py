@@ -413,6 +413,23 @@ def test_use_cpu_is_set_where_there_is_no_accelerator(monkeypatch):
     assert simmim_training_defaults()["use_cpu"] is False
 
 
+def test_dataloader_workers_default_to_the_cpus_of_each_local_process(monkeypatch):
+    import hf_simmim.arguments as arguments
+
+    monkeypatch.setattr(arguments.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: False)
+    assert simmim_training_defaults()["dataloader_num_workers"] == 0  # laptop: decode in the main process
+    monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert simmim_training_defaults()["dataloader_num_workers"] == 8  # one GPU, 16 CPUs: capped at 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert simmim_training_defaults()["dataloader_num_workers"] == 3  # 16 CPUs / 4 processes, less one each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert simmim_training_defaults()["dataloader_num_workers"] == 0
+    args = parse_run_arguments(["--dataloader_num_workers", "2"])[3]
+    assert args.dataloader_num_workers == 2  # the command line wins
+
+
 def test_model_from_preset_config_file_or_checkpoint(tmp_path):
     model, processor = load_pretraining_model(_model_args(preset="swin-tiny-test", config_overrides="mask_ratio=0.5"))
     assert model.config.backbone == "swin" and model.config.mask_ratio == 0.5 and processor.mask_ratio == 0.5

@@ -148,6 +148,20 @@ def accelerator_available():
     return False
 
 
+def default_dataloader_workers():
+    """DataLoader workers per process when none are asked for: 0 without an accelerator (the laptop run decodes in
+    the main process), else the CPUs each local process may use, less one for the process itself, at most 8 (each
+    GPU waits on image decoding otherwise; see benchmarks/data_pipeline.py)."""
+    if not accelerator_available():
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(8, cpus // local_processes - 1))
+
+
 def simmim_training_defaults():
     """`TrainingArguments` defaults of a SimMIM run (flags given on the command line override them)."""
     try:
@@ -157,6 +171,7 @@ def simmim_training_defaults():
     except ImportError:
         report_to = "none"
     bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    workers = default_dataloader_workers()
     return {
         "output_dir": DEFAULT_OUTPUT_DIR,
         "per_device_train_batch_size": 64,
@@ -175,7 +190,7 @@ def simmim_training_defaults():
         "report_to": report_to,
         "bf16": bf16,
         "use_cpu": not accelerator_available(),
-        "dataloader_num_workers": 0,
+        "dataloader_num_workers": workers,
         "ddp_find_unused_parameters": False,  # every parameter takes part in the SimMIM loss
         "remove_unused_columns": False,
         "label_names": ["bool_masked_pos"],
