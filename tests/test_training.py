@@ -421,11 +421,14 @@ def test_dataloader_workers_default_to_the_cpus_of_each_local_process(monkeypatc
     assert simmim_training_defaults()["dataloader_num_workers"] == 0  # laptop: decode in the main process
     monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert simmim_training_defaults()["dataloader_num_workers"] == 8  # one GPU, 16 CPUs: capped at 8
+    assert simmim_training_defaults()["dataloader_num_workers"] == 15  # one GPU, 16 CPUs: all but one
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert simmim_training_defaults()["dataloader_num_workers"] == 3  # 16 CPUs / 4 processes, less one each
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert simmim_training_defaults()["dataloader_num_workers"] == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(arguments.os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    assert simmim_training_defaults()["dataloader_num_workers"] == 16  # capped
     args = parse_run_arguments(["--dataloader_num_workers", "2"])[3]
     assert args.dataloader_num_workers == 2  # the command line wins
 

@@ -150,8 +150,9 @@ def accelerator_available():
 
 def default_dataloader_workers():
     """DataLoader workers per process when none are asked for: 0 without an accelerator (the laptop run decodes in
-    the main process), else the CPUs each local process may use, less one for the process itself, at most 8 (each
-    GPU waits on image decoding otherwise; see benchmarks/data_pipeline.py)."""
+    the main process), else the CPUs each local process may use, less one for the process itself, at most 16: a
+    ViT-B/16 step at 224 px takes thousands of images/s, and one CPU decodes and crops a few hundred (measure yours
+    with benchmarks/data_pipeline.py)."""
     if not accelerator_available():
         return 0
     try:
@@ -159,7 +160,7 @@ def default_dataloader_workers():
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(0, min(8, cpus // local_processes - 1))
+    return max(0, min(16, cpus // local_processes - 1))
 
 
 def simmim_training_defaults():
