@@ -96,6 +96,7 @@ def main(argv=None):
     check_image_dataset(eval_raw, image_column, 1, "validation")
 
     model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)), data_args.eval_crop_pct)
+    processor.rand_augment, processor.random_erasing = recipe_args.rand_augment, recipe_args.random_erasing
     layer_decay = model_args.layer_decay
     if layer_decay is None:  # decay protects pretrained lower layers; from scratch there is nothing to protect
         layer_decay = 1.0 if model_args.from_scratch else DEFAULT_LAYER_DECAY[model.config.backbone]

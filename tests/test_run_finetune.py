@@ -42,6 +42,9 @@ def test_finetune_from_pretrained_reports_accuracy_and_card(pretrained, tmp_path
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "image-classification"
     assert "top1" in card.text and "layer-wise decay 0.65" in card.text
+    assert "RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25" in card.text  # the official augmentation
+    processor = SimMIMImageProcessor.from_pretrained(out)
+    assert (processor.rand_augment, processor.random_erasing, processor.train_resample) == ("rand-m9-mstd0.5-inc1", 0.25, 3)
     model = SimMIMForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 10 and model.config.id2label[0] == "airplane"
     # the official ViT fine-tuning: per-block relative position tables, each started from the shared one
@@ -81,6 +84,8 @@ def test_frozen_encoder_modes(pretrained, tmp_path, mode):
         (["--label_fraction", "1.5"], "--label_fraction"),
         (["--samples_per_class", "2", "--label_fraction", "0.5"], "not both"),
         (["--label_column_name", "category"], "'category' is not in the dataset"),
+        (["--rand_augment", "augmix-m5"], "--rand_augment='augmix-m5' must start with 'rand-'"),
+        (["--random_erasing", "2"], "--random_erasing=2.0"),
     ],
 )
 def test_refusals(pretrained, tmp_path, args, message):

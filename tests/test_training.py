@@ -443,6 +443,11 @@ def test_model_from_preset_config_file_or_checkpoint(tmp_path):
     continued, processor = load_pretraining_model(_model_args(model_name_or_path=str(tmp_path / "ckpt")))
     torch.testing.assert_close(continued.decoder[0].weight, model.decoder[0].weight)
     assert processor.image_size == 32  # rebuilt from the config when the checkpoint has none
+    # continuing to pretrain from a fine-tuning checkpoint: its RandAugment / erasing settings are not inherited
+    finetuned = SimMIMImageProcessor.from_model_config(model.config, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25)
+    finetuned.save_pretrained(str(tmp_path / "ckpt"))
+    _, processor = load_pretraining_model(_model_args(model_name_or_path=str(tmp_path / "ckpt")))
+    assert (processor.rand_augment, processor.random_erasing) == (None, 0.0)
     with pytest.raises(ValueError, match="only one of"):
         load_pretraining_model(_model_args(preset="vit-tiny-test", config_file=str(tmp_path / "config.json")))
 

@@ -466,6 +466,7 @@ def load_pretraining_model(model_args):
                 "The checkpoint's image processor does not match its config; rebuilding it from the config."
             )
             processor = SimMIMImageProcessor.from_model_config(model.config)
+        processor.rand_augment, processor.random_erasing = None, 0.0  # SimMIM pretrains with crop and flip only
         return model, processor
     if model_args.config_file:
         config_dict = SimMIMConfig.get_config_dict(model_args.config_file)[0]

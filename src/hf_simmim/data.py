@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .augmentation import RandAugment, random_erasing
 from .image_transforms import random_horizontal_flip, random_resized_crop, resize_center_crop, to_normalized_array, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class SimMIMTransform:
 
     Args:
         image_processor: a `SimMIMImageProcessor` (image size, normalisation, mask and augmentation settings).
-        train: the paper's RandomResizedCrop + horizontal flip; otherwise resize + centre crop.
+        train: the paper's RandomResizedCrop + horizontal flip (then the processor's `rand_augment` and
+            `random_erasing`, set for fine-tuning); otherwise resize + centre crop.
         image_column: the column holding images.
         with_mask: add `bool_masked_pos` (pretraining); off for classification.
         mask_seed: fixed masks: with `map(..., with_indices=True)` each row's mask is seeded by (mask_seed, index),
@@ -125,9 +127,17 @@ class SimMIMTransform:
                 image, p.image_size, tuple(p.crop_scale), tuple(p.crop_ratio), self.rng, p.train_resample
             )
             image = random_horizontal_flip(image, p.hflip_prob, self.rng)
-        else:
-            image = resize_center_crop(to_rgb(image), p.image_size, p.crop_pct, p.resample)
+            if getattr(p, "rand_augment", None):
+                image = self._rand_augment(p.rand_augment)(image, self.rng)
+            array = to_normalized_array(image, p.image_mean, p.image_std)
+            return random_erasing(array, getattr(p, "random_erasing", 0.0), self.rng)
+        image = resize_center_crop(to_rgb(image), p.image_size, p.crop_pct, p.resample)
         return to_normalized_array(image, p.image_mean, p.image_std)
+
+    def _rand_augment(self, spec):
+        if getattr(self, "_policy", None) is None or self._policy.spec != spec:
+            self._policy = RandAugment(spec)
+        return self._policy
 
     def _mask(self, index):
         if self.mask_seed is not None and index is not None:

@@ -9,6 +9,7 @@ from PIL import Image
 from transformers import HfArgumentParser, TrainingArguments
 
 from .arguments import parse_with_defaults, simmim_training_defaults
+from .augmentation import parse_rand_augment
 
 MODES = ("finetune", "linear_probe", "knn")
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "simmim-finetuning")
@@ -97,6 +98,11 @@ class FineTuneRecipeArguments:
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of cutmix when both are on."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing (inside the mixed targets)."})
+    rand_augment: str = field(
+        default="rand-m9-mstd0.5-inc1",
+        metadata={"help": "RandAugment policy in timm's notation (official 'rand-m9-mstd0.5-inc1'); 'none' turns it off."},
+    )
+    random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability (official 0.25; 0 off)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run in --output_dir."})
 
 
@@ -130,6 +136,15 @@ def parse_finetune_arguments(argv=None):
             "--model_name_or_path is required (a SimMIM checkpoint, e.g. the output folder of run_mim.py); for a "
             "from-scratch baseline without a checkpoint pass --from_scratch --preset NAME."
         )
+    if str(recipe_args.rand_augment).lower() in ("none", "", "off", "false"):
+        recipe_args.rand_augment = None
+    if recipe_args.rand_augment is not None:
+        try:
+            parse_rand_augment(recipe_args.rand_augment)
+        except ValueError as error:
+            raise ValueError(f"--{error}") from None
+    if not 0.0 <= recipe_args.random_erasing <= 1.0:
+        raise ValueError(f"--random_erasing={recipe_args.random_erasing} is a probability: give a value in [0, 1].")
     if data_args.samples_per_class is not None and data_args.label_fraction is not None:
         raise ValueError("Give --samples_per_class or --label_fraction, not both.")
     if data_args.label_fraction is not None and not 0.0 < data_args.label_fraction <= 1.0:

@@ -11,6 +11,7 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
+from .augmentation import parse_rand_augment
 from .image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_center_crop, to_normalized_array, to_rgb
 from .masking import SimMIMMaskGenerator
 
@@ -45,6 +46,8 @@ class SimMIMImageProcessor(BaseImageProcessor):
         hflip_prob=0.5,
         resample=Image.BICUBIC,
         train_resample=Image.BILINEAR,
+        rand_augment=None,
+        random_erasing=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -65,6 +68,13 @@ class SimMIMImageProcessor(BaseImageProcessor):
         # the official pretraining uses; fine-tuning sets bicubic, as the official fine-tuning).
         self.resample = _resampling_filter("resample", resample)
         self.train_resample = _resampling_filter("train_resample", train_resample)
+        # fine-tuning only (the official: "rand-m9-mstd0.5-inc1" and 0.25); SimMIM pretraining uses neither
+        if rand_augment is not None:
+            parse_rand_augment(rand_augment)  # refuses a malformed policy now, not in a DataLoader worker
+        if not 0.0 <= random_erasing <= 1.0:
+            raise ValueError(f"random_erasing={random_erasing} is a probability: give a value in [0, 1] (official 0.25).")
+        self.rand_augment = rand_augment
+        self.random_erasing = random_erasing
 
     @classmethod
     def from_model_config(cls, config, **kwargs):

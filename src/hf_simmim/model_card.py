@@ -223,6 +223,11 @@ def finetuning_card_values(trainer, run_info):
         if mixup is not None
         else f"label smoothing {args.label_smoothing_factor}"
     )
+    processor = trainer.processing_class
+    policy, erasing = getattr(processor, "rand_augment", None), getattr(processor, "random_erasing", 0.0)
+    augmentation = ", ".join(
+        [f"RandAugment {policy}"] * bool(policy) + [f"random erasing {erasing}"] * bool(erasing)
+    ) or "no RandAugment or random erasing"
     results = run_info.get("results", {})
     rows = [f"| {key[5:] if key.startswith('eval_') else key} | {_fmt(value)} |" for key, value in results.items()
             if key.startswith("eval_top") or key == "eval_loss"]
@@ -244,6 +249,7 @@ def finetuning_card_values(trainer, run_info):
         "schedule": f"linear warmup over {args.get_warmup_steps(max(state.max_steps, 1))} steps, then cosine",
         "drop_path_rate": config.drop_path_rate,
         "mixing": mixing,
+        "augmentation": augmentation,
         "total_batch_size": total_train_batch_size(args),
         "steps": state.global_step,
         "epochs": _fmt(float(state.epoch or 0.0), 3),
