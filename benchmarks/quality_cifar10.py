@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--samples_per_class", type=int, default=100)
     parser.add_argument("--workers", type=int, default=None, help="dataloader workers (default: 8 on GPU, 0 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain_args", default="", help="more run_mim.py flags, e.g. '--config_overrides mask_ratio=0.5'")
+    parser.add_argument("--finetune_args", default="",
+                        help="more run_finetune.py flags for both fine-tunings, e.g. '--layer_decay 0.75 --rand_augment none'")
     parser.add_argument("--smoke", action="store_true", help="a few steps of a tiny model: checks the path on CPU")
     args = parser.parse_args(argv)
     if args.workers is None:
@@ -118,6 +122,7 @@ def main(argv=None):
     ]
     if args.smoke:
         pretrain += ["--max_train_samples", "64", "--max_eval_samples", "16"]
+    pretrain += shlex.split(args.pretrain_args)
     if _example("run_mim").main(pretrain) != 0:
         raise RuntimeError("pretraining failed")
     timings["pretrain_s"] = time.perf_counter() - start
@@ -135,6 +140,7 @@ def main(argv=None):
         ]
         if args.smoke:
             finetune += ["--max_eval_samples", "64"]
+        finetune += shlex.split(args.finetune_args)
         if _example("run_finetune").main(finetune) != 0:
             raise RuntimeError(f"fine-tuning ({name}) failed")
         timings[f"finetune_{name}_s"] = time.perf_counter() - start
@@ -142,7 +148,9 @@ def main(argv=None):
 
     summary = {
         "protocol": f"{args.preset}: pretrain {args.pretrain_epochs} epochs on {train_files}; fine-tune "
-        f"{args.finetune_epochs} epochs on {args.samples_per_class} labels/class; test on {test_files}",
+        f"{args.finetune_epochs} epochs on {args.samples_per_class} labels/class; test on {test_files}"
+        + "".join(f"; {name} {value!r}" for name, value in (("pretrain_args", args.pretrain_args),
+                                                              ("finetune_args", args.finetune_args)) if value),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "top1_pretrained": results["pretrained"]["eval_top1"],
         "top1_scratch": results["scratch"]["eval_top1"],

@@ -35,7 +35,8 @@ def test_throughput_tiny_cpu_table(tmp_path, capsys):
 
 def test_quality_benchmark_smoke_runs_the_package_paths(tmp_path, cifar10_small_dir):
     module = load_script("benchmarks/quality_cifar10.py")
-    summary = module.main(["--smoke", "--data_dir", str(cifar10_small_dir), "--output_dir", str(tmp_path)])
+    summary = module.main(["--smoke", "--data_dir", str(cifar10_small_dir), "--output_dir", str(tmp_path),
+                           "--finetune_args", "--random_erasing 0.5 --layer_decay 0.8"])
     assert 0.0 <= summary["top1_pretrained"] <= 1.0 and 0.0 <= summary["top1_scratch"] <= 1.0
     pretrained = json.loads((tmp_path / "finetune-pretrained" / "all_results.json").read_text())["eval_top1"]
     scratch = json.loads((tmp_path / "finetune-scratch" / "all_results.json").read_text())["eval_top1"]
@@ -43,6 +44,10 @@ def test_quality_benchmark_smoke_runs_the_package_paths(tmp_path, cifar10_small_
     assert summary["masked_l1"] > 0 and summary["psnr_db"] > 0
     for run in ("pretrain", "finetune-pretrained", "finetune-scratch"):
         assert (tmp_path / run / "model.safetensors").is_file()
+    for run in ("finetune-pretrained", "finetune-scratch"):  # the extra flags reach both fine-tunings
+        assert json.loads((tmp_path / run / "preprocessor_config.json").read_text())["random_erasing"] == 0.5
+        assert "layer-wise decay 0.8" in (tmp_path / run / "README.md").read_text()
+    assert "finetune_args '--random_erasing 0.5 --layer_decay 0.8'" in summary["protocol"]
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
