@@ -23,7 +23,9 @@ def test_vit_layer_decay_groups_match_official_ids_and_scales():
     config = SimMIMConfig.from_preset("vit-tiny-test", num_labels=10)  # 2 blocks: ids 0..3
     model = SimMIMForImageClassification(config)
     d = 0.5
-    groups = _group_of(layer_decay_parameter_groups(model, learning_rate=1e-3, weight_decay=0.05, layer_decay=d))
+    ordered = layer_decay_parameter_groups(model, learning_rate=1e-3, weight_decay=0.05, layer_decay=d)
+    assert ordered[0]["layer_id"] == 3 and ordered[0]["lr"] == 1e-3  # first group (what the Trainer logs): the peak
+    groups = _group_of(ordered)
     assert set(groups) == {n for n, _ in model.named_parameters()}
     expected = {  # name: (layer id, scale = d ** (L + 1 - id), weight decay)
         "simmim.encoder.cls_token": (0, d**3, 0.0),

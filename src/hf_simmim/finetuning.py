@@ -50,7 +50,8 @@ def layer_scales(config, layer_decay):
 
 def layer_decay_parameter_groups(model, learning_rate, weight_decay=0.05, layer_decay=0.9):
     """AdamW parameter groups with per-layer learning rates `learning_rate * scale` and the recipe's weight decay
-    exemptions. Each group carries `layer_id` and `lr_scale` for inspection."""
+    exemptions. Each group carries `layer_id` and `lr_scale` for inspection. The head's layer comes first: the
+    `Trainer` logs the first group's learning rate, which is then the peak one, not the embeddings' decayed one."""
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay={layer_decay} must lie in (0, 1] (official: 0.65 ViT-B, 0.9 Swin-B 100 ep).")
     config = model.config
@@ -74,7 +75,7 @@ def layer_decay_parameter_groups(model, learning_rate, weight_decay=0.05, layer_
             }
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
-    return [groups[key] for key in sorted(groups)]
+    return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], key[1]))]
 
 
 class MixupCutmix:
