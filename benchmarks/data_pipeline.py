@@ -2,7 +2,7 @@
 
 The path measured is the one `run_mim.py` gives the `Trainer`: `SimMIMPretrainingDataset` (per-row seeded crop,
 flip and mask) through `SimMIMTransform`, batched by a `torch.utils.data.DataLoader` with `collate_fn`. Reported:
-the time per image of each stage in one process (open, decode + crop + resize, normalise, mask), images/s of one
+the time per image of each stage in one process (open, decode + crop + resize, flip, mask), images/s of one
 process, and images/s of a DataLoader with each number of workers asked for. Compare the last column with the
 training step's images/s (benchmarks/throughput.py): the GPU waits on data when it is lower.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor  # noqa: E402
 from hf_simmim.data import SimMIMPretrainingDataset, SimMIMTransform, bundled_sample_data_files, collate_fn, decode_image  # noqa: E402
-from hf_simmim.image_transforms import random_horizontal_flip, random_resized_crop, to_normalized_array  # noqa: E402
+from hf_simmim.image_transforms import random_horizontal_flip, random_resized_crop, to_uint8_array  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -96,7 +96,7 @@ def stage_times(paths, processor):
 
     rng = random.Random(0)
     mask_generator = processor.mask_generator(seed=0)
-    totals = {"open": 0.0, "decode+crop+resize": 0.0, "flip+normalise": 0.0, "mask": 0.0}
+    totals = {"open": 0.0, "decode+crop+resize": 0.0, "flip+to_uint8": 0.0, "mask": 0.0}
     for path in paths:
         t0 = time.perf_counter()
         image = decode_image(path, lazy=True)
@@ -104,8 +104,7 @@ def stage_times(paths, processor):
         image = random_resized_crop(image, processor.image_size, tuple(processor.crop_scale),
                                     tuple(processor.crop_ratio), rng, processor.train_resample)
         t2 = time.perf_counter()
-        to_normalized_array(random_horizontal_flip(image, processor.hflip_prob, rng), processor.image_mean,
-                            processor.image_std)
+        to_uint8_array(random_horizontal_flip(image, processor.hflip_prob, rng))
         t3 = time.perf_counter()
         mask_generator()
         t4 = time.perf_counter()
@@ -149,7 +148,9 @@ def main(argv=None):
         import datasets
 
         dataset = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
-        pretraining = SimMIMPretrainingDataset(dataset, SimMIMTransform(processor, train=True, keep_columns=()), seed=0)
+        pretraining = SimMIMPretrainingDataset(  # as run_mim.py: uint8 batches, normalised later on the device
+            dataset, SimMIMTransform(processor, train=True, keep_columns=(), uint8=True), seed=0
+        )
         stages = stage_times(paths[: min(len(paths), 256)], processor)
         rates = {workers: loader_rate(pretraining, args.batch_size, workers) for workers in args.workers}
 

@@ -81,7 +81,8 @@ def main(argv=None):
     if eval_raw is not None:
         check_image_dataset(eval_raw, image_column, min_size, "validation")
 
-    train_transform = SimMIMTransform(image_processor, train=True, image_column=image_column, keep_columns=())
+    # uint8 batches: the trainer normalises them on the device (4x less to copy from the DataLoader workers)
+    train_transform = SimMIMTransform(image_processor, train=True, image_column=image_column, keep_columns=(), uint8=True)
     train_dataset = SimMIMPretrainingDataset(train_raw, train_transform, seed=training_args.seed)
     eval_dataset = None
     if eval_raw is not None:

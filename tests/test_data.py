@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor
-from hf_simmim.data import SimMIMTransform, collate_fn
+from hf_simmim.data import SimMIMTransform, collate_fn, normalize_pixel_batch
 from hf_simmim.image_transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -364,6 +364,27 @@ def test_map_with_mask_seed_gives_fixed_masks_independent_of_batch_size(processo
     # Evaluation preprocessing: a 36x40 image is resized so its short side is 32, then centre-cropped.
     expected = processor(dataset[0]["image"])["pixel_values"][0]
     np.testing.assert_allclose(pixels[0], expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_rows_normalise_to_the_float_rows(processor, train):
+    dataset = image_dataset(6)
+
+    def batch(uint8):
+        transform = SimMIMTransform(processor, train=train, uint8=uint8, rng=random.Random(2), mask_seed=0)
+        rows = [dict(zip(("pixel_values", "bool_masked_pos", "label"), values)) for values in zip(
+            *transform({"image": dataset["image"], "label": dataset["label"]}, indices=list(range(6))).values())]
+        return collate_fn(rows)
+
+    small, full = batch(True), batch(False)
+    assert small["pixel_values"].dtype == torch.uint8 and small["pixel_values"].shape == (6, 3, 32, 32)
+    normalised = normalize_pixel_batch(small["pixel_values"], processor.image_mean, processor.image_std)
+    torch.testing.assert_close(normalised, full["pixel_values"], rtol=0, atol=1e-6)
+    assert torch.equal(small["bool_masked_pos"], full["bool_masked_pos"]) and small["labels"].tolist() == list(range(6))
+    assert normalize_pixel_batch(full["pixel_values"], processor.image_mean, processor.image_std) is full["pixel_values"]
+    erasing = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"), random_erasing=0.25)
+    with pytest.raises(ValueError, match="random erasing"):
+        SimMIMTransform(erasing, train=True, uint8=True)
 
 
 def test_corrupt_images_are_counted_and_dropped(processor):

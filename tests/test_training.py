@@ -237,6 +237,33 @@ def test_the_trainer_uses_the_recipe_schedule(tmp_path, sample):
 
 
 # ------------------------------------------------------------------------------------------ the transform in Trainer
+def test_uint8_batches_are_normalised_on_the_device_and_train_alike(tmp_path, sample):
+    """run_mim.py feeds uint8 batches (4x less to copy); the trainer normalises them with the processor's mean and
+    std, so the losses match those of the float batches."""
+    train, _ = sample
+    processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
+
+    def losses(uint8, processing_class=processor):
+        dataset = SimMIMPretrainingDataset(train, SimMIMTransform(processor, train=True, keep_columns=(), uint8=uint8))
+        trainer = SimMIMTrainer(
+            model=tiny_model(), args=training_args(tmp_path / str(uint8), learning_rate=1e-3), train_dataset=dataset,
+            data_collator=collate_fn, processing_class=processing_class,
+        )
+        if uint8:
+            batch = trainer._prepare_inputs(collate_fn(dataset.__getitems__([0, 1])))
+            reference = collate_fn(
+                SimMIMPretrainingDataset(train, SimMIMTransform(processor, train=True, keep_columns=())).__getitems__([0, 1])
+            )
+            assert batch["pixel_values"].dtype == torch.float32
+            torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"], rtol=0, atol=1e-6)
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    assert losses(True) == pytest.approx(losses(False), rel=1e-5)
+    with pytest.raises(ValueError, match="uint8 pixel_values need the image processor"):
+        losses(True, processing_class=None)
+
+
 def test_the_transform_feeds_the_trainer_and_evaluation_reports_a_loss(tmp_path, sample):
     train, validation = sample
     train_dataset = pretraining_dataset(train)

@@ -108,14 +108,23 @@ def resize_center_crop(image, size, crop_pct=1.0, resample=Image.BICUBIC):
     return image.crop((left, top, left + size, top + size))
 
 
+def to_uint8_array(image):
+    """RGB PIL image -> uint8 CHW array (normalised later, on the batch: `data.normalize_pixel_batch`)."""
+    return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+
+
+def normalization_coefficients(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """`(a, b)` float32, shape `(3,)`, with `(pixel / 255 - mean) / std == pixel * a + b`."""
+    std = np.asarray(std, dtype=np.float64)
+    return (1.0 / (255.0 * std)).astype(np.float32), (-np.asarray(mean, dtype=np.float64) / std).astype(np.float32)
+
+
 def to_normalized_array(image, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """RGB PIL image -> float32 CHW array `(pixel / 255 - mean) / std`, computed as one multiply-add on the uint8
     pixels (`pixel * a + b`, equal to the formula within float32 rounding)."""
-    std = np.asarray(std, dtype=np.float64)
-    a = (1.0 / (255.0 * std)).astype(np.float32)[:, None, None]
-    b = (-np.asarray(mean, dtype=np.float64) / std).astype(np.float32)[:, None, None]
+    a, b = normalization_coefficients(mean, std)
     pixels = np.asarray(image).transpose(2, 0, 1)
     out = np.empty(pixels.shape, dtype=np.float32)
-    np.multiply(pixels, a, out=out, casting="unsafe")
-    out += b
+    np.multiply(pixels, a[:, None, None], out=out, casting="unsafe")
+    out += b[:, None, None]
     return out

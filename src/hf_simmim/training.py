@@ -21,6 +21,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
+from .data import normalize_pixel_batch
+
 # Parameters that the official code exempts from weight decay by name (besides 1-D parameters and biases):
 # `no_weight_decay()` / `no_weight_decay_keywords()` of its ViT and Swin, plus the transformers spellings.
 NO_DECAY_KEYWORDS = (
@@ -197,7 +199,9 @@ class SimMIMTrainer(Trainer):
     - `create_model_card` writes the SimMIM model card (`model_card_writer(trainer)`), also used by
       `push_to_hub`;
     - the loss is a per-batch mean, so it is averaged over gradient accumulation steps (never rescaled by a
-      token count, which `Trainer` would do for a `forward(**kwargs)` model).
+      token count, which `Trainer` would do for a `forward(**kwargs)` model);
+    - uint8 `pixel_values` (`SimMIMTransform(uint8=True)`) are normalised on the device with the image
+      processor's mean and std (`_prepare_inputs`), after the 4x smaller copy.
     """
 
     def __init__(self, *args, recipe=None, model_card_writer=None, **kwargs):
@@ -205,6 +209,19 @@ class SimMIMTrainer(Trainer):
         self.recipe = recipe if recipe is not None else SimMIMRecipe()
         self.model_card_writer = model_card_writer
         self.model_accepts_loss_kwargs = False
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None and pixel_values.dtype == torch.uint8:
+            processor = self.processing_class
+            if processor is None or not hasattr(processor, "image_mean"):
+                raise ValueError(
+                    "uint8 pixel_values need the image processor's mean and std: pass processing_class=processor "
+                    "to the trainer, or use SimMIMTransform(uint8=False)."
+                )
+            inputs["pixel_values"] = normalize_pixel_batch(pixel_values, processor.image_mean, processor.image_std)
+        return inputs
 
     def get_decay_parameter_names(self, model):
         skip = no_weight_decay_parameter_names(model)
