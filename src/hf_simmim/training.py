@@ -220,7 +220,8 @@ class SimMIMTrainer(Trainer):
                     "uint8 pixel_values need the image processor's mean and std: pass processing_class=processor "
                     "to the trainer, or use SimMIMTransform(uint8=False)."
                 )
-            inputs["pixel_values"] = normalize_pixel_batch(pixel_values, processor.image_mean, processor.image_std)
+            normalized = normalize_pixel_batch(pixel_values, processor.image_mean, processor.image_std)
+            inputs["pixel_values"] = self._prepare_input(normalized)  # the dtype DeepSpeed wants for float inputs
         return inputs
 
     def get_decay_parameter_names(self, model):
