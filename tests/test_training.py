@@ -438,6 +438,9 @@ def test_use_cpu_is_set_where_there_is_no_accelerator(monkeypatch):
     assert simmim_training_defaults()["use_cpu"] is True
     monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
     assert simmim_training_defaults()["use_cpu"] is False
+    assert simmim_training_defaults()["accelerator_config"] == {"non_blocking": True}  # async copies to the GPU
+    args = parse_run_arguments([])[3]
+    assert args.accelerator_config.non_blocking and args.dataloader_pin_memory
 
 
 def test_dataloader_workers_default_to_the_cpus_of_each_local_process(monkeypatch):

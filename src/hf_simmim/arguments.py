@@ -173,6 +173,7 @@ def simmim_training_defaults():
         report_to = "none"
     bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     workers = default_dataloader_workers()
+    accelerator = accelerator_available()
     return {
         "output_dir": DEFAULT_OUTPUT_DIR,
         "per_device_train_batch_size": 64,
@@ -190,8 +191,11 @@ def simmim_training_defaults():
         "save_total_limit": 2,
         "report_to": report_to,
         "bf16": bf16,
-        "use_cpu": not accelerator_available(),
+        "use_cpu": not accelerator,
         "dataloader_num_workers": workers,
+        # batches copied to the GPU asynchronously from pinned memory (pin_memory is the Trainer's default), so
+        # the copy does not make the CPU wait for the previous step before it queues the next
+        "accelerator_config": {"non_blocking": True} if accelerator else None,
         "ddp_find_unused_parameters": False,  # every parameter takes part in the SimMIM loss
         "remove_unused_columns": False,
         "label_names": ["bool_masked_pos"],
