@@ -92,9 +92,9 @@ class SkippedImages:
 class SimMIMTransform:
     """Batch function for `Dataset.set_transform` / `with_transform` / `map(batched=True)`.
 
-    Adds `pixel_values` (float32 CHW, normalised) and `bool_masked_pos` (bool `(g, g)`) per row and keeps the
-    columns named in `keep_columns` (e.g. `label`). An image that cannot be decoded yields `pixel_values=None`, is
-    logged and counted, and `collate_fn` drops the row.
+    Adds `pixel_values` (float32 CHW, normalised; or uint8, see `uint8`) and `bool_masked_pos` (bool `(g, g)`) per
+    row and keeps the columns named in `keep_columns` (e.g. `label`). An image that cannot be decoded yields
+    `pixel_values=None`, is logged and counted, and `collate_fn` drops the row.
 
     Args:
         image_processor: a `SimMIMImageProcessor` (image size, normalisation, mask and augmentation settings).
@@ -145,14 +145,12 @@ class SimMIMTransform:
             image = random_horizontal_flip(image, p.hflip_prob, self.rng)
             if getattr(p, "rand_augment", None):
                 image = self._rand_augment(p.rand_augment)(image, self.rng)
-            if self.uint8:
-                return to_uint8_array(image)
-            array = to_normalized_array(image, p.image_mean, p.image_std)
-            return random_erasing(array, getattr(p, "random_erasing", 0.0), self.rng)
-        image = resize_center_crop(to_rgb(image), p.image_size, p.crop_pct, p.resample)
+        else:
+            image = resize_center_crop(to_rgb(image), p.image_size, p.crop_pct, p.resample)
         if self.uint8:
             return to_uint8_array(image)
-        return to_normalized_array(image, p.image_mean, p.image_std)
+        array = to_normalized_array(image, p.image_mean, p.image_std)
+        return random_erasing(array, getattr(p, "random_erasing", 0.0), self.rng) if self.train else array
 
     def _rand_augment(self, spec):
         if getattr(self, "_policy", None) is None or self._policy.spec != spec:
