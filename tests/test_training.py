@@ -237,6 +237,27 @@ def test_the_trainer_uses_the_recipe_schedule(tmp_path, sample):
 
 
 # ------------------------------------------------------------------------------------------ the transform in Trainer
+def test_dataloader_workers_see_each_new_epoch(tmp_path, sample):
+    """GPU runs default to DataLoader workers: the crops and masks drawn in forked workers (persistent or not) follow
+    (seed, epoch, row) exactly as in the main process, so the losses of two epochs match those without workers."""
+    train, _ = sample
+
+    def losses(**loader):
+        dataset = pretraining_dataset(train)
+        trainer = SimMIMTrainer(
+            model=tiny_model(), args=training_args(tmp_path / str(loader), max_steps=-1, num_train_epochs=2, **loader),
+            train_dataset=dataset, data_collator=collate_fn,
+        )
+        trainer.add_callback(EpochCallback(dataset))
+        trainer.train()
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    reference = losses(dataloader_num_workers=0)
+    assert len(reference) == 8  # 2 epochs of 4 steps
+    assert losses(dataloader_num_workers=2) == pytest.approx(reference, rel=1e-6)
+    assert losses(dataloader_num_workers=2, dataloader_persistent_workers=True) == pytest.approx(reference, rel=1e-6)
+
+
 def test_uint8_batches_are_normalised_on_the_device_and_train_alike(tmp_path, sample):
     """run_mim.py feeds uint8 batches (4x less to copy); the trainer normalises them with the processor's mean and
     std, so the losses match those of the float batches."""
