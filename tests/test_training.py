@@ -3,6 +3,7 @@ callbacks, the non-finite loss stop, argument defaults, dataset loading and chec
 
 import io
 import math
+import multiprocessing
 
 import datasets
 import numpy as np
@@ -470,9 +471,12 @@ def test_dataloader_workers_default_to_the_cpus_of_each_local_process(monkeypatc
     monkeypatch.setattr(arguments.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(arguments, "accelerator_available", lambda: False)
     assert simmim_training_defaults()["dataloader_num_workers"] == 0  # laptop: decode in the main process
+    assert simmim_training_defaults()["dataloader_persistent_workers"] is False
     monkeypatch.setattr(arguments, "accelerator_available", lambda: True)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert simmim_training_defaults()["dataloader_num_workers"] == 15  # one GPU, 16 CPUs: all but one
+    fork = multiprocessing.get_context().get_start_method() == "fork"
+    assert simmim_training_defaults()["dataloader_persistent_workers"] is fork  # safe only with forked workers
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert simmim_training_defaults()["dataloader_num_workers"] == 3  # 16 CPUs / 4 processes, less one each
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")

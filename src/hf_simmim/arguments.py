@@ -13,6 +13,7 @@ accelerator (otherwise `accelerate launch --multi_gpu` there runs independent, n
 import inspect
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
@@ -193,6 +194,9 @@ def simmim_training_defaults():
         "bf16": bf16,
         "use_cpu": not accelerator,
         "dataloader_num_workers": workers,
+        # keep the workers between epochs where they are forked: the epoch that seeds crops and masks then reaches
+        # them through shared memory (spawned workers get a copy: they are started afresh each epoch instead)
+        "dataloader_persistent_workers": workers > 0 and multiprocessing.get_context().get_start_method() == "fork",
         # batches copied to the GPU asynchronously from pinned memory (pin_memory is the Trainer's default), so
         # the copy does not make the CPU wait for the previous step before it queues the next
         "accelerator_config": {"non_blocking": True} if accelerator else None,
