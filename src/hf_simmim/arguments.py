@@ -149,12 +149,12 @@ def accelerator_available():
     return False
 
 
-def default_dataloader_workers():
+def default_dataloader_workers(accelerator=None):
     """DataLoader workers per process when none are asked for: 0 without an accelerator (the laptop run decodes in
     the main process), else the CPUs each local process may use, less one for the process itself, at most 16: a
     ViT-B/16 step at 224 px takes thousands of images/s, and one CPU decodes and crops a few hundred (measure yours
     with benchmarks/data_pipeline.py)."""
-    if not accelerator_available():
+    if not (accelerator_available() if accelerator is None else accelerator):
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -173,8 +173,8 @@ def simmim_training_defaults():
     except ImportError:
         report_to = "none"
     bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    workers = default_dataloader_workers()
     accelerator = accelerator_available()
+    workers = default_dataloader_workers(accelerator)
     return {
         "output_dir": DEFAULT_OUTPUT_DIR,
         "per_device_train_batch_size": 64,
