@@ -28,9 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from hf_simmim.data.augmentation import RESAMPLE, pretraining_augmentation
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor  # noqa: E402
-from hf_simmim.data import SimMIMPretrainingDataset, SimMIMTransform, bundled_sample_data_files, collate_fn, decode_image  # noqa: E402
-from hf_simmim.image_transforms import random_horizontal_flip, random_resized_crop, to_uint8_array  # noqa: E402
+from hf_simmim.data.transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn# noqa: E402
+from hf_simmim.data.loading import bundled_sample_data_files# noqa: E402
+from hf_simmim.data.image_ops import decode_image# noqa: E402
+from hf_simmim.data.image_ops import random_horizontal_flip, random_resized_crop, to_uint8_array# noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -96,15 +99,16 @@ def stage_times(paths, processor):
 
     rng = random.Random(0)
     mask_generator = processor.mask_generator(seed=0)
+    augmentation = pretraining_augmentation(processor.image_size)
     totals = {"open": 0.0, "decode+crop+resize": 0.0, "flip+to_uint8": 0.0, "mask": 0.0}
     for path in paths:
         t0 = time.perf_counter()
         image = decode_image(path, lazy=True)
         t1 = time.perf_counter()
-        image = random_resized_crop(image, processor.image_size, tuple(processor.crop_scale),
-                                    tuple(processor.crop_ratio), rng, processor.train_resample)
+        image = random_resized_crop(image, processor.image_size, augmentation.crop_scale, augmentation.crop_ratio, rng,
+                                    RESAMPLE[augmentation.resample])
         t2 = time.perf_counter()
-        to_uint8_array(random_horizontal_flip(image, processor.hflip_prob, rng))
+        to_uint8_array(random_horizontal_flip(image, augmentation.hflip_prob, rng))
         t3 = time.perf_counter()
         mask_generator()
         t4 = time.perf_counter()

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from hf_simmim import SimMIMForMaskedImageModeling, SimMIMImageProcessor, metrics  # noqa: E402
-from hf_simmim.data import SimMIMTransform, collate_fn, undecoded  # noqa: E402
+from hf_simmim.data.transforms import SimMIMTransform, collate_fn# noqa: E402
+from hf_simmim.data.loading import undecoded# noqa: E402
 
 
 def _example(name):

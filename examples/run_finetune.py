@@ -24,21 +24,19 @@ import numpy as np
 import torch
 
 from hf_simmim import SimMIMModel, metrics
-from hf_simmim.arguments import _parse_overrides, load_run_datasets, prepare_output_dir, set_learning_rate, start_run
-from hf_simmim.data import (
-    SimMIMTransform,
-    check_image_dataset,
-    collate_fn,
-    detect_image_column,
-    label_names,
-    select_per_class,
-    undecoded,
-)
-from hf_simmim.finetune_arguments import DEFAULT_LAYER_DECAY, load_classification_model, parse_finetune_arguments
-from hf_simmim.finetuning import MixupCutmix, SimMIMFineTuneTrainer
-from hf_simmim.model_card import write_finetuning_card
-from hf_simmim.probing import extract_features, knn_scores, linear_probe
-from hf_simmim.training import SimMIMRecipe, ThroughputCallback, add_callback_first
+from hf_simmim.training.runs import _parse_overrides, load_run_datasets, prepare_output_dir, set_learning_rate, start_run
+from hf_simmim.data import finetuning_augmentation
+from hf_simmim.data.transforms import SimMIMTransform, collate_fn
+from hf_simmim.data.checks import check_image_dataset
+from hf_simmim.data.loading import detect_image_column, label_names, select_per_class, undecoded
+from hf_simmim.training.finetuning import DEFAULT_LAYER_DECAY, load_classification_model
+from hf_simmim.training.arguments import parse_finetune_arguments
+from hf_simmim.training.finetuning import MixupCutmix
+from hf_simmim.training.trainer import SimMIMFineTuneTrainer
+from hf_simmim.reporting.model_card import write_finetuning_card
+from hf_simmim.training.probing import extract_features, knn_scores, linear_probe
+from hf_simmim.training.schedules import SimMIMRecipe
+from hf_simmim.training.callbacks import ThroughputCallback, add_callback_first
 
 logger = logging.getLogger("run_finetune")
 
@@ -95,14 +93,17 @@ def main(argv=None):
     check_image_dataset(train_raw, image_column, 1, "train")
     check_image_dataset(eval_raw, image_column, 1, "validation")
 
-    model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)), data_args.eval_crop_pct)
-    processor.rand_augment, processor.random_erasing = recipe_args.rand_augment, recipe_args.random_erasing
+    model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)))
+    augmentation = finetuning_augmentation(model.config.image_size, recipe_args.rand_augment, recipe_args.random_erasing)
     layer_decay = model_args.layer_decay
     if layer_decay is None:  # decay protects pretrained lower layers; from scratch there is nothing to protect
         layer_decay = 1.0 if model_args.from_scratch else DEFAULT_LAYER_DECAY[model.config.backbone]
     keep = (label_column,)
     train_dataset = undecoded(train_raw, image_column).with_transform(
-        SimMIMTransform(processor, train=model_args.mode == "finetune", image_column=image_column, with_mask=False, keep_columns=keep)
+        SimMIMTransform(
+            processor, train=model_args.mode == "finetune", image_column=image_column, with_mask=False,
+            keep_columns=keep, augmentation=augmentation,
+        )
     )
     eval_dataset = undecoded(eval_raw, image_column).with_transform(
         SimMIMTransform(processor, train=False, image_column=image_column, with_mask=False, keep_columns=keep)
@@ -152,6 +153,7 @@ def main(argv=None):
         "eval_images": len(eval_raw),
         "classes": names,
         "base_model": None if model_args.from_scratch else model_args.model_name_or_path,
+        "augmentation": augmentation,
     }
     trainer = SimMIMFineTuneTrainer(
         model=model,

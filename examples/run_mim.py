@@ -27,37 +27,18 @@ import sys
 
 import transformers
 
-from hf_simmim.arguments import (
-    load_run_datasets,
-    start_run,
-    apply_learning_rate,
-    describe_data,
-    load_pretraining_model,
-    parse_run_arguments,
-    prepare_output_dir,
-    resolve_recipe_defaults,
-)
-from hf_simmim.data import (
-    SimMIMPretrainingDataset,
-    SimMIMTransform,
-    check_image_dataset,
-    check_not_empty,
-    collate_fn,
-    detect_image_column,
-)
-from hf_simmim.model_card import write_model_card
-from hf_simmim.training import (
-    EpochCallback,
-    NonFiniteLossError,
-    ReconstructionCallback,
-    SimMIMTrainer,
-    ThroughputCallback,
-    add_callback_first,
-    count_unreadable_images,
-    tensorboard_writer,
-    total_train_batch_size,
-)
-from hf_simmim.visualize import save_loss_curve
+from hf_simmim.training.runs import load_run_datasets, start_run, apply_learning_rate, describe_data, load_pretraining_model, prepare_output_dir, resolve_recipe_defaults
+
+from hf_simmim.training.arguments import parse_run_arguments
+from hf_simmim.data import pretraining_augmentation
+from hf_simmim.data.transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn
+from hf_simmim.data.checks import check_image_dataset, check_not_empty
+from hf_simmim.data.loading import detect_image_column
+from hf_simmim.reporting.model_card import write_model_card
+from hf_simmim.training.callbacks import EpochCallback, ReconstructionCallback, ThroughputCallback, add_callback_first, tensorboard_writer
+from hf_simmim.training.trainer import NonFiniteLossError, SimMIMTrainer, count_unreadable_images
+from hf_simmim.training.optim import total_train_batch_size
+from hf_simmim.reporting.pictures import save_loss_curve
 
 logger = logging.getLogger("run_mim")
 
@@ -82,7 +63,10 @@ def main(argv=None):
         check_image_dataset(eval_raw, image_column, min_size, "validation")
 
     # uint8 batches: the trainer normalises them on the device (4x less to copy from the DataLoader workers)
-    train_transform = SimMIMTransform(image_processor, train=True, image_column=image_column, keep_columns=(), uint8=True)
+    augmentation = pretraining_augmentation(model.config.image_size)
+    train_transform = SimMIMTransform(
+        image_processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation
+    )
     train_dataset = SimMIMPretrainingDataset(train_raw, train_transform, seed=training_args.seed)
     eval_dataset = None
     if eval_raw is not None:
@@ -103,6 +87,7 @@ def main(argv=None):
         else None,
         "base_model": model_args.model_name_or_path,
         "skipped_images": 0,
+        "augmentation": augmentation,
     }
     trainer = SimMIMTrainer(
         model=model,

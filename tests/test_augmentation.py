@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor
-from hf_simmim import augmentation
-from hf_simmim.augmentation import OPS, RandAugment, parse_rand_augment, random_erasing
-from hf_simmim.data import SimMIMTransform
+from hf_simmim.data import augmentation, finetuning_augmentation
+from hf_simmim.data.augmentation import OPS, RandAugment, parse_rand_augment, random_erasing
+from hf_simmim.data.transforms import SimMIMTransform
 
 
 class FixedRandom(random.Random):
@@ -115,20 +115,20 @@ def test_random_erasing_replaces_one_rectangle_with_noise():
 def test_transform_applies_them_when_training_only(tmp_path):
     config = SimMIMConfig.from_preset("vit-tiny-test")
     image = gradient_image(48, 40)
-    plain = SimMIMImageProcessor.from_model_config(config)
-    augmented = SimMIMImageProcessor.from_model_config(config, rand_augment="rand-m9-mstd0.5-n2-p1", random_erasing=1.0)
+    processor = SimMIMImageProcessor.from_model_config(config)
+    plain = finetuning_augmentation(32, rand_augment=None, random_erasing=0.0)
+    augmented = finetuning_augmentation(32, rand_augment="rand-m9-mstd0.5-n2-p1", random_erasing=1.0)
 
-    def run(processor, train, seed=0):
-        transform = SimMIMTransform(processor, train=train, with_mask=False, rng=random.Random(seed))
+    def run(augmentation, train, seed=0):
+        transform = SimMIMTransform(
+            processor, train=train, with_mask=False, rng=random.Random(seed), augmentation=augmentation
+        )
         return transform({"image": [image]})["pixel_values"][0]
 
     assert not np.array_equal(run(plain, True), run(augmented, True))
     np.testing.assert_array_equal(run(plain, False), run(augmented, False))  # evaluation: untouched
     np.testing.assert_array_equal(run(augmented, True, seed=5), run(augmented, True, seed=5))  # seeded
-    augmented.save_pretrained(tmp_path)
-    loaded = SimMIMImageProcessor.from_pretrained(tmp_path)
-    assert (loaded.rand_augment, loaded.random_erasing) == ("rand-m9-mstd0.5-n2-p1", 1.0)
     with pytest.raises(ValueError, match="random_erasing=1.5"):
-        SimMIMImageProcessor(random_erasing=1.5)
+        finetuning_augmentation(32, random_erasing=1.5)
     with pytest.raises(ValueError, match="rand_augment='rand-q1'"):
-        SimMIMImageProcessor(rand_augment="rand-q1")
+        finetuning_augmentation(32, rand_augment="rand-q1")

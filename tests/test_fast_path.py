@@ -87,7 +87,7 @@ def test_attention_calls_sdpa_with_4d_inputs(preset, monkeypatch):
     (batch, windows, heads, N, head_dim)) silently fall back to the math kernel."""
     import torch.nn.functional as F
 
-    from hf_simmim import modeling_layers
+    from hf_simmim.models import modeling_layers
 
     shapes, sdpa = [], F.scaled_dot_product_attention
 

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling
-from hf_simmim.finetuning import MixupCutmix, layer_decay_parameter_groups, layer_id
-from hf_simmim.probing import knn_scores, linear_probe, pooled_features
+from hf_simmim.training.finetuning import MixupCutmix
+from hf_simmim.training.optim import layer_decay_parameter_groups, layer_id
+from hf_simmim.training.probing import knn_scores, linear_probe, pooled_features
 
 
 def _group_of(groups):

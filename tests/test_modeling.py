@@ -34,7 +34,7 @@ from hf_simmim import (
     SimMIMModel,
     simmim_loss,
 )
-from hf_simmim.modeling_layers import drop_path
+from hf_simmim.models.modeling_layers import drop_path
 
 PRESETS = ["vit-tiny-test", "swin-tiny-test"]
 
@@ -461,7 +461,7 @@ def test_trainer_trains_masked_image_modeling(tmp_path):
     import datasets
     from transformers import Trainer, TrainingArguments
 
-    from hf_simmim.data import SimMIMTransform, collate_fn
+    from hf_simmim.data.transforms import SimMIMTransform, collate_fn
 
     rng = np.random.RandomState(0)
     images = [png_bytes(rng.randint(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(12)]

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
 from hf_simmim.cli import main as cli_main
 from hf_simmim.convert import UnsafeCheckpointError, convert_official_checkpoint, load_official_checkpoint
-from hf_simmim.modeling_swin import swin_relative_position_index, swin_shift_attention_mask
-from hf_simmim.modeling_vit import vit_relative_position_index
+from hf_simmim.models.modeling_swin import swin_relative_position_index, swin_shift_attention_mask
+from hf_simmim.models.modeling_vit import vit_relative_position_index
 
 ATOL = 1e-5
 FIXTURES = ("vit", "swin")

@@ -221,7 +221,7 @@ def test_mask_shape_error_says_what_is_expected():
 
 
 def test_config_overrides_refuse_unknown_fields():
-    from hf_simmim.arguments import _parse_overrides
+    from hf_simmim.training.runs import _parse_overrides
 
     parsed = _parse_overrides("mask_ratio=0.5,window_size=7,num_labels=3")
     assert parsed == dict(mask_ratio=0.5, window_size=7, num_labels=3)

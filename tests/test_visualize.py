@@ -6,17 +6,8 @@ import torch
 from PIL import Image
 
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMImageProcessor
-from hf_simmim.image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from hf_simmim.visualize import (
-    COLUMNS,
-    MASK_GREY,
-    denormalize,
-    loss_curve,
-    reconstruct,
-    reconstruct_images,
-    reconstruction_grid,
-    reconstruction_panels,
-)
+from hf_simmim.models.image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from hf_simmim.reporting.pictures import COLUMNS, MASK_GREY, denormalize, loss_curve, reconstruct, reconstruct_images, reconstruction_grid, reconstruction_panels
 
 MEAN = np.array(IMAGENET_DEFAULT_MEAN).reshape(1, 3, 1, 1)
 STD = np.array(IMAGENET_DEFAULT_STD).reshape(1, 3, 1, 1)

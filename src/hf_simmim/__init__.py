@@ -1,6 +1,12 @@
 """hf_simmim: SimMIM (Xie et al., CVPR 2022) as Hugging Face transformers models.
 
 Importing the package registers `SimMIMConfig`, the models and the image processor with the Auto classes.
+
+Layout (arrows point one way: models <- data <- training <- scripts):
+- `hf_simmim.models`: configuration, encoders and heads, image processor (what a checkpoint carries);
+- `hf_simmim.data`: image operations, augmentation presets, the datasets transform, loading, checks;
+- `hf_simmim.training`: arguments, recipes, parameter groups, schedules, trainers, callbacks, fine-tuning, probing;
+- `hf_simmim.convert`, `hf_simmim.reporting`, `hf_simmim.metrics`, `hf_simmim.cli`: around them.
 """
 
 import logging
@@ -13,10 +19,11 @@ from transformers import (
     AutoModelForMaskedImageModeling,
 )
 
-from .configuration_simmim import PRESETS, SimMIMConfig
-from .image_processing_simmim import SimMIMImageProcessor
-from .masking import SimMIMMaskGenerator
-from .modeling_simmim import (
+from .models import (
+    PRESETS,
+    SimMIMConfig,
+    SimMIMImageProcessor,
+    SimMIMMaskGenerator,
     SimMIMForImageClassification,
     SimMIMForMaskedImageModeling,
     SimMIMModel,

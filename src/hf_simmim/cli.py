@@ -77,14 +77,14 @@ def main(argv=None):
         elif args.source == "transformers":
             model = convert.convert_transformers_checkpoint(args.model_dir, args.output_dir, **_overrides(args))
         else:
-            from .modeling_simmim import SimMIMForMaskedImageModeling
+            from .models.modeling_simmim import SimMIMForMaskedImageModeling
 
             source = SimMIMForMaskedImageModeling.from_pretrained(args.model_dir)
             model = convert.export_to_transformers(source, args.output_dir)
         print(f"Saved {type(model).__name__} ({model.config.model_type}) to {args.output_dir}")
         return 0
     if args.command == "reconstruct":
-        from .visualize import reconstruct_images
+        from .reporting.pictures import reconstruct_images
 
         path = reconstruct_images(args.checkpoint, args.images, args.output, mask_seed=args.mask_seed)
         print(f"Wrote {path}")

@@ -1,42 +1,20 @@
-"""Image operations on PIL images and numpy arrays, without torchvision: RGB conversion of any PIL mode, the
-paper's RandomResizedCrop and flip, resize + centre crop, and normalisation to a CHW float array.
+"""Training image operations, without torchvision: decoding a dataset cell, the paper's RandomResizedCrop and flip,
+uint8 CHW arrays and their normalisation on the batch.
 
 Speed matters here (a DataLoader worker runs these for every image of every epoch): a JPEG not yet decoded is
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg when the crop still keeps at least the output size in pixels
-(`reduce_on_decode`), and normalisation is one fused multiply-add on the uint8 pixels."""
+(`reduce_on_decode`), and batches travel as uint8, normalised where they are used (`normalize_pixel_batch`).
+"""
 
+import io
 import math
 import random
 
 import numpy as np
+import torch
 from PIL import Image
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-
-
-def to_rgb(image):
-    """Any PIL image (grayscale, 16-bit, float, palette, RGBA, CMYK, ...) or HWC array -> 8-bit RGB PIL image."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"Expected a PIL image or a numpy array, got {type(image).__name__}.")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        if image.mode == "F" and array.max() <= 1.0:
-            top = 1.0
-        array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(array, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+from ..models.image_transforms import normalization_coefficients, to_rgb
 
 
 def random_resized_crop_box(width, height, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), rng=random):
@@ -90,22 +68,22 @@ def random_resized_crop(image, size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 
     return to_rgb(image).resize((size, size), resample, box=box)
 
 
+def random_padded_crop(image, size, padding, rng=random):
+    """torchvision's RandomCrop(size, padding): `padding` px of black border on every side, then a uniformly
+    placed `size` x `size` window (timm's crop for images of 32 px or less)."""
+    image = to_rgb(image)
+    if padding:
+        padded = Image.new("RGB", (image.width + 2 * padding, image.height + 2 * padding))
+        padded.paste(image, (padding, padding))
+        image = padded
+    if image.width < size or image.height < size:
+        raise ValueError(f"a {image.width}x{image.height} image (padding included) cannot give a {size} px crop")
+    top, left = rng.randint(0, image.height - size), rng.randint(0, image.width - size)
+    return image.crop((left, top, left + size, top + size))
+
+
 def random_horizontal_flip(image, p=0.5, rng=random):
     return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < p else image
-
-
-def resize_center_crop(image, size, crop_pct=1.0, resample=Image.BICUBIC):
-    """Resize the shorter side to `size / crop_pct`, then take the central `size` x `size` square."""
-    short = int(math.floor(size / crop_pct))
-    w, h = image.size
-    if w <= h:
-        new_w, new_h = short, max(short, int(round(h * short / w)))
-    else:
-        new_w, new_h = max(short, int(round(w * short / h))), short
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def to_uint8_array(image):
@@ -113,18 +91,39 @@ def to_uint8_array(image):
     return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
 
 
-def normalization_coefficients(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """`(a, b)` float32, shape `(3,)`, with `(pixel / 255 - mean) / std == pixel * a + b`."""
-    std = np.asarray(std, dtype=np.float64)
-    return (1.0 / (255.0 * std)).astype(np.float32), (-np.asarray(mean, dtype=np.float64) / std).astype(np.float32)
+def decode_image(value, lazy=False):
+    """A dataset cell -> PIL image: a PIL image, `{"bytes": ..., "path": ...}` (an undecoded `datasets.Image`),
+    raw bytes, or a file path. Decoded at once (a truncated file fails here), unless `lazy`: then only the header
+    is read, so the training crop can have a JPEG decoded at reduced scale (`reduce_on_decode`)."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise ValueError("image cell holds neither bytes nor a path")
+    if isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    elif isinstance(value, np.ndarray):
+        return Image.fromarray(value)
+    else:
+        raise TypeError(f"cannot read an image from {type(value).__name__}")
+    if not lazy:
+        image.load()  # decode now, so a truncated file fails here and not later
+    return image
 
 
-def to_normalized_array(image, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """RGB PIL image -> float32 CHW array `(pixel / 255 - mean) / std`, computed as one multiply-add on the uint8
-    pixels (`pixel * a + b`, equal to the formula within float32 rounding)."""
-    a, b = normalization_coefficients(mean, std)
-    pixels = np.asarray(image).transpose(2, 0, 1)
-    out = np.empty(pixels.shape, dtype=np.float32)
-    np.multiply(pixels, a[:, None, None], out=out, casting="unsafe")
-    out += b[:, None, None]
-    return out
+def normalize_pixel_batch(pixel_values, image_mean, image_std):
+    """A uint8 `(B, 3, H, W)` batch (from `SimMIMTransform(uint8=True)`) -> float32 `(x / 255 - mean) / std`, on
+    the batch's device, computed as `to_normalized_array` does (`x * a + b`); a float batch is returned as is."""
+    if pixel_values.dtype != torch.uint8:
+        return pixel_values
+    a, b = normalization_coefficients(image_mean, image_std)
+    a = torch.as_tensor(a, device=pixel_values.device).view(1, -1, 1, 1)
+    b = torch.as_tensor(b, device=pixel_values.device).view(1, -1, 1, 1)
+    return pixel_values.float().mul_(a).add_(b)
+

@@ -2,7 +2,7 @@
 
 Evaluation preprocessing (RGB, resize + centre crop to the model's image size, normalise) and, on request, a
 SimMIM mask per image, so `processor(images, return_bool_masked_pos=True)` feeds `SimMIMForMaskedImageModeling`
-directly. It also records the training augmentation of the paper so a run can be rebuilt from a checkpoint.
+directly. Relative imports only: a checkpoint saved with its code (`trust_remote_code`) carries this file.
 """
 
 import numpy as np
@@ -11,7 +11,6 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .augmentation import parse_rand_augment
 from .image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_center_crop, to_normalized_array, to_rgb
 from .masking import SimMIMMaskGenerator
 
@@ -19,7 +18,7 @@ from .masking import SimMIMMaskGenerator
 RESAMPLING_FILTERS = {int(f): f.name.lower() for f in Image.Resampling}
 
 
-def _resampling_filter(name, value):
+def resampling_filter(name, value):
     """A PIL resampling filter given as its number (as `preprocessor_config.json` stores it) or name."""
     if isinstance(value, str) and value.upper() in Image.Resampling.__members__:
         return int(Image.Resampling[value.upper()])
@@ -30,7 +29,16 @@ def _resampling_filter(name, value):
 
 
 class SimMIMImageProcessor(BaseImageProcessor):
+    """Inference preprocessing of a SimMIM checkpoint: RGB, resize the shorter side to `image_size / crop_pct`,
+    centre crop `image_size`, normalise; and on request a SimMIM mask per image (`return_bool_masked_pos=True`).
+
+    Training augmentation is not held here: it is a named preset of `hf_simmim.data.augmentation`, derived from the
+    model config by each run and recorded in its model card.
+    """
+
     model_input_names = ["pixel_values"]
+    # Training settings that processors of hf_simmim 0.1 saved; they are read and dropped (see the class docstring).
+    LEGACY_TRAINING_KEYS = ("crop_scale", "crop_ratio", "hflip_prob", "train_resample", "rand_augment", "random_erasing")
 
     def __init__(
         self,
@@ -41,15 +49,11 @@ class SimMIMImageProcessor(BaseImageProcessor):
         patch_size=16,
         mask_patch_size=32,
         mask_ratio=0.6,
-        crop_scale=(0.67, 1.0),
-        crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
-        hflip_prob=0.5,
         resample=Image.BICUBIC,
-        train_resample=Image.BILINEAR,
-        rand_augment=None,
-        random_erasing=0.0,
         **kwargs,
     ):
+        for key in self.LEGACY_TRAINING_KEYS:
+            kwargs.pop(key, None)
         super().__init__(**kwargs)
         if not 0.0 < crop_pct <= 1.0:
             raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1] (e.g. 0.875 for resize 256 / crop 224).")
@@ -60,21 +64,8 @@ class SimMIMImageProcessor(BaseImageProcessor):
         self.patch_size = patch_size
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
-        self.crop_scale = list(crop_scale)
-        self.crop_ratio = list(crop_ratio)
-        self.hflip_prob = hflip_prob
-        # PIL resampling filters: `resample` for the evaluation resize (bicubic, as timm and the official
-        # evaluation), `train_resample` for the training RandomResizedCrop (bilinear, torchvision's default, which
-        # the official pretraining uses; fine-tuning sets bicubic, as the official fine-tuning).
-        self.resample = _resampling_filter("resample", resample)
-        self.train_resample = _resampling_filter("train_resample", train_resample)
-        # fine-tuning only (the official: "rand-m9-mstd0.5-inc1" and 0.25); SimMIM pretraining uses neither
-        if rand_augment is not None:
-            parse_rand_augment(rand_augment)  # refuses a malformed policy now, not in a DataLoader worker
-        if not 0.0 <= random_erasing <= 1.0:
-            raise ValueError(f"random_erasing={random_erasing} is a probability: give a value in [0, 1] (official 0.25).")
-        self.rand_augment = rand_augment
-        self.random_erasing = random_erasing
+        # bicubic, as timm and the official evaluation
+        self.resample = resampling_filter("resample", resample)
 
     @classmethod
     def from_model_config(cls, config, **kwargs):

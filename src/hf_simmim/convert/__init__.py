@@ -15,7 +15,7 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from .configuration_simmim import SimMIMConfig
+from ..models.configuration_simmim import SimMIMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def convert_official_state_dict(state_dict):
 
 def convert_official_checkpoint(checkpoint_path, output_dir=None, allow_unsafe_pickle=False, **overrides):
     """Official `.pth` -> `SimMIMForMaskedImageModeling` (saved to `output_dir` when given)."""
-    from .modeling_simmim import SimMIMForMaskedImageModeling
+    from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 
     state_dict, official_config = load_official_checkpoint(checkpoint_path, allow_unsafe_pickle)
     overrides = {**_official_overrides(official_config), **overrides}
@@ -383,7 +383,7 @@ def convert_transformers_state_dict(state_dict, model_type, num_patches=None):
 
 def convert_transformers_checkpoint(model_dir, output_dir=None, **overrides):
     """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` folder -> ours."""
-    from .modeling_simmim import SimMIMForMaskedImageModeling
+    from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 
     hf_config, state_dict = load_transformers_checkpoint(model_dir)
     config = config_from_transformers(hf_config, **overrides)
@@ -496,7 +496,7 @@ def _load_strict(model, state_dict, source, allow_missing_decoder=False):
 
 
 def _save_with_processor(model, output_dir):
-    from .image_processing_simmim import SimMIMImageProcessor
+    from ..models.image_processing_simmim import SimMIMImageProcessor
 
     model.save_pretrained(output_dir)
     SimMIMImageProcessor.from_model_config(model.config).save_pretrained(output_dir)

@@ -13,7 +13,6 @@ from importlib import resources
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .image_processing_simmim import RESAMPLING_FILTERS
 
 TEMPLATE = "simmim_pretraining.md"
 TAGS = ["simmim", "masked-image-modeling", "self-supervised-learning", "vision", "hf_simmim"]
@@ -74,7 +73,7 @@ def _framework_versions():
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return "\n".join(
         f"- {name} {version}"
@@ -96,12 +95,12 @@ def is_hub_id(name):
 def trainer_card_values(trainer, run_info):
     """Everything the template needs, from a `SimMIMTrainer` after training and the run's `run_info` dict
     (`data_description`, `learning_rate_rule`, `skipped_images`, optional `model_name`, `model_id`)."""
-    from .training import total_train_batch_size
+    from ..training.optim import total_train_batch_size
 
     args, state = trainer.args, trainer.state
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     config = model.config
-    processor = trainer.processing_class
+    augmentation = run_info["augmentation"]
     recipe = trainer.recipe
     mask_squares = (config.image_size // config.mask_patch_size) ** 2
     if config.backbone == "vit":
@@ -157,9 +156,9 @@ def trainer_card_values(trainer, run_info):
         "precision": precision,
         "steps": state.global_step,
         "epochs": _fmt(float(state.epoch or 0.0), 3),
-        "crop_scale": tuple(getattr(processor, "crop_scale", (0.67, 1.0))),
-        "crop_ratio": tuple(round(r, 3) for r in getattr(processor, "crop_ratio", (0.75, 4 / 3))),
-        "crop_resample": RESAMPLING_FILTERS.get(getattr(processor, "train_resample", 2), "bilinear"),
+        "crop_scale": tuple(augmentation.crop_scale),
+        "crop_ratio": tuple(round(r, 3) for r in augmentation.crop_ratio),
+        "crop_resample": augmentation.resample,
         "seed": args.seed,
         "final_loss": _fmt(_last(state.log_history, "loss")),
         "final_eval_loss": _fmt(_last(state.log_history, "eval_loss")),
@@ -206,7 +205,7 @@ FINETUNING_TEMPLATE = "simmim_finetuning.md"
 def finetuning_card_values(trainer, run_info):
     """What the fine-tuning template needs, from a `SimMIMFineTuneTrainer` after training and `run_info`
     (`source`, `layer_decay`, `train_images`, `eval_images`, `classes`, `results`)."""
-    from .training import total_train_batch_size
+    from ..training.optim import total_train_batch_size
 
     args, state = trainer.args, trainer.state
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -223,11 +222,6 @@ def finetuning_card_values(trainer, run_info):
         if mixup is not None
         else f"label smoothing {args.label_smoothing_factor}"
     )
-    processor = trainer.processing_class
-    policy, erasing = getattr(processor, "rand_augment", None), getattr(processor, "random_erasing", 0.0)
-    augmentation = ", ".join(
-        [f"RandAugment {policy}"] * bool(policy) + [f"random erasing {erasing}"] * bool(erasing)
-    ) or "no RandAugment or random erasing"
     results = run_info.get("results", {})
     rows = [f"| {key[5:] if key.startswith('eval_') else key} | {_fmt(value)} |" for key, value in results.items()
             if key.startswith("eval_top") or key == "eval_loss"]
@@ -249,7 +243,7 @@ def finetuning_card_values(trainer, run_info):
         "schedule": f"linear warmup over {args.get_warmup_steps(max(state.max_steps, 1))} steps, then cosine",
         "drop_path_rate": config.drop_path_rate,
         "mixing": mixing,
-        "augmentation": augmentation,
+        "augmentation": run_info["augmentation"].describe(),
         "total_batch_size": total_train_batch_size(args),
         "steps": state.global_step,
         "epochs": _fmt(float(state.epoch or 0.0), 3),

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ..models.image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 COLUMNS = ("original", "masked input", "reconstruction", "rec. + visible")
 MASK_GREY = 128
@@ -245,9 +245,9 @@ def reconstruct_images(checkpoint, image_paths, output_path, mask_seed=0):
     Masks are drawn with `mask_seed`, so the same call gives the same picture. The checkpoint's image processor
     is used if it has one, otherwise one built from its config.
     """
-    from .data import decode_image
-    from .image_processing_simmim import SimMIMImageProcessor
-    from .modeling_simmim import SimMIMForMaskedImageModeling
+    from ..data.image_ops import decode_image
+    from ..models.image_processing_simmim import SimMIMImageProcessor
+    from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 
     if not image_paths:
         raise ValueError("No image given: pass at least one image file.")

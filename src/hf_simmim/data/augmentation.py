@@ -1,5 +1,11 @@
-"""The extra augmentation of the official SimMIM fine-tuning, without torchvision: RandAugment as timm's
-`rand-m9-mstd0.5-inc1` policy (on PIL images) and random erasing with per-pixel noise (on normalised CHW arrays).
+"""Training augmentation as named presets, without torchvision.
+
+An `AugmentationPreset` says what a training run does to an image before the mask: the crop, the flip, and for
+fine-tuning RandAugment and random erasing. Two presets reproduce the official code, each derived from the
+model's image size: `pretraining_augmentation` (microsoft/SimMIM `SimMIMTransform`: RandomResizedCrop scale
+0.67-1, bilinear, flip) and `finetuning_augmentation` (timm's `create_transform` as the official fine-tuning
+calls it: RandomResizedCrop 0.08-1 bicubic, flip, RandAugment, random erasing 0.25; for images of 32 px or
+less timm's RandomCrop(32, padding=4) instead of the resized crop).
 
 RandAugment (Cubuk et al., 2020), as timm implements it and the official fine-tuning configures it: `n` ops (2)
 drawn uniformly with replacement from the "increasing" op set; each is applied with probability 0.5 at a
@@ -12,9 +18,12 @@ standard normal noise (the image is already normalised).
 import math
 import random
 import re
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
+
+from .image_ops import random_horizontal_flip, random_padded_crop, random_resized_crop
 
 MAX_MAGNITUDE = 10.0
 FILL = (124, 116, 104)  # the ImageNet mean colour, in 0-255
@@ -164,3 +173,99 @@ def random_erasing(array, prob=0.25, rng=random, min_area=0.02, max_area=1.0 / 3
             array[:, top : top + h, left : left + w] = noise.astype(array.dtype)
             break
     return array
+
+
+CROPS = ("random_resized", "random_padded")
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+OFFICIAL_RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+# timm's `transforms_imagenet_train` rule, which the official fine-tuning keeps: at 32 px or less, RandomCrop with
+# 4 px of zero padding replaces the RandomResizedCrop.
+SMALL_IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class AugmentationPreset:
+    """A training augmentation: `crop` ("random_resized": area `crop_scale`, aspect `crop_ratio`, `resample`;
+    "random_padded": `crop_padding` px of black border, then a random window), a horizontal flip with
+    `hflip_prob`, then `rand_augment` (timm's notation, or None) on the PIL image and `random_erasing` (a
+    probability) on the normalised array."""
+
+    name: str
+    image_size: int
+    crop: str = "random_resized"
+    crop_scale: tuple = (0.67, 1.0)
+    crop_ratio: tuple = (3.0 / 4.0, 4.0 / 3.0)
+    crop_padding: int = 0
+    resample: str = "bilinear"
+    hflip_prob: float = 0.5
+    rand_augment: str | None = None
+    random_erasing: float = 0.0
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop={self.crop!r} is not supported: use one of {CROPS}.")
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"resample={self.resample!r} is not supported: use one of {tuple(RESAMPLE)}.")
+        if self.rand_augment is not None:
+            parse_rand_augment(self.rand_augment)  # a malformed policy fails now, not in a DataLoader worker
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"random_erasing={self.random_erasing} is a probability: give a value in [0, 1].")
+
+    def to_dict(self):
+        return asdict(self)
+
+    def describe(self):
+        """One line for logs and model cards, e.g. "RandomCrop(32, padding=4), horizontal flip 0.5, ..."."""
+        if self.crop == "random_resized":
+            scale, ratio = tuple(self.crop_scale), tuple(round(r, 3) for r in self.crop_ratio)
+            crop = f"RandomResizedCrop({self.image_size}, scale={scale}, ratio={ratio}, {self.resample})"
+        else:
+            crop = f"RandomCrop({self.image_size}, padding={self.crop_padding})"
+        parts = [crop, f"horizontal flip {self.hflip_prob}"]
+        parts += [f"RandAugment {self.rand_augment}"] * bool(self.rand_augment)
+        parts += [f"random erasing {self.random_erasing}"] * bool(self.random_erasing)
+        return f"{self.name}: " + ", ".join(parts)
+
+    def augment(self, image, rng=random):
+        """A PIL image (possibly not yet decoded: a JPEG is then decoded at reduced scale) -> RGB PIL image."""
+        if self.crop == "random_resized":
+            image = random_resized_crop(
+                image, self.image_size, self.crop_scale, self.crop_ratio, rng, RESAMPLE[self.resample]
+            )
+        else:
+            image = random_padded_crop(image, self.image_size, self.crop_padding, rng)
+        image = random_horizontal_flip(image, self.hflip_prob, rng)
+        if self.rand_augment:
+            image = _rand_augment_policy(self.rand_augment)(image, rng)
+        return image
+
+
+_POLICIES = {}
+
+
+def _rand_augment_policy(spec):
+    if spec not in _POLICIES:
+        _POLICIES[spec] = RandAugment(spec)
+    return _POLICIES[spec]
+
+
+def pretraining_augmentation(image_size):
+    """The official SimMIM pretraining augmentation at `image_size` (microsoft/SimMIM `data/data_simmim.py`)."""
+    return AugmentationPreset("simmim-pretraining", image_size, crop_scale=(0.67, 1.0), resample="bilinear")
+
+
+def finetuning_augmentation(image_size, rand_augment=OFFICIAL_RAND_AUGMENT, random_erasing=0.25):
+    """The official SimMIM fine-tuning augmentation at `image_size` (timm's `create_transform` with the official
+    config: `data/data_finetune.py`)."""
+    if image_size <= SMALL_IMAGE_SIZE:
+        crop = dict(crop="random_padded", crop_padding=4)
+    else:
+        crop = dict(crop="random_resized", crop_scale=(0.08, 1.0))
+    return AugmentationPreset(
+        "simmim-finetuning",
+        image_size,
+        resample="bicubic",
+        rand_augment=rand_augment,
+        random_erasing=random_erasing,
+        **crop,
+    )

@@ -1,0 +1,34 @@
+"""From dataset rows to model batches: image operations, augmentation presets, the `datasets` transform and
+collator, dataset loading and the checks before training."""
+
+from .augmentation import AugmentationPreset, finetuning_augmentation, pretraining_augmentation
+from .checks import check_image_dataset, check_not_empty
+from .image_ops import decode_image, normalize_pixel_batch
+from .loading import (
+    bundled_sample_data_files,
+    detect_image_column,
+    label_names,
+    load_image_datasets,
+    select_per_class,
+    undecoded,
+)
+from .transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn
+
+__all__ = [
+    "AugmentationPreset",
+    "SimMIMPretrainingDataset",
+    "SimMIMTransform",
+    "bundled_sample_data_files",
+    "check_image_dataset",
+    "check_not_empty",
+    "collate_fn",
+    "decode_image",
+    "detect_image_column",
+    "finetuning_augmentation",
+    "label_names",
+    "load_image_datasets",
+    "normalize_pixel_batch",
+    "pretraining_augmentation",
+    "select_per_class",
+    "undecoded",
+]

@@ -1,0 +1,196 @@
+"""Datasets for a run: a hub dataset, a folder of images, Parquet/Arrow files, or the sample bundled with the package;
+the image column; labels and class-balanced subsets for fine-tuning."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "pixel_values")
+DATA_FILE_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
+
+
+def bundled_sample_data_files():
+    """The sample shipped with the package (640 train / 200 test CIFAR-10 images), as `data_files`."""
+    return {"train": str(SAMPLE_DATA_DIR / "train.parquet"), "validation": str(SAMPLE_DATA_DIR / "test.parquet")}
+
+
+def _data_files_format(files):
+    formats = {DATA_FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in formats or len(formats) != 1:
+        raise ValueError(
+            f"Cannot tell the format of {', '.join(files)}: give Parquet (.parquet) or Arrow (.arrow) files of one "
+            "kind, or a folder of images (imagefolder)."
+        )
+    return formats.pop()
+
+
+def _local_files(path):
+    """Files of a supported data format at `path`: a file, a glob, or a folder holding such files."""
+    import glob
+
+    if os.path.isdir(path):
+        found = []
+        for suffix in DATA_FILE_FORMATS:
+            found += sorted(glob.glob(os.path.join(path, "**", f"*{suffix}"), recursive=True))
+        return found
+    return sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else ([path] if os.path.isfile(path) else [])
+
+
+def load_local_dataset(path, cache_dir=None):
+    """A local source -> `DatasetDict`: Parquet/Arrow file(s) (a file, a glob, or a folder of them), or a folder
+    of images (`imagefolder`: class subfolders become the `label` column)."""
+    import datasets
+
+    files = _local_files(str(path))
+    try:
+        if files:
+            return datasets.load_dataset(_data_files_format(files), data_files={"train": files}, cache_dir=cache_dir)
+        if os.path.isdir(path):
+            return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+    except (ValueError, FileNotFoundError) as error:
+        if "corresponds to no data" in str(error) or "doesn't contain any data" in str(error):
+            raise ValueError(
+                f"The train split is empty: {path!r} holds no images or rows. Check the data path."
+            ) from error
+        raise
+    raise FileNotFoundError(
+        f"{path!r} is neither a folder of images nor Parquet/Arrow file(s): check the path (globs like "
+        "'data/train-*.parquet' are accepted)."
+    )
+
+
+def _split(dataset_dict, names):
+    for name in names:
+        if name in dataset_dict:
+            return dataset_dict[name]
+    return None
+
+
+def load_image_datasets(
+    dataset_name=None,
+    dataset_config_name=None,
+    train_dir=None,
+    validation_dir=None,
+    validation_split_percentage=5.0,
+    seed=42,
+    cache_dir=None,
+    token=None,
+):
+    """The train and validation datasets of a run, from (first that applies):
+
+    - `dataset_name`: a dataset on the Hugging Face hub (with `dataset_config_name`), or a local path;
+    - `train_dir` (and `validation_dir`): a folder of images, or Parquet/Arrow file(s);
+    - nothing: the sample bundled with the package (no network needed).
+
+    The validation set is the source's `validation`/`valid`/`val`/`test` split or `validation_dir`; otherwise a
+    `validation_split_percentage` share of the training set, split with `seed` (the same in every process).
+    Returns `(train, validation)`; `validation` is `None` when there is none.
+    """
+    import datasets
+
+    if dataset_name is not None and train_dir is not None:
+        raise ValueError("Give either dataset_name or train_dir, not both.")
+    if dataset_name is not None:
+        if os.path.exists(dataset_name) or any(ch in dataset_name for ch in "*?["):
+            source = load_local_dataset(dataset_name, cache_dir)
+        else:
+            source = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
+    elif train_dir is not None:
+        source = load_local_dataset(train_dir, cache_dir)
+    else:
+        source = datasets.load_dataset("parquet", data_files=bundled_sample_data_files(), cache_dir=cache_dir)
+
+    if isinstance(source, datasets.Dataset):
+        source = datasets.DatasetDict({"train": source})
+    train = _split(source, ("train",))
+    if train is None:
+        if len(source) != 1:
+            raise ValueError(f"The dataset has no 'train' split (splits: {sorted(source)}): name one 'train'.")
+        train = next(iter(source.values()))
+    validation = _split(source, VALIDATION_SPLIT_NAMES)
+    if validation_dir is not None:
+        validation_source = load_local_dataset(validation_dir, cache_dir)
+        validation = next(iter(validation_source.values()))
+    if validation is None and validation_split_percentage and len(train) >= 2:
+        count = max(1, int(round(len(train) * validation_split_percentage / 100.0)))
+        if count < len(train):
+            parts = train.train_test_split(test_size=count, seed=seed, shuffle=True)
+            train, validation = parts["train"], parts["test"]
+    return train, validation
+
+
+def detect_image_column(dataset, image_column=None):
+    """The column holding images: `image_column` if given (it must exist), else the first column of the
+    `datasets.Image` type, else the first of `IMAGE_COLUMN_CANDIDATES`. Raises `ValueError` naming the columns."""
+    import datasets
+
+    columns = list(dataset.column_names)
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(
+                f"The image column {image_column!r} is not in the dataset; its columns are {columns}. Pass one of "
+                "them with --image_column_name."
+            )
+        return image_column
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    for name in IMAGE_COLUMN_CANDIDATES:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"No image column found among the dataset's columns {columns}: name it with --image_column_name."
+    )
+
+
+def undecoded(dataset, image_column):
+    """`dataset` with its image column left as bytes/paths (`datasets.Image(decode=False)`), so an unreadable
+    image reaches `SimMIMTransform` (which skips and counts it) instead of failing inside `datasets`."""
+    import datasets
+
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def label_names(dataset, label_column="label"):
+    """Class names of `label_column`: the `ClassLabel` names, else `"0" ... "N-1"` for integer labels 0..N-1.
+    Raises `ValueError` naming the column when it is missing or not integer labels."""
+    import datasets
+
+    if label_column not in dataset.column_names:
+        raise ValueError(
+            f"The label column {label_column!r} is not in the dataset; its columns are {list(dataset.column_names)}. "
+            "Pass the right one with --label_column_name."
+        )
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    if not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+        raise ValueError(
+            f"The label column {label_column!r} holds {feature}, not integer class labels: cast it with "
+            "`dataset.class_encode_column` or pass another --label_column_name."
+        )
+    labels = dataset.unique(label_column)
+    if min(labels) < 0:
+        raise ValueError(f"The label column {label_column!r} has negative labels: labels must be 0..num_classes-1.")
+    return [str(i) for i in range(max(labels) + 1)]
+
+
+def select_per_class(dataset, label_column="label", samples_per_class=None, fraction=None, seed=0):
+    """A seeded, class-balanced subset for low-label experiments: `samples_per_class` rows of each class (all of
+    a class that has fewer), or `fraction` of each class (at least one row). Neither given: `dataset` as it is."""
+    if samples_per_class is None and fraction is None:
+        return dataset
+    labels = np.asarray(dataset[label_column])
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        count = samples_per_class if samples_per_class is not None else max(1, int(round(fraction * len(rows))))
+        chosen.append(rng.permutation(rows)[: min(count, len(rows))])
+    return dataset.select(np.sort(np.concatenate(chosen)).tolist())

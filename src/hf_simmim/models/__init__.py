@@ -1,0 +1,25 @@
+"""What a SimMIM checkpoint carries for `trust_remote_code`: the configuration, the encoders and heads, and the
+image processor. These files import each other only relatively and nothing else of hf_simmim."""
+
+from .configuration_simmim import PRESETS, SimMIMConfig
+from .image_processing_simmim import SimMIMImageProcessor
+from .masking import SimMIMMaskGenerator
+from .modeling_simmim import (
+    SimMIMForImageClassification,
+    SimMIMForMaskedImageModeling,
+    SimMIMModel,
+    SimMIMPreTrainedModel,
+    simmim_loss,
+)
+
+__all__ = [
+    "PRESETS",
+    "SimMIMConfig",
+    "SimMIMImageProcessor",
+    "SimMIMMaskGenerator",
+    "SimMIMModel",
+    "SimMIMPreTrainedModel",
+    "SimMIMForMaskedImageModeling",
+    "SimMIMForImageClassification",
+    "simmim_loss",
+]

@@ -1,0 +1,1 @@
+"""Pictures (reconstruction grids, loss curves) and model cards of a run."""

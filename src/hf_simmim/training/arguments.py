@@ -1,0 +1,371 @@
+"""The command-line arguments of `examples/run_mim.py` and `examples/run_finetune.py` (model, data, recipe, and
+`transformers.TrainingArguments` with SimMIM defaults), parsed with `HfArgumentParser`.
+
+SimMIM defaults replace `TrainingArguments`' own where the recipe differs (weight decay 0.05, clipping 5.0,
+warmup 10% of the run (10/800 with the multistep schedule), bf16 where the GPU has it, evaluation and pictures 4
+times a run); any flag given on the command line wins. The footguns of transformers' `run_mim.py` are fixed
+here, not left to the user: `remove_unused_columns=False` (the image column must reach the transform),
+`label_names=["bool_masked_pos"]` (otherwise no eval loss), and `use_cpu=True` on a machine without an
+accelerator (otherwise `accelerate launch --multi_gpu` there runs independent, non-distributed copies).
+"""
+
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from ..data.augmentation import parse_rand_augment
+from ..models.configuration_simmim import PRESETS
+from .schedules import SCHEDULES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "vit-tiny-test"
+DEFAULT_OUTPUT_DIR = os.path.join("outputs", "simmim-pretraining")
+FINETUNE_OUTPUT_DIR = os.path.join("outputs", "simmim-finetuning")
+MODES = ("finetune", "linear_probe", "knn")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to pretrain: a preset, a `SimMIMConfig` JSON file, or an existing checkpoint (continue
+    pretraining). Nothing given: the tiny preset `vit-tiny-test`."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A SimMIM checkpoint (folder or hub id) to continue pretraining."}
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={"help": f"A SimMIMConfig preset: {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET})."},
+    )
+    config_file: str | None = field(default=None, metadata={"help": "A SimMIMConfig JSON file (config.json)."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Config fields to override, e.g. 'mask_ratio=0.5,drop_path_rate=0.0' (JSON values)."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+
+
+@dataclass
+class DataArguments:
+    """Which images: a hub dataset, a local folder of images, Parquet/Arrow files, or (nothing given) the sample
+    bundled with the package."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A dataset on the hub, or a local folder / Parquet / Arrow path."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "Training images: a folder of images (imagefolder) or Parquet/Arrow file(s)."}
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "Validation images, same kinds as train_dir."})
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "The column holding images (default: detected)."}
+    )
+    validation_split_percentage: float = field(
+        default=5.0, metadata={"help": "Share of train held out for validation when the data has no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    num_reconstruction_images: int = field(
+        default=8, metadata={"help": "Validation images drawn in the reconstruction picture (0: no picture)."}
+    )
+    eval_mask_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation masks and pictures."})
+
+
+@dataclass
+class RecipeArguments:
+    """The SimMIM recipe beyond `TrainingArguments`."""
+
+    base_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "lr = base_learning_rate * total batch / 512 (ignored if --learning_rate is given). Default: "
+            "2e-4 (cosine) or 1e-4 (multistep) as the paper's configs; 8e-3 for the tiny *-test presets."
+        },
+    )
+    warmup_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate the warmup starts from, scaled like the base learning rate. Default: 1e-6 "
+            "(cosine) or 5e-7 (multistep)."
+        },
+    )
+    min_learning_rate: float = field(
+        default=1e-5, metadata={"help": "Learning rate the cosine ends at (scaled like the base learning rate)."}
+    )
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "cosine (100-epoch configs), multistep (800-epoch configs), or trainer (--lr_scheduler_type)."
+        },
+    )
+    lr_milestones: list[float] = field(
+        default_factory=lambda: [0.875],
+        metadata={"help": "multistep: where the learning rate drops, as fractions of the run (700/800) or steps."},
+    )
+    lr_decay_gamma: float = field(default=0.1, metadata={"help": "multistep: the factor at each milestone."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a previous run in --output_dir (the default output dir always is)."}
+    )
+    stop_on_nonfinite_loss: bool = field(default=True, metadata={"help": "Stop at a NaN/inf loss, naming the step."})
+    model_card_license: str = field(default="apache-2.0", metadata={"help": "License in the model card metadata."})
+
+
+@dataclass
+class FineTuneModelArguments:
+    """The encoder to evaluate: a SimMIM checkpoint (ours, or converted from microsoft/SimMIM or transformers),
+    or, with --from_scratch, the same architecture with fresh weights (the baseline pretraining must beat)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A SimMIM checkpoint (output of run_mim.py, a converted one, or a hub id)."}
+    )
+    preset: str | None = field(default=None, metadata={"help": "With --from_scratch and no checkpoint: a preset."})
+    from_scratch: bool = field(
+        default=False, metadata={"help": "Same architecture, randomly initialised (the from-scratch baseline)."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Config fields to change, e.g. 'window_size=7,image_size=224' (tables are interpolated)."}
+    )
+    mode: str = field(default="finetune", metadata={"help": f"One of {MODES}."})
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth while fine-tuning (official 0.1)."})
+    per_block_relative_position_bias: bool = field(
+        default=True,
+        metadata={
+            "help": "ViT with a shared relative position table: give each block its own table, started from the "
+            "shared one (the official fine-tuning), so layer-wise decay applies to it per block."
+        },
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-wise lr decay (default: 0.65 ViT, 0.9 Swin, as the official configs; 1.0, i.e. none, "
+            "with --from_scratch, so the baseline's lower layers train at the full rate)."
+        },
+    )
+    probe_block: int | None = field(
+        default=None, metadata={"help": "linear_probe / knn: features after this many blocks (ViT) or stages (Swin); default the last."}
+    )
+    knn_k: int = field(default=20, metadata={"help": "knn: neighbours that vote."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "knn: vote weight exp(similarity / T)."})
+    probe_epochs: int = field(default=100, metadata={"help": "linear_probe: epochs over the frozen features."})
+    probe_learning_rate: float = field(default=1e-2, metadata={"help": "linear_probe: AdamW learning rate."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+
+
+@dataclass
+class FineTuneDataArguments:
+    """Labelled images: a hub dataset, a local folder of class subfolders, Parquet/Arrow files, or (nothing given)
+    the CIFAR-10 sample bundled with the package."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the hub, or a local path."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The hub dataset's configuration."})
+    train_dir: str | None = field(default=None, metadata={"help": "Training images: image folder or Parquet/Arrow."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Evaluation images, same kinds."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Column of images (default: detected)."})
+    label_column_name: str = field(default="label", metadata={"help": "Column of integer class labels."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "Share of train held out when the data has no evaluation split."}
+    )
+    samples_per_class: int | None = field(
+        default=None, metadata={"help": "Low-label runs: keep this many training images per class (seeded)."}
+    )
+    label_fraction: float | None = field(
+        default=None, metadata={"help": "Low-label runs: keep this fraction of each class's training images (seeded)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N images only."})
+
+
+@dataclass
+class FineTuneRecipeArguments:
+    """The official fine-tuning recipe beyond `TrainingArguments`."""
+
+    base_learning_rate: float = field(
+        default=1.25e-3, metadata={"help": "lr = base_learning_rate * total batch / 512 (unless --learning_rate)."}
+    )
+    warmup_learning_rate: float = field(default=2.5e-7, metadata={"help": "Warmup start, scaled like the lr."})
+    min_learning_rate: float = field(default=2.5e-7, metadata={"help": "Cosine end, scaled like the lr."})
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 turns mixup off)."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 turns cutmix off)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of cutmix when both are on."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing (inside the mixed targets)."})
+    rand_augment: str = field(
+        default="rand-m9-mstd0.5-inc1",
+        metadata={"help": "RandAugment policy in timm's notation (official 'rand-m9-mstd0.5-inc1'); 'none' turns it off."},
+    )
+    random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability (official 0.25; 0 off)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run in --output_dir."})
+
+
+def accelerator_available():
+    """Whether torch sees a GPU or another accelerator the Trainer would use."""
+    if torch.cuda.is_available():
+        return True
+    for name in ("xpu", "mps", "npu", "mlu", "musa"):
+        backend = getattr(torch, name, None) or getattr(torch.backends, name, None)
+        try:
+            if backend is not None and backend.is_available():
+                return True
+        except Exception:  # an unusable backend is an unavailable one
+            continue
+    return False
+
+
+def default_dataloader_workers(accelerator=None):
+    """DataLoader workers per process when none are asked for: 0 without an accelerator (the laptop run decodes in
+    the main process), else the CPUs each local process may use, less one for the process itself, at most 16: a
+    ViT-B/16 step at 224 px takes thousands of images/s, and one CPU decodes and crops a few hundred (measure yours
+    with benchmarks/data_pipeline.py)."""
+    if not (accelerator_available() if accelerator is None else accelerator):
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(16, cpus // local_processes - 1))
+
+
+def simmim_training_defaults():
+    """`TrainingArguments` defaults of a SimMIM run (flags given on the command line override them)."""
+    try:
+        import tensorboard  # noqa: F401
+
+        report_to = "tensorboard"
+    except ImportError:
+        report_to = "none"
+    bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    accelerator = accelerator_available()
+    workers = default_dataloader_workers(accelerator)
+    return {
+        "output_dir": DEFAULT_OUTPUT_DIR,
+        "per_device_train_batch_size": 64,
+        "per_device_eval_batch_size": 128,
+        "num_train_epochs": 30.0,
+        "weight_decay": 0.05,
+        "max_grad_norm": 5.0,
+        "warmup_steps": 0.1,
+        "logging_steps": 0.04,
+        "logging_first_step": True,
+        "eval_strategy": "steps",
+        "eval_steps": 0.25,
+        "save_strategy": "steps",
+        "save_steps": 0.25,
+        "save_total_limit": 2,
+        "report_to": report_to,
+        "bf16": bf16,
+        "use_cpu": not accelerator,
+        "dataloader_num_workers": workers,
+        # keep the workers between epochs where they are forked: the epoch that seeds crops and masks then reaches
+        # them through shared memory (spawned workers get a copy: they are started afresh each epoch instead)
+        "dataloader_persistent_workers": workers > 0 and multiprocessing.get_context().get_start_method() == "fork",
+        # batches copied to the GPU asynchronously from pinned memory (pin_memory is the Trainer's default), so
+        # the copy does not make the CPU wait for the previous step before it queues the next
+        "accelerator_config": {"non_blocking": True} if accelerator else None,
+        "ddp_find_unused_parameters": False,  # every parameter takes part in the SimMIM loss
+        "remove_unused_columns": False,
+        "label_names": ["bool_masked_pos"],
+        "prediction_loss_only": True,
+    }
+
+
+# Set by the run whatever the command line says: each is required for SimMIM's inputs to reach the model and for
+# evaluation to report a loss.
+FORCED_TRAINING_ARGUMENTS = {
+    "remove_unused_columns": False,
+    "label_names": ["bool_masked_pos"],
+    "prediction_loss_only": True,
+}
+
+
+def finetune_training_defaults():
+    """`TrainingArguments` defaults of a fine-tuning run: the pretraining ones with classification labels."""
+    defaults = simmim_training_defaults()
+    defaults.update(
+        output_dir=FINETUNE_OUTPUT_DIR,
+        num_train_epochs=30.0,
+        warmup_steps=0.2,  # 20 of 100 epochs
+        label_names=["labels"],
+        prediction_loss_only=False,
+        metric_for_best_model="top1",
+        greater_is_better=True,
+    )
+    return defaults
+
+
+def _given_flags(argv):
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            names.add(name[3:] if name.startswith("no_") else name)
+    return names
+
+
+def parse_with_defaults(parser, defaults, argv=None):
+    """Parse `argv` (a list like `sys.argv[1:]`, or one `.json` file) with `defaults` replacing the dataclasses'
+    own; return `(dataclasses, given)`, `given` being the names set explicitly."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as handle:
+            values = json.load(handle)
+        return parser.parse_dict({**defaults, **values}), set(values)
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=argv), _given_flags(argv)
+
+
+def parse_run_arguments(argv=None):
+    """Parse a run's arguments (a list like `sys.argv[1:]`, or one `.json` file) into
+    `(ModelArguments, DataArguments, RecipeArguments, TrainingArguments, given)`, `given` being the names set
+    explicitly (so SimMIM defaults and rules apply only to the others)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
+    parsed, given = parse_with_defaults(parser, simmim_training_defaults(), argv)
+    model_args, data_args, recipe_args, training_args = parsed
+    for name, value in FORCED_TRAINING_ARGUMENTS.items():
+        if name in given and getattr(training_args, name) != value:
+            logger.warning(
+                "Ignoring --%s=%s: a SimMIM run needs %s=%s.", name, getattr(training_args, name), name, value
+            )
+        setattr(training_args, name, value)
+    if recipe_args.lr_schedule not in SCHEDULES:
+        raise ValueError(f"--lr_schedule={recipe_args.lr_schedule!r} is not supported: use one of {SCHEDULES}.")
+    return model_args, data_args, recipe_args, training_args, given
+
+
+def parse_finetune_arguments(argv=None):
+    """`(model_args, data_args, recipe_args, training_args, given)`; `given` holds the flags set explicitly."""
+    parser = HfArgumentParser(
+        (FineTuneModelArguments, FineTuneDataArguments, FineTuneRecipeArguments, TrainingArguments)
+    )
+    parsed, given = parse_with_defaults(parser, finetune_training_defaults(), argv)
+    model_args, data_args, recipe_args, training_args = parsed
+    training_args.remove_unused_columns = False  # the image column must reach the transform
+    if model_args.mode not in MODES:
+        raise ValueError(f"--mode={model_args.mode!r} is not supported: use one of {MODES}.")
+    if model_args.model_name_or_path is None and not (model_args.from_scratch and model_args.preset):
+        raise ValueError(
+            "--model_name_or_path is required (a SimMIM checkpoint, e.g. the output folder of run_mim.py); for a "
+            "from-scratch baseline without a checkpoint pass --from_scratch --preset NAME."
+        )
+    if str(recipe_args.rand_augment).lower() in ("none", "", "off", "false"):
+        recipe_args.rand_augment = None
+    if recipe_args.rand_augment is not None:
+        try:
+            parse_rand_augment(recipe_args.rand_augment)
+        except ValueError as error:
+            raise ValueError(f"--{error}") from None
+    if not 0.0 <= recipe_args.random_erasing <= 1.0:
+        raise ValueError(f"--random_erasing={recipe_args.random_erasing} is a probability: give a value in [0, 1].")
+    if data_args.samples_per_class is not None and data_args.label_fraction is not None:
+        raise ValueError("Give --samples_per_class or --label_fraction, not both.")
+    if data_args.label_fraction is not None and not 0.0 < data_args.label_fraction <= 1.0:
+        raise ValueError(f"--label_fraction={data_args.label_fraction} must lie in (0, 1].")
+    if data_args.samples_per_class is not None and data_args.samples_per_class < 1:
+        raise ValueError(f"--samples_per_class={data_args.samples_per_class} must be at least 1.")
+    return model_args, data_args, recipe_args, training_args, given

@@ -1,0 +1,102 @@
+"""The official per-step learning-rate schedules: linear warmup from `warmup_lr`, then cosine to `min_lr` or step
+decay, as a `LambdaLR` the `Trainer` can save and resume."""
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass, field
+
+from torch.optim.lr_scheduler import LambdaLR
+
+SCHEDULES = ("cosine", "multistep", "trainer")
+
+
+@dataclass
+class SimMIMLRLambda:
+    """The official per-step schedule as a `LambdaLR` multiplier of `base_lr` (so it works with `Trainer`).
+
+    Step `t` (0-based optimizer step) gets:
+    - warmup, `t < num_warmup_steps`: `warmup_lr + (base_lr - warmup_lr) * t / num_warmup_steps`;
+    - `"cosine"`: `min_lr + (base_lr - min_lr) * (1 + cos(pi * t / num_training_steps)) / 2`, the cosine running
+      over the whole run as in timm's `CosineLRScheduler(warmup_prefix=False)` used by the official code;
+    - `"multistep"`: `base_lr * gamma ** (number of milestones <= t)`, milestones in steps (the 800-epoch configs
+      decay x0.1 at epoch 700 of 800).
+    A callable object (not a lambda), so `LambdaLR.state_dict()` saves it with the checkpoint.
+    """
+
+    base_lr: float
+    num_training_steps: int
+    num_warmup_steps: int = 0
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    schedule: str = "cosine"
+    milestones: list = field(default_factory=list)
+    gamma: float = 0.1
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "multistep"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'cosine' or 'multistep'.")
+        if self.num_training_steps <= 0:
+            raise ValueError(f"num_training_steps={self.num_training_steps} must be positive.")
+        self.milestones = sorted(int(m) for m in self.milestones)
+
+    def lr_at(self, step):
+        if step < self.num_warmup_steps:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.num_warmup_steps
+        if self.schedule == "multistep":
+            return self.base_lr * self.gamma ** bisect_right(self.milestones, step)
+        progress = min(step, self.num_training_steps) / self.num_training_steps
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def __call__(self, step):
+        return self.lr_at(step) / self.base_lr if self.base_lr else 0.0
+
+
+def get_simmim_scheduler(
+    optimizer,
+    num_training_steps,
+    num_warmup_steps=0,
+    warmup_lr=0.0,
+    min_lr=0.0,
+    schedule="cosine",
+    milestones=(),
+    gamma=0.1,
+    base_lr=None,
+):
+    """A `LambdaLR` following `SimMIMLRLambda`.
+
+    `base_lr` is the peak learning rate (default: the largest learning rate of the optimizer's groups); `warmup_lr`
+    and `min_lr` are absolute learning rates at that peak. A group set to a fraction of the peak (e.g. layer-wise
+    decay) follows the same curve scaled by that fraction. `milestones` are fractions of `num_training_steps` in
+    (0, 1] (e.g. 0.875 for epoch 700 of 800) or absolute step numbers (> 1).
+    """
+    if base_lr is None:
+        base_lr = max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
+    steps = [round(m * num_training_steps) if m <= 1 else int(m) for m in milestones]
+    lr_lambda = SimMIMLRLambda(
+        base_lr, num_training_steps, num_warmup_steps, warmup_lr, min_lr, schedule, steps, gamma
+    )
+    return LambdaLR(optimizer, lr_lambda)
+
+
+@dataclass
+class SimMIMRecipe:
+    """What `SimMIMTrainer` adds to `TrainingArguments` (which holds lr, weight decay, betas, clipping, warmup).
+
+    Args:
+        schedule: `"cosine"` (warmup from `warmup_lr`, cosine to `min_lr`), `"multistep"` (warmup, then x`gamma`
+            at each of `milestones`), or `"trainer"` (`TrainingArguments.lr_scheduler_type`).
+        warmup_lr, min_lr: absolute learning rates (already scaled like the peak learning rate).
+        milestones: for `"multistep"`: fractions of the run in (0, 1] or absolute steps.
+        stop_on_nonfinite_loss: raise `NonFiniteLossError` on a NaN/inf loss, before the optimizer step.
+    """
+
+    schedule: str = "cosine"
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    milestones: tuple = (0.875,)
+    gamma: float = 0.1
+    stop_on_nonfinite_loss: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not supported: use one of {SCHEDULES}.")
