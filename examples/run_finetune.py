@@ -29,7 +29,8 @@ from hf_simmim.data import finetuning_augmentation
 from hf_simmim.data.transforms import SimMIMTransform, collate_fn
 from hf_simmim.data.checks import check_image_dataset
 from hf_simmim.data.loading import detect_image_column, label_names, select_per_class, undecoded
-from hf_simmim.training.finetuning import DEFAULT_LAYER_DECAY, load_classification_model
+from hf_simmim.training.finetuning import load_classification_model
+from hf_simmim.training.recipes import DEFAULT_LAYER_DECAY, RECIPES
 from hf_simmim.training.arguments import parse_finetune_arguments
 from hf_simmim.training.finetuning import MixupCutmix
 from hf_simmim.training.trainer import SimMIMFineTuneTrainer
@@ -149,6 +150,7 @@ def main(argv=None):
         "source": source,
         "mode": model_args.mode,
         "layer_decay": layer_decay,
+        "recipe": recipe_args.recipe and RECIPES[recipe_args.recipe].describe(),
         "train_images": len(train_raw),
         "eval_images": len(eval_raw),
         "classes": names,

@@ -30,6 +30,7 @@ import transformers
 from hf_simmim.training.runs import load_run_datasets, start_run, apply_learning_rate, describe_data, load_pretraining_model, prepare_output_dir, resolve_recipe_defaults
 
 from hf_simmim.training.arguments import parse_run_arguments
+from hf_simmim.training.recipes import RECIPES
 from hf_simmim.data import pretraining_augmentation
 from hf_simmim.data.transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn
 from hf_simmim.data.checks import check_image_dataset, check_not_empty
@@ -82,6 +83,7 @@ def main(argv=None):
         "data_description": describe_data(data_args, train_raw, eval_raw, image_column),
         "learning_rate_rule": lr_rule,
         "license": recipe_args.model_card_license,
+        "recipe": recipe_args.recipe and RECIPES[recipe_args.recipe].describe(),
         "datasets": [data_args.dataset_name]
         if data_args.dataset_name and not os.path.exists(data_args.dataset_name)
         else None,

@@ -9,6 +9,18 @@ import copy
 from transformers import PreTrainedConfig
 
 BACKBONES = ("vit", "swin")
+# The fields that only one backbone reads; `to_dict` (and so config.json) keeps those of the config's backbone.
+BACKBONE_FIELDS = {
+    "vit": (
+        "num_hidden_layers",
+        "num_attention_heads",
+        "use_relative_position_bias",
+        "use_shared_relative_position_bias",
+        "layer_scale_init_value",
+        "use_mean_pooling",
+    ),
+    "swin": ("embed_dim", "depths", "num_heads", "window_size", "patch_norm"),
+}
 LOSS_TYPES = ("l1", "l2", "smooth_l1")
 MASK_TOKEN_TYPES = ("learned", "zeros", "noise")
 
@@ -239,6 +251,10 @@ class SimMIMConfig(PreTrainedConfig):
         output = super().to_dict()
         output["depths"] = list(self.depths)
         output["num_heads"] = list(self.num_heads)
+        for backbone, names in BACKBONE_FIELDS.items():
+            if backbone != self.backbone:
+                for name in names:
+                    output.pop(name, None)
         return output
 
     # ------------------------------------------------------------------ presets

@@ -14,6 +14,10 @@ from importlib import resources
 from huggingface_hub import ModelCard, ModelCardData
 
 
+# What the official code exempts from weight decay (training/optim.py reproduces it parameter by parameter).
+WEIGHT_DECAY_RULE = (
+    "as the official code: none on 1-D parameters, biases and the encoder's no-weight-decay names"
+)
 TEMPLATE = "simmim_pretraining.md"
 TAGS = ["simmim", "masked-image-modeling", "self-supervised-learning", "vision", "hf_simmim"]
 
@@ -156,9 +160,11 @@ def trainer_card_values(trainer, run_info):
         "precision": precision,
         "steps": state.global_step,
         "epochs": _fmt(float(state.epoch or 0.0), 3),
-        "crop_scale": tuple(augmentation.crop_scale),
-        "crop_ratio": tuple(round(r, 3) for r in augmentation.crop_ratio),
-        "crop_resample": augmentation.resample,
+        "augmentation": augmentation.describe(),
+        "image_mean": [round(value, 4) for value in trainer.processing_class.image_mean],
+        "image_std": [round(value, 4) for value in trainer.processing_class.image_std],
+        "recipe": run_info.get("recipe") or "the package defaults (no --recipe)",
+        "weight_decay_rule": WEIGHT_DECAY_RULE,
         "seed": args.seed,
         "final_loss": _fmt(_last(state.log_history, "loss")),
         "final_eval_loss": _fmt(_last(state.log_history, "eval_loss")),
@@ -244,6 +250,8 @@ def finetuning_card_values(trainer, run_info):
         "drop_path_rate": config.drop_path_rate,
         "mixing": mixing,
         "augmentation": run_info["augmentation"].describe(),
+        "recipe": run_info.get("recipe") or "the package defaults (no --recipe)",
+        "weight_decay_rule": WEIGHT_DECAY_RULE,
         "total_batch_size": total_train_batch_size(args),
         "steps": state.global_step,
         "epochs": _fmt(float(state.epoch or 0.0), 3),

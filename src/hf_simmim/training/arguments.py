@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.augmentation import parse_rand_augment
 from ..models.configuration_simmim import PRESETS
+from .recipes import get_recipe, recipe_defaults, recipe_names
 from .schedules import SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ class DataArguments:
 class RecipeArguments:
     """The SimMIM recipe beyond `TrainingArguments`."""
 
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": f"A named official pretraining recipe ({', '.join(recipe_names('pretraining'))}): its "
+                  "model preset, epochs, schedule and learning rates become the defaults (flags still win)."},
+    )
     base_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -115,6 +121,11 @@ class RecipeArguments:
     )
     stop_on_nonfinite_loss: bool = field(default=True, metadata={"help": "Stop at a NaN/inf loss, naming the step."})
     model_card_license: str = field(default="apache-2.0", metadata={"help": "License in the model card metadata."})
+    no_weight_decay_names: str = field(
+        default="",
+        metadata={"help": "Comma-separated substrings of parameter names also exempt from weight decay, beyond the "
+                  "official code's (e.g. 'relative_position_bias_table,mask_token'). Default: the official exemptions."},
+    )
 
 
 @dataclass
@@ -185,6 +196,11 @@ class FineTuneDataArguments:
 class FineTuneRecipeArguments:
     """The official fine-tuning recipe beyond `TrainingArguments`."""
 
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": f"A named official fine-tuning recipe ({', '.join(recipe_names('fine-tuning'))}): its "
+                  "epochs, learning rates, layer decay, drop path and resolution become the defaults (flags still win)."},
+    )
     base_learning_rate: float = field(
         default=1.25e-3, metadata={"help": "lr = base_learning_rate * total batch / 512 (unless --learning_rate)."}
     )
@@ -201,6 +217,11 @@ class FineTuneRecipeArguments:
     )
     random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability (official 0.25; 0 off)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run in --output_dir."})
+    no_weight_decay_names: str = field(
+        default="",
+        metadata={"help": "Comma-separated substrings of parameter names also exempt from weight decay, beyond the "
+                  "official code's (e.g. 'relative_position_bias_table'). Default: the official exemptions."},
+    )
 
 
 def accelerator_available():
@@ -308,13 +329,29 @@ def _given_flags(argv):
     return names
 
 
-def parse_with_defaults(parser, defaults, argv=None):
-    """Parse `argv` (a list like `sys.argv[1:]`, or one `.json` file) with `defaults` replacing the dataclasses'
-    own; return `(dataclasses, given)`, `given` being the names set explicitly."""
+def _named_recipe(argv, values, stage):
+    """The recipe a command line (`argv`) or JSON file (`values`) names with `--recipe`, or None."""
+    name = values.get("recipe") if values is not None else None
+    for position, token in enumerate(argv if values is None else ()):
+        if token == "--recipe" and position + 1 < len(argv):
+            name = argv[position + 1]
+        elif token.startswith("--recipe="):
+            name = token.split("=", 1)[1]
+    return get_recipe(name, stage) if name else None
+
+
+def parse_with_defaults(parser, defaults, argv=None, stage="pretraining"):
+    """Parse `argv` (a list like `sys.argv[1:]`, or one `.json` file) with `defaults`, then the values of the
+    recipe named by `--recipe`, replacing the dataclasses' own; return `(dataclasses, given)`, `given` being the
+    names set explicitly."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    values = None
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0], encoding="utf-8") as handle:
             values = json.load(handle)
+    recipe = _named_recipe(argv, values, stage)
+    defaults = {**defaults, **(recipe_defaults(recipe) if recipe else {})}
+    if values is not None:
         return parser.parse_dict({**defaults, **values}), set(values)
     parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(args=argv), _given_flags(argv)
@@ -327,6 +364,8 @@ def parse_run_arguments(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
     parsed, given = parse_with_defaults(parser, simmim_training_defaults(), argv)
     model_args, data_args, recipe_args, training_args = parsed
+    if "preset" not in given and (model_args.model_name_or_path or model_args.config_file):
+        model_args.preset = None  # a recipe's model preset applies only when no model is named
     for name, value in FORCED_TRAINING_ARGUMENTS.items():
         if name in given and getattr(training_args, name) != value:
             logger.warning(
@@ -343,7 +382,7 @@ def parse_finetune_arguments(argv=None):
     parser = HfArgumentParser(
         (FineTuneModelArguments, FineTuneDataArguments, FineTuneRecipeArguments, TrainingArguments)
     )
-    parsed, given = parse_with_defaults(parser, finetune_training_defaults(), argv)
+    parsed, given = parse_with_defaults(parser, finetune_training_defaults(), argv, stage="fine-tuning")
     model_args, data_args, recipe_args, training_args = parsed
     training_args.remove_unused_columns = False  # the image column must reach the transform
     if model_args.mode not in MODES:

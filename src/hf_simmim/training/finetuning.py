@@ -10,8 +10,6 @@ from ..models.image_processing_simmim import SimMIMImageProcessor
 from ..models.modeling_simmim import SimMIMForImageClassification
 from .runs import _parse_overrides
 
-# Official layer-wise decay: 0.65 ViT-B, 0.9 Swin-B (100-epoch pretraining), 0.8 Swin-B 800 ep, 0.7 Swin-L.
-DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
 
 
 class MixupCutmix:

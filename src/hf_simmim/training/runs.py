@@ -16,19 +16,10 @@ from ..models.image_processing_simmim import SimMIMImageProcessor
 from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 from .arguments import DEFAULT_PRESET
 from .optim import LR_REFERENCE_BATCH_SIZE, scale_learning_rate, total_train_batch_size
+from .recipes import MULTISTEP_WARMUP_FRACTION, PRESET_BASE_LEARNING_RATES, SCHEDULE_LEARNING_RATES
 from .schedules import SimMIMRecipe
 
 logger = logging.getLogger(__name__)
-
-# Base learning rates (per 512 images) and warmup start of the official configs: the 100-epoch cosine configs
-# (Swin-B) and the 800-epoch multistep configs (Swin-B/L, ViT-B).
-RECIPE_BASE_LEARNING_RATES = {"cosine": (2e-4, 1e-6), "multistep": (1e-4, 5e-7), "trainer": (2e-4, 1e-6)}
-# Every official config warms up for 10 epochs: 10% of the 100-epoch runs (the default `warmup_steps`), 10 of 800
-# epochs for the multistep configs.
-MULTISTEP_WARMUP_FRACTION = 10 / 800
-# The tiny CPU presets are ~1000x smaller than ViT-B: at the paper's 2e-4 their loss barely moves in the
-# one-minute default run (0.92 -> 0.87 in 300 steps), at 8e-3 it falls to ~0.72.
-PRESET_BASE_LEARNING_RATES = {"vit-tiny-test": 8e-3, "swin-tiny-test": 8e-3}
 
 
 def start_run(training_args):
@@ -84,7 +75,7 @@ def describe_data(data_args, train, validation, image_column):
 def resolve_recipe_defaults(recipe_args, model_args):
     """Fill `base_learning_rate` / `warmup_learning_rate` left unset: the official config's values for the
     schedule, or the tiny presets' own base learning rate."""
-    base_lr, warmup_lr = RECIPE_BASE_LEARNING_RATES[recipe_args.lr_schedule]
+    base_lr, warmup_lr = SCHEDULE_LEARNING_RATES[recipe_args.lr_schedule]
     preset = model_args.preset or (
         DEFAULT_PRESET if not (model_args.model_name_or_path or model_args.config_file) else None
     )
