@@ -18,6 +18,7 @@ import torch  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 OFFICIAL_FIXTURES_DIR = SHARED_DIR / "fixtures" / "official_simmim"
+OFFICIAL_RECIPE_DIR = SHARED_DIR / "fixtures" / "official_recipe"
 CIFAR10_SMALL_DIR = SHARED_DIR / "data" / "cifar10-small"
 
 
@@ -52,6 +53,13 @@ def official_fixtures_dir():
 
 
 @pytest.fixture(scope="session")
+def official_recipe_dir():
+    """`<repo>/../shared/fixtures/official_recipe`: what the official training recipe code does (parameter groups,
+    init statistics, interpolation, transforms)."""
+    return require_shared_dir(OFFICIAL_RECIPE_DIR, "official SimMIM recipe fixtures")
+
+
+@pytest.fixture(scope="session")
 def cifar10_small_dir():
     """`<repo>/../shared/data/cifar10-small`: a 10k/2k CIFAR-10 subset as Parquet."""
     return require_shared_dir(CIFAR10_SMALL_DIR, "cifar10-small data set")
@@ -69,3 +77,24 @@ def perturb_parameters_(model, std=0.1, seed=0):
 
 def max_abs_diff(a, b):
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+# The tiny models the tests build: 32-px images, 2 blocks / stages, a few channels (fast on a CPU).
+TINY_VIT = dict(
+    backbone="vit", image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    mask_patch_size=8, drop_path_rate=0.0,
+)
+TINY_SWIN = dict(
+    backbone="swin", image_size=32, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=4,
+    mask_patch_size=8, drop_path_rate=0.0,
+)
+
+
+def tiny_vit(**overrides):
+    """`SimMIMConfig` fields of a tiny ViT (official SimMIM variant unless `overrides` say otherwise)."""
+    return {**TINY_VIT, **overrides}
+
+
+def tiny_swin(**overrides):
+    """`SimMIMConfig` fields of a tiny Swin."""
+    return {**TINY_SWIN, **overrides}

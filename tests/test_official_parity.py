@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import max_abs_diff, perturb_parameters_, require_shared_dir
+from conftest import max_abs_diff, perturb_parameters_, require_shared_dir, tiny_swin, tiny_vit
 from safetensors.torch import load_file
 
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
@@ -298,51 +298,22 @@ def zero_key_bias_(model):
 
 
 VARIANTS = {
-    "vit-per-block-rpb": dict(
-        backbone="vit",
-        image_size=32,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        use_relative_position_bias=True,
-        use_shared_relative_position_bias=False,
-        layer_scale_init_value=0.1,
+    "vit-per-block-rpb": tiny_vit(
+        use_relative_position_bias=True, use_shared_relative_position_bias=False, layer_scale_init_value=0.1
     ),
-    "vit-abs-pos-and-shared-rpb": dict(
-        backbone="vit",
-        image_size=32,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+    "vit-abs-pos-and-shared-rpb": tiny_vit(
         use_absolute_position_embeddings=True,
         use_relative_position_bias=False,
         use_shared_relative_position_bias=True,
         layer_scale_init_value=0.1,
     ),
-    "vit-abs-pos-only": dict(
-        backbone="vit",
-        image_size=32,
-        patch_size=4,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+    "vit-abs-pos-only": tiny_vit(
         use_absolute_position_embeddings=True,
         use_relative_position_bias=False,
         use_shared_relative_position_bias=False,
         layer_scale_init_value=0.0,
     ),
-    "swin-ape": dict(
-        backbone="swin",
-        image_size=32,
-        patch_size=2,
-        embed_dim=8,
-        depths=[2, 2],
-        num_heads=[1, 2],
-        window_size=4,
-        use_absolute_position_embeddings=True,
-    ),
+    "swin-ape": tiny_swin(use_absolute_position_embeddings=True),
 }
 ARCHITECTURE_FIELDS = (
     "backbone",
@@ -369,7 +340,7 @@ ARCHITECTURE_FIELDS = (
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_official_layout_variants_round_trip(variant, tmp_path):
-    config = SimMIMConfig(mask_patch_size=8, drop_path_rate=0.0, **VARIANTS[variant])
+    config = SimMIMConfig(**VARIANTS[variant])
     torch.manual_seed(0)
     source = zero_key_bias_(perturb_parameters_(SimMIMForMaskedImageModeling(config))).eval()
     official = to_official_state_dict(source)
@@ -413,7 +384,7 @@ def test_official_layout_variants_round_trip(variant, tmp_path):
 def test_vit_key_bias_is_dropped_without_changing_the_function(tmp_path):
     """The official ViT has q and v biases only. Our fused qkv may hold a key bias; writing the checkpoint in the
     official layout drops it, which leaves the attention unchanged (it shifts all logits of a query equally)."""
-    config = SimMIMConfig(mask_patch_size=8, drop_path_rate=0.0, **VARIANTS["vit-per-block-rpb"])
+    config = SimMIMConfig(**VARIANTS["vit-per-block-rpb"])
     torch.manual_seed(0)
     source = perturb_parameters_(SimMIMForMaskedImageModeling(config)).eval()
     reference = SimMIMForMaskedImageModeling(config)

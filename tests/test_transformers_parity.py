@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import max_abs_diff, perturb_parameters_
+from conftest import max_abs_diff, perturb_parameters_, tiny_swin, tiny_vit
 from transformers import SwinConfig, SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
 
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
@@ -159,31 +159,13 @@ def test_transformers_checkpoint_with_wrong_encoder_stride_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- export
-PLAIN_VIT = dict(
-    backbone="vit",
-    image_size=32,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    mask_patch_size=8,
-    drop_path_rate=0.0,
+PLAIN_VIT = tiny_vit(
     use_absolute_position_embeddings=True,
     use_relative_position_bias=False,
     use_shared_relative_position_bias=False,
     layer_scale_init_value=0.0,
 )
-SWIN = dict(
-    backbone="swin",
-    image_size=32,
-    patch_size=2,
-    embed_dim=8,
-    depths=[2, 2],
-    num_heads=[1, 2],
-    window_size=4,
-    mask_patch_size=8,
-    drop_path_rate=0.0,
-)
+SWIN = tiny_swin()
 EXPORTABLE = {
     "vit": PLAIN_VIT,
     "swin": SWIN,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_swin, tiny_vit
 from hf_simmim import (
     SimMIMConfig,
     SimMIMForImageClassification,
@@ -17,19 +18,10 @@ from hf_simmim import (
 
 
 def vit(**overrides):
-    base = dict(
-        backbone="vit", image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        mask_patch_size=8,
-    )
-    return {**base, **overrides}
+    return tiny_vit(**{"num_hidden_layers": 1, **overrides})
 
 
-def swin(**overrides):
-    base = dict(
-        backbone="swin", image_size=32, patch_size=2, embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=4,
-        mask_patch_size=8,
-    )
-    return {**base, **overrides}
+swin = tiny_swin
 
 
 # ---------------------------------------------------------------------------------------------- config
