@@ -81,6 +81,11 @@ RECIPES = {
             "vit-base-patch16-224", 0.65,
         ),
         _finetuning(
+            "simmim-finetune-swin-base-100ep-img192",
+            "swin_base__100ep/simmim_finetune__swin_base__img192_window6__100ep.yaml",
+            "swin-base-window6-192", 0.9,
+        ),
+        _finetuning(
             "simmim-finetune-swin-base-100ep",
             "swin_base__100ep/simmim_finetune__swin_base__img224_window7__100ep.yaml",
             "swin-base-window6-192", 0.9, config_overrides="image_size=224,window_size=7",

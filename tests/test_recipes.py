@@ -1,0 +1,103 @@
+"""The named recipes hold the values of the official configurations (`tests/fixtures/official_configs/`, copied
+from microsoft/SimMIM), and a run that names one trains with them."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_simmim import SimMIMConfig
+from hf_simmim.training.arguments import parse_finetune_arguments, parse_run_arguments
+from hf_simmim.training.recipes import RECIPES, get_recipe
+from hf_simmim.training.runs import _parse_overrides, apply_learning_rate
+
+OFFICIAL_CONFIGS = Path(__file__).parent / "fixtures" / "official_configs"
+# The defaults of microsoft/SimMIM config.py that the YAML files leave unset.
+OFFICIAL_DEFAULTS = {
+    "MIN_LR": 5e-6,
+    "WEIGHT_DECAY": 0.05,
+    "CLIP_GRAD": 5.0,
+    "LAYER_DECAY": 1.0,
+    "LR_SCHEDULER": {"NAME": "cosine", "GAMMA": 0.1, "MULTISTEPS": []},
+}
+
+
+def _yacs_value(value):
+    """yacs reads YAML strings such as '1e-4' (not a float in YAML 1.1) with `ast.literal_eval`, as here."""
+    if isinstance(value, dict):
+        return {key: _yacs_value(item) for key, item in value.items()}
+    try:
+        return ast.literal_eval(value) if isinstance(value, str) else value
+    except (ValueError, SyntaxError):
+        return value
+
+
+def official(recipe):
+    values = _yacs_value(yaml.safe_load((OFFICIAL_CONFIGS / Path(recipe.source).name).read_text()))
+    train = {**OFFICIAL_DEFAULTS, **values["TRAIN"]}
+    train["LR_SCHEDULER"] = {**OFFICIAL_DEFAULTS["LR_SCHEDULER"], **train["LR_SCHEDULER"]}
+    return values["MODEL"], values["DATA"], train
+
+
+def test_every_official_configuration_has_a_recipe():
+    sources = {Path(recipe.source).name for recipe in RECIPES.values()}
+    assert sources == {path.name for path in OFFICIAL_CONFIGS.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_recipe_holds_the_values_of_its_official_configuration(name):
+    recipe = RECIPES[name]
+    model, data, train = official(recipe)
+    assert recipe.stage == ("pretraining" if model["NAME"] == "simmim_pretrain" else "fine-tuning")
+    assert (recipe.epochs, recipe.warmup_epochs) == (train["EPOCHS"], train["WARMUP_EPOCHS"])
+    assert (recipe.base_learning_rate, recipe.warmup_learning_rate) == (train["BASE_LR"], train["WARMUP_LR"])
+    assert (recipe.min_learning_rate, recipe.weight_decay) == (train["MIN_LR"], train["WEIGHT_DECAY"])
+    assert (recipe.max_grad_norm, recipe.layer_decay) == (train["CLIP_GRAD"], train["LAYER_DECAY"])
+    assert recipe.schedule == train["LR_SCHEDULER"]["NAME"] and recipe.gamma == train["LR_SCHEDULER"]["GAMMA"]
+    assert list(recipe.milestone_epochs) == train["LR_SCHEDULER"]["MULTISTEPS"]
+    assert recipe.drop_path_rate == model["DROP_PATH_RATE"]
+    config = SimMIMConfig.from_preset(recipe.preset, **_parse_overrides(recipe.config_overrides))
+    assert config.image_size == data["IMG_SIZE"] and config.backbone == model["TYPE"]
+    if recipe.stage == "pretraining":
+        assert (config.mask_patch_size, config.mask_ratio) == (data["MASK_PATCH_SIZE"], data["MASK_RATIO"])
+    if model["TYPE"] == "swin":
+        swin = model["SWIN"]
+        assert (config.embed_dim, config.depths, config.num_heads, config.window_size) == (
+            swin["EMBED_DIM"], swin["DEPTHS"], swin["NUM_HEADS"], swin["WINDOW_SIZE"]
+        )
+    else:
+        vit = model["VIT"]
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
+            vit["EMBED_DIM"], vit["DEPTH"], vit["NUM_HEADS"]
+        )
+
+
+def test_a_pretraining_run_naming_a_recipe_trains_with_it():
+    argv = ["--recipe", "simmim-swin-base-800ep", "--per_device_train_batch_size", "128", "--output_dir", "x"]
+    model_args, _, recipe_args, training_args, given = parse_run_arguments(argv)
+    assert model_args.preset == "swin-base-window6-192" and training_args.num_train_epochs == 800
+    recipe, _ = apply_learning_rate(training_args, recipe_args, given)
+    # 1e-4 per 512 images at a batch of 128; warmup 10 of 800 epochs; x0.1 at epoch 700 of 800
+    assert training_args.learning_rate == pytest.approx(1e-4 * 128 / 512)
+    assert training_args.warmup_steps == pytest.approx(10 / 800)
+    assert recipe.schedule == "multistep" and list(recipe.milestones) == [700 / 800]
+
+
+def test_flags_win_over_the_recipe_and_a_named_model_over_its_preset():
+    argv = ["--recipe", "simmim-vit-base-800ep", "--num_train_epochs", "3", "--model_name_or_path", "ckpt"]
+    model_args, _, recipe_args, training_args, _ = parse_run_arguments(argv)
+    assert training_args.num_train_epochs == 3 and recipe_args.base_learning_rate == 1e-4
+    assert model_args.preset is None and model_args.model_name_or_path == "ckpt"
+    model_args, _, _, training_args, _ = parse_finetune_arguments(
+        ["--recipe", "simmim-finetune-swin-large-800ep", "--model_name_or_path", "ckpt"]
+    )
+    assert (model_args.layer_decay, model_args.drop_path_rate) == (0.7, 0.2)
+    assert model_args.config_overrides == "image_size=224,window_size=14"
+
+
+def test_a_recipe_of_the_other_stage_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="not a pretraining recipe: use one of simmim-swin-base-100ep"):
+        parse_run_arguments(["--recipe", "simmim-finetune-vit-base"])
+    with pytest.raises(ValueError, match="not a fine-tuning recipe"):
+        get_recipe("simmim-vit-base-800ep", "fine-tuning")
