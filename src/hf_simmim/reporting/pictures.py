@@ -158,6 +158,63 @@ def _format(value):
     return f"{value:.4g}"
 
 
+class _Frame:
+    """The plotting area of a `size` image with room for tick labels, mapping (step, loss) to pixels."""
+
+    def __init__(self, size, x_ticks, y_ticks, margins=(70, 20, 40, 55)):
+        self.width, self.height = size
+        self.left, self.right, self.top, self.bottom = margins
+        self.x_ticks, self.y_ticks = x_ticks, y_ticks
+
+    def to_xy(self, step, value):
+        x_lo, x_hi, y_lo, y_hi = self.x_ticks[0], self.x_ticks[-1], self.y_ticks[0], self.y_ticks[-1]
+        x = self.left + (step - x_lo) / ((x_hi - x_lo) or 1) * (self.width - self.left - self.right)
+        y = self.height - self.bottom - (value - y_lo) / ((y_hi - y_lo) or 1) * (self.height - self.top - self.bottom)
+        return x, y
+
+
+GRID_COLOUR, AXIS_COLOUR = (225, 225, 225), (60, 60, 60)
+
+
+def _draw_axes(draw, font, frame, title):
+    f = frame
+    for tick in f.y_ticks:
+        _, y = f.to_xy(f.x_ticks[0], tick)
+        draw.line([(f.left, y), (f.width - f.right, y)], fill=GRID_COLOUR)
+        tw, th = _text_size(draw, _format(tick), font)
+        draw.text((f.left - 6 - tw, y - th / 2 - 1), _format(tick), fill=TEXT, font=font)
+    for tick in f.x_ticks:
+        x, _ = f.to_xy(tick, f.y_ticks[0])
+        draw.line([(x, f.top), (x, f.height - f.bottom)], fill=GRID_COLOUR)
+        tw, _ = _text_size(draw, _format(tick), font)
+        draw.text((x - tw / 2, f.height - f.bottom + 6), _format(tick), fill=TEXT, font=font)
+    corner = [(f.left, f.top), (f.left, f.height - f.bottom), (f.width - f.right, f.height - f.bottom)]
+    draw.line(corner, fill=AXIS_COLOUR, width=2)
+    tw, _ = _text_size(draw, "optimizer step", font)
+    draw.text(((f.left + f.width - f.right - tw) / 2, f.height - f.bottom + 24), "optimizer step", fill=TEXT, font=font)
+    draw.text((8, f.top - 22), "loss", fill=TEXT, font=font)
+    tw, _ = _text_size(draw, title, font)
+    draw.text(((f.width - tw) / 2, 10), title, fill=TEXT, font=font)
+
+
+def _draw_series(draw, font, frame, series):
+    """`series`: `(name, colour, [(step, value)], dots)` each; lines (dots where asked) and a legend."""
+    for _, colour, data, dots in series:
+        xy = [frame.to_xy(s, v) for s, v in data]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        if dots or len(xy) == 1:
+            for x, y in xy:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    legend_x, legend_y = frame.width - frame.right - 116, frame.top + 6
+    box = [legend_x, frame.top + 2, frame.width - frame.right - 4, frame.top + 8 + 16 * len(series)]
+    draw.rectangle(box, fill=BACKGROUND, outline=AXIS_COLOUR)
+    for name, colour, _, _ in series:
+        draw.line([(legend_x + 6, legend_y + 6), (legend_x + 30, legend_y + 6)], fill=colour, width=3)
+        draw.text((legend_x + 36, legend_y), name, fill=TEXT, font=font)
+        legend_y += 16
+
+
 def loss_curve(log_history, title="SimMIM pretraining loss", size=(720, 440)):
     """Training `loss` (line) and `eval_loss` (line with dots) against `step`, from `Trainer.state.log_history`.
     Returns a PIL image; raises `ValueError` if the history holds no loss."""
@@ -172,63 +229,11 @@ def loss_curve(log_history, title="SimMIM pretraining loss", size=(720, 440)):
     points = train + evals
     x_ticks = _nice_ticks(min(0, min(p[0] for p in points)), max(p[0] for p in points) or 1)
     y_ticks = _nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
-    x_lo, x_hi, y_lo, y_hi = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 55
     image = Image.new("RGB", size, BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    font = _font()
-
-    def to_xy(step, value):
-        x = left + (step - x_lo) / ((x_hi - x_lo) or 1) * (width - left - right)
-        y = height - bottom - (value - y_lo) / ((y_hi - y_lo) or 1) * (height - top - bottom)
-        return x, y
-
-    grid_colour, axis_colour = (225, 225, 225), (60, 60, 60)
-    for tick in y_ticks:
-        _, y = to_xy(x_lo, tick)
-        draw.line([(left, y), (width - right, y)], fill=grid_colour)
-        label = _format(tick)
-        tw, th = _text_size(draw, label, font)
-        draw.text((left - 6 - tw, y - th / 2 - 1), label, fill=TEXT, font=font)
-    for tick in x_ticks:
-        x, _ = to_xy(tick, y_lo)
-        draw.line([(x, top), (x, height - bottom)], fill=grid_colour)
-        label = _format(tick)
-        tw, _ = _text_size(draw, label, font)
-        draw.text((x - tw / 2, height - bottom + 6), label, fill=TEXT, font=font)
-    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill=axis_colour, width=2)
-
-    tw, _ = _text_size(draw, "optimizer step", font)
-    draw.text(((left + width - right - tw) / 2, height - bottom + 24), "optimizer step", fill=TEXT, font=font)
-    draw.text((8, top - 22), "loss", fill=TEXT, font=font)
-    tw, _ = _text_size(draw, title, font)
-    draw.text(((width - tw) / 2, 10), title, fill=TEXT, font=font)
-
-    series = [
-        (name, colour, data, dots)
-        for name, colour, data, dots in (
-            ("train loss", (31, 119, 180), train, False),
-            ("eval loss", (255, 127, 14), evals, True),
-        )
-        if data
-    ]
-    for _, colour, data, dots in series:
-        xy = [to_xy(s, v) for s, v in data]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        if dots or len(xy) == 1:
-            for x, y in xy:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    legend_x, legend_y = width - right - 116, top + 6
-    draw.rectangle(
-        [legend_x, top + 2, width - right - 4, top + 8 + 16 * len(series)], fill=BACKGROUND, outline=axis_colour
-    )
-    for name, colour, _, _ in series:
-        draw.line([(legend_x + 6, legend_y + 6), (legend_x + 30, legend_y + 6)], fill=colour, width=3)
-        draw.text((legend_x + 36, legend_y), name, fill=TEXT, font=font)
-        legend_y += 16
+    draw, font, frame = ImageDraw.Draw(image), _font(), _Frame(size, x_ticks, y_ticks)
+    _draw_axes(draw, font, frame, title)
+    series = [("train loss", (31, 119, 180), train, False), ("eval loss", (255, 127, 14), evals, True)]
+    _draw_series(draw, font, frame, [entry for entry in series if entry[2]])
     return image
 
 
