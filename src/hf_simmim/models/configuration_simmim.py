@@ -131,22 +131,7 @@ class SimMIMConfig(PreTrainedConfig):
         self.norm_target = norm_target
         self.initializer_range = initializer_range
         self._validate_choices()
-        if backbone == "swin":
-            hidden_size = embed_dim * 2 ** (len(self.depths) - 1)
-        self.hidden_size = hidden_size
-        if layer_norm_eps is None:
-            layer_norm_eps = 1e-6 if backbone == "vit" else 1e-5
-        self.layer_norm_eps = layer_norm_eps
-        derived_stride = self._derived_encoder_stride()
-        if encoder_stride is not None and encoder_stride != derived_stride:
-            raise ValueError(
-                f"encoder_stride={encoder_stride} does not match the encoder's total downsampling {derived_stride} "
-                f"(backbone={backbone!r}, patch_size={patch_size}"
-                + (f", {len(self.depths)} stages" if backbone == "swin" else "")
-                + "): the decoder would reconstruct an image of the wrong size. Leave encoder_stride unset; it is "
-                "derived from the backbone."
-            )
-        self.encoder_stride = derived_stride
+        self._set_derived_fields(hidden_size, layer_norm_eps, encoder_stride)
         super().__init__(**kwargs)
         self._validate_geometry()
 
@@ -164,6 +149,23 @@ class SimMIMConfig(PreTrainedConfig):
     def feature_grid_size(self):
         """Side of the encoder's final feature map (what the decoder sees)."""
         return self.image_size // self.encoder_stride
+
+    def _set_derived_fields(self, hidden_size, layer_norm_eps, encoder_stride):
+        """Swin's width after the last stage, the backbone's LayerNorm eps (as the official code), the stride."""
+        self.hidden_size = self.embed_dim * 2 ** (len(self.depths) - 1) if self.backbone == "swin" else hidden_size
+        if layer_norm_eps is None:
+            layer_norm_eps = 1e-6 if self.backbone == "vit" else 1e-5
+        self.layer_norm_eps = layer_norm_eps
+        derived_stride = self._derived_encoder_stride()
+        if encoder_stride is not None and encoder_stride != derived_stride:
+            raise ValueError(
+                f"encoder_stride={encoder_stride} does not match the encoder's total downsampling {derived_stride} "
+                f"(backbone={self.backbone!r}, patch_size={self.patch_size}"
+                + (f", {len(self.depths)} stages" if self.backbone == "swin" else "")
+                + "): the decoder would reconstruct an image of the wrong size. Leave encoder_stride unset; it is "
+                "derived from the backbone."
+            )
+        self.encoder_stride = derived_stride
 
     def _derived_encoder_stride(self):
         if self.backbone == "swin":
