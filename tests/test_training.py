@@ -21,7 +21,7 @@ from hf_simmim.data.loading import detect_image_column, load_image_datasets
 from hf_simmim.training.callbacks import EpochCallback, ThroughputCallback, add_callback_first
 from hf_simmim.training.trainer import NonFiniteLossError, SimMIMTrainer
 from hf_simmim.training.schedules import SimMIMLRLambda, SimMIMRecipe, get_simmim_scheduler
-from hf_simmim.training.optim import no_weight_decay_parameter_names, scale_learning_rate
+from hf_simmim.training.optim import scale_learning_rate
 
 
 def tiny_model(preset="vit-tiny-test"):
@@ -69,28 +69,6 @@ def png(size=(32, 32), colour=(10, 120, 240)):
 def image_dataset(cells, column="image"):
     features = datasets.Features({column: datasets.Image()})
     return datasets.Dataset.from_dict({column: [{"bytes": c, "path": None} for c in cells]}, features=features)
-
-
-# ---------------------------------------------------------------------------------------------- weight decay
-@pytest.mark.parametrize("preset", ["vit-tiny-test", "swin-tiny-test"])
-def test_no_decay_on_norms_biases_embeddings_tokens_and_bias_tables(preset):
-    model = tiny_model(preset)
-    skip = no_weight_decay_parameter_names(model)
-    decayed = {n for n, _ in model.named_parameters()} - skip
-    for name, param in model.named_parameters():
-        exempt = (
-            param.ndim <= 1
-            or name.endswith(".bias")
-            or ".norm" in name
-            or any(k in name for k in ("cls_token", "mask_token", "relative_position_bias_table", "pos_embed"))
-        )
-        assert (name in skip) == exempt, name
-    assert "simmim.encoder.mask_token" in skip
-    assert any("relative_position_bias_table" in n for n in skip)
-    assert "decoder.0.weight" in decayed and "simmim.encoder.patch_embed.proj.weight" in decayed
-    assert all(n.endswith("weight") and "norm" not in n for n in decayed)
-    if preset == "vit-tiny-test":
-        assert {"simmim.encoder.cls_token", "simmim.encoder.blocks.0.gamma_1"} <= skip
 
 
 # ---------------------------------------------------------------------------------------------- learning rate
@@ -175,15 +153,38 @@ def test_scheduler_drives_the_optimizer_step_by_step():
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([reference.lr_at(t) for t in range(40)])
-    other = torch.nn.Parameter(torch.zeros(1))
-    groups = torch.optim.AdamW([{"params": [other], "lr": 0.25}, {"params": [param], "lr": 1.0}])
-    scheduler = get_simmim_scheduler(groups, 10, num_warmup_steps=2, warmup_lr=0.1, min_lr=0.01)
-    for _ in range(6):  # a group at a fraction of the peak (layer-wise decay) follows the curve scaled alike
-        assert groups.param_groups[0]["lr"] == pytest.approx(0.25 * groups.param_groups[1]["lr"])
-        groups.step()
-        scheduler.step()
     milestones = get_simmim_scheduler(torch.optim.AdamW([param], lr=1.0), 80, schedule="multistep", milestones=[0.875])
     assert milestones.lr_lambdas[0].milestones == [70]  # a fraction of the run -> a step
+
+
+def _group_learning_rates(scheduler, optimizer, steps):
+    seen = []
+    for _ in range(steps):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_every_group_warms_up_from_and_decays_to_the_absolute_learning_rates():
+    """timm's schedulers (the official code's): each group goes from the absolute warmup_lr to its own peak, then to
+    the absolute min_lr; a layer-decayed group (peak 0.25) is not the peak group's curve scaled by 0.25."""
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.AdamW([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.25}])
+    scheduler = get_simmim_scheduler(optimizer, 10, num_warmup_steps=2, warmup_lr=0.1, min_lr=0.01)
+    seen = _group_learning_rates(scheduler, optimizer, 11)
+    assert seen[0] == pytest.approx([0.1, 0.1])  # the warmup starts at warmup_lr for every group
+    assert seen[1] == pytest.approx([0.55, 0.175])  # halfway: 0.1 + (peak - 0.1) / 2
+    assert seen[5] == pytest.approx([0.505, 0.13])  # cos(pi/2) = 0: 0.01 + (peak - 0.01) / 2
+    assert seen[10] == pytest.approx([0.01, 0.01])  # the cosine ends at min_lr for every group
+    state = scheduler.state_dict()  # callable objects, saved with the checkpoint (a lambda would be dropped)
+    assert [saved["base_lr"] for saved in state["lr_lambdas"]] == [1.0, 0.25]
+
+    optimizer = torch.optim.AdamW([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.25}])
+    scheduler = get_simmim_scheduler(optimizer, 10, 2, 0.1, 0.0, "multistep", milestones=[6], gamma=0.1)
+    seen = _group_learning_rates(scheduler, optimizer, 7)
+    assert seen[1] == pytest.approx([0.55, 0.175])
+    assert seen[5] == pytest.approx([1.0, 0.25]) and seen[6] == pytest.approx([0.1, 0.025])
 
 
 def test_the_trainer_uses_the_recipe_schedule(tmp_path, sample):

@@ -212,3 +212,30 @@ class SwinTransformer(nn.Module):
 
     def patch_tokens(self, sequence):
         return sequence
+
+    # Optimizer hooks, as the official encoders answer them (microsoft/SimMIM `optimizer.py` reads them).
+    def no_weight_decay(self):
+        """Parameter names (relative to the encoder) the official `SwinTransformerForSimMIM` exempts from weight
+        decay by name (its fine-tuning `SwinTransformer` has no mask token)."""
+        return {"absolute_pos_embed", "mask_token"}
+
+    def no_weight_decay_keywords(self):
+        """Substrings exempting parameters from weight decay (the official code applies them in fine-tuning only)."""
+        return {"relative_position_bias_table"}
+
+    def num_layers(self):
+        """Layer ids of layer-wise learning-rate decay: the embeddings, each block, everything after the blocks."""
+        return sum(self.config.depths) + 2
+
+    def layer_id(self, name):
+        """The official `get_swin_layer` of a parameter name relative to the encoder, quirks included: a patch
+        merging gets the id of its stage's last block, and `absolute_pos_embed` falls to the last layer."""
+        if name == "mask_token" or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("layers."):
+            parts = name.split(".")
+            stage = int(parts[1])
+            if parts[2] == "downsample":
+                return sum(self.config.depths[: stage + 1])
+            return sum(self.config.depths[:stage]) + int(parts[3]) + 1
+        return self.num_layers() - 1  # norm, absolute_pos_embed (and, outside the encoder, the head)

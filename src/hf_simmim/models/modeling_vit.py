@@ -149,3 +149,25 @@ class VisionTransformer(nn.Module):
 
     def patch_tokens(self, sequence):
         return sequence[:, 1:]
+
+    # Optimizer hooks, as the official encoders answer them (microsoft/SimMIM `optimizer.py` reads them).
+    def no_weight_decay(self):
+        """Parameter names (relative to the encoder) the official ViT exempts from weight decay by name. The mask
+        token and the relative position bias tables are not among them: the official code decays those."""
+        return {"pos_embed", "cls_token"}
+
+    def no_weight_decay_keywords(self):
+        """Substrings exempting parameters from weight decay: the official ViT has none."""
+        return set()
+
+    def num_layers(self):
+        """Layer ids of layer-wise learning-rate decay: the embeddings, each block, everything after the blocks."""
+        return len(self.blocks) + 2
+
+    def layer_id(self, name):
+        """The official `get_vit_layer` of a parameter name relative to the encoder."""
+        if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers() - 1  # the shared rel_pos_bias, norm (and, outside the encoder, fc_norm and head)

@@ -1,5 +1,6 @@
 """The official per-step learning-rate schedules: linear warmup from `warmup_lr`, then cosine to `min_lr` or step
-decay, as a `LambdaLR` the `Trainer` can save and resume."""
+decay, as a `LambdaLR` the `Trainer` can save and resume. As timm's schedulers (used by the official code), each
+parameter group runs from the absolute `warmup_lr` to its own peak learning rate, then to the absolute `min_lr`."""
 
 import math
 from bisect import bisect_right
@@ -12,7 +13,8 @@ SCHEDULES = ("cosine", "multistep", "trainer")
 
 @dataclass
 class SimMIMLRLambda:
-    """The official per-step schedule as a `LambdaLR` multiplier of `base_lr` (so it works with `Trainer`).
+    """The official per-step schedule of one parameter group peaking at `base_lr`, as a `LambdaLR` multiplier of
+    `base_lr` (so it works with `Trainer`).
 
     Step `t` (0-based optimizer step) gets:
     - warmup, `t < num_warmup_steps`: `warmup_lr + (base_lr - warmup_lr) * t / num_warmup_steps`;
@@ -52,30 +54,25 @@ class SimMIMLRLambda:
 
 
 def get_simmim_scheduler(
-    optimizer,
-    num_training_steps,
-    num_warmup_steps=0,
-    warmup_lr=0.0,
-    min_lr=0.0,
-    schedule="cosine",
-    milestones=(),
+    optimizer, num_training_steps, num_warmup_steps=0, warmup_lr=0.0, min_lr=0.0, schedule="cosine", milestones=(),
     gamma=0.1,
-    base_lr=None,
 ):
-    """A `LambdaLR` following `SimMIMLRLambda`.
+    """A `LambdaLR` with one `SimMIMLRLambda` per parameter group, peaking at the group's own learning rate.
 
-    `base_lr` is the peak learning rate (default: the largest learning rate of the optimizer's groups); `warmup_lr`
-    and `min_lr` are absolute learning rates at that peak. A group set to a fraction of the peak (e.g. layer-wise
-    decay) follows the same curve scaled by that fraction. `milestones` are fractions of `num_training_steps` in
-    (0, 1] (e.g. 0.875 for epoch 700 of 800) or absolute step numbers (> 1).
+    `warmup_lr` and `min_lr` are absolute, the same for every group, as in timm's `CosineLRScheduler` /
+    `MultiStepLRScheduler` that the official code uses: a layer-wise decayed group warms up from `warmup_lr` to its
+    decayed peak and ends at `min_lr`, not at `min_lr` times its scale. `milestones` are fractions of
+    `num_training_steps` in (0, 1] (e.g. 0.875 for epoch 700 of 800) or absolute step numbers (> 1).
     """
-    if base_lr is None:
-        base_lr = max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
     steps = [round(m * num_training_steps) if m <= 1 else int(m) for m in milestones]
-    lr_lambda = SimMIMLRLambda(
-        base_lr, num_training_steps, num_warmup_steps, warmup_lr, min_lr, schedule, steps, gamma
-    )
-    return LambdaLR(optimizer, lr_lambda)
+    lr_lambdas = [
+        SimMIMLRLambda(
+            group.get("initial_lr", group["lr"]), num_training_steps, num_warmup_steps, warmup_lr, min_lr, schedule,
+            steps, gamma,
+        )
+        for group in optimizer.param_groups
+    ]
+    return LambdaLR(optimizer, lr_lambdas)
 
 
 @dataclass
@@ -88,6 +85,9 @@ class SimMIMRecipe:
         warmup_lr, min_lr: absolute learning rates (already scaled like the peak learning rate).
         milestones: for `"multistep"`: fractions of the run in (0, 1] or absolute steps.
         stop_on_nonfinite_loss: raise `NonFiniteLossError` on a NaN/inf loss, before the optimizer step.
+        no_weight_decay_names: substrings of parameter names also exempt from weight decay (an opt-in beyond the
+            official exemptions, e.g. `"relative_position_bias_table,mask_token"`); a comma-separated string or a
+            sequence.
     """
 
     schedule: str = "cosine"
@@ -96,7 +96,11 @@ class SimMIMRecipe:
     milestones: tuple = (0.875,)
     gamma: float = 0.1
     stop_on_nonfinite_loss: bool = True
+    no_weight_decay_names: tuple = ()
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not supported: use one of {SCHEDULES}.")
+        names = self.no_weight_decay_names
+        names = names.split(",") if isinstance(names, str) else names
+        self.no_weight_decay_names = tuple(name.strip() for name in names if name.strip())

@@ -28,7 +28,8 @@ class SimMIMTrainer(Trainer):
 
     Differences from `Trainer`, each needed where the model and optimizer are built inside `train()` (after
     DDP/FSDP/DeepSpeed wrapping), so they cannot be passed in from outside:
-    - weight decay groups from `no_weight_decay_parameter_names` (`get_decay_parameter_names`);
+    - weight decay groups from `no_weight_decay_parameter_names` (`get_decay_parameter_names`): the official
+      exemptions, plus the recipe's opt-in `no_weight_decay_names`;
     - the official warmup + cosine/multistep schedule (`create_scheduler`), per `recipe`;
     - a NaN/inf loss stops training with the step number, before the optimizer step (`training_step`); all
       processes agree, so a distributed run stops everywhere instead of hanging;
@@ -61,7 +62,7 @@ class SimMIMTrainer(Trainer):
         return inputs
 
     def get_decay_parameter_names(self, model):
-        skip = no_weight_decay_parameter_names(model)
+        skip = no_weight_decay_parameter_names(model, extra_names=self.recipe.no_weight_decay_names)
         return [name for name, param in model.named_parameters() if name not in skip]
 
     def create_scheduler(self, num_training_steps, optimizer=None):
@@ -77,7 +78,6 @@ class SimMIMTrainer(Trainer):
             schedule=self.recipe.schedule,
             milestones=self.recipe.milestones,
             gamma=self.recipe.gamma,
-            base_lr=self.args.learning_rate,
         )
         self._created_lr_scheduler = True
         return self.lr_scheduler
@@ -104,7 +104,8 @@ class SimMIMTrainer(Trainer):
 
 class SimMIMFineTuneTrainer(SimMIMTrainer):
     """`SimMIMTrainer` for classification: AdamW over `layer_decay_parameter_groups` (each layer's learning rate
-    follows the schedule scaled by its `lr_scale`), and mixup / cutmix on training batches only."""
+    peaks at `lr * lr_scale`, between the recipe's absolute `warmup_lr` and `min_lr`), and mixup / cutmix on
+    training batches only."""
 
     def __init__(self, *args, layer_decay=1.0, mixup=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -114,7 +115,10 @@ class SimMIMFineTuneTrainer(SimMIMTrainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = self.model if model is None else model
-            groups = layer_decay_parameter_groups(model, self.args.learning_rate, self.args.weight_decay, self.layer_decay)
+            groups = layer_decay_parameter_groups(
+                model, self.args.learning_rate, self.args.weight_decay, self.layer_decay,
+                extra_no_decay_names=self.recipe.no_weight_decay_names,
+            )
             for group in groups:
                 group.pop("names")
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
