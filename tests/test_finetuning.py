@@ -46,18 +46,15 @@ def swin_w6_checkpoint(tmp_path):
 
 
 def test_relative_position_bias_interpolated_when_window_grows(swin_w6_checkpoint):
-    source, path = swin_w6_checkpoint
+    _, path = swin_w6_checkpoint
     model, info = SimMIMForImageClassification.from_pretrained(
         path, image_size=224, window_size=7, num_labels=5, output_loading_info=True
     )
     assert not info["mismatched_keys"]
     assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
-    for old_stage, new_stage in zip(source.simmim.encoder.layers, model.simmim.encoder.layers):
-        old = old_stage.blocks[0].attn.relative_position_bias_table.detach()
-        new = new_stage.blocks[0].attn.relative_position_bias_table.detach()
+    for stage in model.simmim.encoder.layers:  # the values themselves: test_official_interpolation.py
+        new = stage.blocks[0].attn.relative_position_bias_table.detach()
         assert new.shape == (13 * 13, 1)
-        expected = F.interpolate(old.T.reshape(1, 1, 11, 11), size=(13, 13), mode="bicubic", align_corners=False)
-        assert torch.allclose(new, expected.reshape(1, -1).T, atol=1e-6)
         grid = new.reshape(13, 13)
         assert torch.allclose(grid, grid[:, :1].expand(13, 13))  # still constant along dx
         assert (grid[1:, 0] > grid[:-1, 0]).all()  # still increasing along dy
@@ -144,15 +141,15 @@ def test_vit_loaded_at_another_image_size_interpolates_cls_rows_intact(tmp_path)
     config = SimMIMConfig.from_preset("vit-tiny-test", use_absolute_position_embeddings=True)
     torch.manual_seed(0)
     source = SimMIMForMaskedImageModeling(config)
+    with torch.no_grad():
+        source.simmim.encoder.rel_pos_bias.relative_position_bias_table.normal_()  # initialised to zeros
     source.save_pretrained(tmp_path)
     model, info = SimMIMForImageClassification.from_pretrained(tmp_path, image_size=64, num_labels=2, output_loading_info=True)
     assert not info["mismatched_keys"]
     old_table = source.simmim.encoder.rel_pos_bias.relative_position_bias_table.detach()
     new_table = model.simmim.encoder.rel_pos_bias.relative_position_bias_table.detach()
-    assert new_table.shape == ((2 * 16 - 1) ** 2 + 3, 2)
+    assert new_table.shape == ((2 * 16 - 1) ** 2 + 3, 2)  # the values themselves: test_official_interpolation.py
     assert torch.equal(new_table[-3:], old_table[-3:])  # the CLS rows are copied, not interpolated
-    expected = F.interpolate(old_table[:-3].T.reshape(1, 2, 15, 15), size=(31, 31), mode="bicubic", align_corners=False)
-    assert torch.allclose(new_table[:-3], expected.reshape(2, -1).T, atol=1e-6)
     old_pos = source.simmim.encoder.pos_embed.detach()
     new_pos = model.simmim.encoder.pos_embed.detach()
     assert new_pos.shape == (1, 1 + 16 * 16, 64)

@@ -8,6 +8,7 @@ reconstruction (B, 3, H, W) -> `simmim_loss` on the masked pixels only.
 """
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,15 @@ def simmim_loss(pixel_values, reconstruction, mask_grid, patch_size, loss_type="
 
 
 # ---------------------------------------------------------------------------------------------- models
+def init_conv_as_pytorch_default(conv):
+    """`nn.Conv2d.reset_parameters`, written out: transformers may skip a module's own init when it builds a model.
+    Weight and bias are U(+-1/sqrt(fan_in)) (kaiming-uniform with a=sqrt(5) gives that bound for the weight)."""
+    init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+    if conv.bias is not None:
+        bound = 1.0 / math.sqrt(conv.weight[0].numel())  # fan_in = in_channels / groups * kernel area
+        init.uniform_(conv.bias, -bound, bound)
+
+
 class SimMIMPreTrainedModel(PreTrainedModel):
     config_class = SimMIMConfig
     base_model_prefix = "simmim"
@@ -135,32 +145,55 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     # The loss is a per-batch mean: Trainer must average it over accumulation steps, not rescale it by a count.
     accepts_loss_kwargs = False
+    # The official pretraining ViT (`VisionTransformerForSimMIM`) truncates its normal init at +-1 std; the official
+    # fine-tuning ViT and Swin do not. `SimMIMModel` sets this for the encoder it holds.
+    truncates_init_at_one_std = False
 
     def __init__(self, config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
         # FSDP wraps these blocks; only the backbone's own block class exists in the model.
         self._no_split_modules = ["ViTBlock"] if config.backbone == "vit" else ["SwinBlock"]
 
+    def _init_normal_(self, tensor, scale=1.0):
+        """N(0, (initializer_range * scale)^2), as the official models draw it: truncated at +-1 std where
+        `truncates_init_at_one_std`, else within timm's default absolute bounds +-2 (no effective truncation). `scale`
+        is the official rescaling after the draw (`fix_init_weight`, the ViT head's `init_scale`): it scales the
+        bounds too."""
+        std = self.config.initializer_range * scale
+        bound = std if self.truncates_init_at_one_std else 2.0 * scale
+        init.trunc_normal_(tensor, std=std, a=-bound, b=bound)
+
     @torch.no_grad()
     def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, std=std * getattr(module, "init_scale", 1.0))
+        """The official initialisation, module by module. transformers calls this for every module, children before
+        their parent (so a parent may override its children's init), and again, on loading, for what a checkpoint
+        did not fill; the `init` helpers leave loaded tensors alone. Non-persistent buffers are recomputed here too:
+        loading on the meta device leaves them empty."""
+        if isinstance(module, nn.Linear):
+            self._init_normal_(module.weight, getattr(module, "init_scale", 1.0))
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init_conv_as_pytorch_default(module)  # what the official decoder and Swin patch embedding keep
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, (VisionTransformer, SwinTransformer)):
-            for name in ("cls_token", "mask_token", "pos_embed", "absolute_pos_embed"):
-                param = getattr(module, name, None)
+        elif isinstance(module, VisionTransformer):
+            # The official ViT draws its patch-embedding conv like its Linear layers (Swin's keeps PyTorch's init).
+            self._init_normal_(module.patch_embed.proj.weight)
+            init.zeros_(module.patch_embed.proj.bias)
+            for param in (module.cls_token, module.mask_token, module.pos_embed):
                 if param is not None:
-                    init.trunc_normal_(param, std=std)
+                    self._init_normal_(param)
+        elif isinstance(module, SwinTransformer):
+            for param in (module.mask_token, module.absolute_pos_embed):
+                if param is not None:
+                    self._init_normal_(param)
         elif isinstance(module, RelativePositionBias):
-            init.zeros_(module.relative_position_bias_table)
+            init.zeros_(module.relative_position_bias_table)  # the official ViT never initialises its tables
             init.copy_(module.relative_position_index, vit_relative_position_index(module.grid_size))
         elif isinstance(module, WindowAttention):
-            init.trunc_normal_(module.relative_position_bias_table, std=std)
+            self._init_normal_(module.relative_position_bias_table)
             init.copy_(module.relative_position_index, swin_relative_position_index(module.window))
         elif isinstance(module, ViTBlock) and module.gamma_1 is not None:
             init.constant_(module.gamma_1, self.config.layer_scale_init_value)
@@ -259,6 +292,9 @@ class SimMIMModel(SimMIMPreTrainedModel):
         super().__init__(config)
         encoder_class = VisionTransformer if config.backbone == "vit" else SwinTransformer
         self.encoder = encoder_class(config, use_mask_token=use_mask_token)
+        # The encoder with a mask token stands for the official pretraining encoder, the one without for the
+        # fine-tuning one; only the pretraining ViT truncates its init at +-1 std.
+        self.truncates_init_at_one_std = config.backbone == "vit" and use_mask_token
         self.pooler = SimMIMPooler(config) if add_pooling_layer else None
         self.post_init()
 
@@ -355,6 +391,8 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         self.num_labels = config.num_labels
         self.simmim = SimMIMModel(config, add_pooling_layer=True, use_mask_token=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        if config.backbone == "vit" and config.num_labels > 0:
+            self.classifier.init_scale = 1e-3  # the official ViT head's `init_scale`; Swin's is drawn as any Linear
         self.post_init()
 
     def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):

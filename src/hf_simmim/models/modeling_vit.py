@@ -77,7 +77,8 @@ class ViTBlock(GradientCheckpointingLayer):
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(config.layer_scale_init_value)))
         else:
             self.gamma_1 = self.gamma_2 = None
-        # The official init divides the residual output projections by sqrt(2 * depth) (`fix_init_weight`).
+        # The official init divides the residual output projections by sqrt(2 * layer_id), layer_id = block index + 1
+        # (`fix_init_weight`); `_init_weights` applies it to the draw and its bounds.
         self.attn.proj.init_scale = self.mlp.fc2.init_scale = (2.0 * (layer_id + 1)) ** -0.5
 
     def forward(self, x, shared_bias=None):
