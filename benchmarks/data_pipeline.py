@@ -1,6 +1,6 @@
 """Can the data pipeline feed the GPU? Images/s of run_mim.py's training data path, from image files to batches.
 
-The path measured is the one `run_mim.py` gives the `Trainer`: `SimMIMPretrainingDataset` (per-row seeded crop,
+The path measured is the one `run_mim.py` gives the `Trainer`: `SeededImageDataset` (per-row seeded crop,
 flip and mask) through `SimMIMTransform`, batched by a `torch.utils.data.DataLoader` with `collate_fn`. Reported:
 the time per image of each stage in one process (open, decode + crop + resize, flip, mask), images/s of one
 process, and images/s of a DataLoader with each number of workers asked for. Compare the last column with the
@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hf_simmim.data.augmentation import RESAMPLE, pretraining_augmentation
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor  # noqa: E402
-from hf_simmim.data.transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn# noqa: E402
+from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn# noqa: E402
 from hf_simmim.data.loading import bundled_sample_data_files# noqa: E402
-from hf_simmim.data.image_ops import decode_image# noqa: E402
+from hf_simmim.data.image_ops import open_image# noqa: E402
 from hf_simmim.data.image_ops import random_horizontal_flip, random_resized_crop, to_uint8_array# noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -103,7 +103,7 @@ def stage_times(paths, processor):
     totals = {"open": 0.0, "decode+crop+resize": 0.0, "flip+to_uint8": 0.0, "mask": 0.0}
     for path in paths:
         t0 = time.perf_counter()
-        image = decode_image(path, lazy=True)
+        image = open_image(path)
         t1 = time.perf_counter()
         image = random_resized_crop(image, processor.image_size, augmentation.crop_scale, augmentation.crop_ratio, rng,
                                     RESAMPLE[augmentation.resample])
@@ -152,7 +152,7 @@ def main(argv=None):
         import datasets
 
         dataset = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
-        pretraining = SimMIMPretrainingDataset(  # as run_mim.py: uint8 batches, normalised later on the device
+        pretraining = SeededImageDataset(  # as run_mim.py: uint8 batches, normalised later on the device
             dataset, SimMIMTransform(processor, train=True, keep_columns=(), uint8=True), seed=0
         )
         stages = stage_times(paths[: min(len(paths), 256)], processor)

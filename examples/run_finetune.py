@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from hf_simmim import SimMIMModel, metrics
-from hf_simmim.training.runs import _parse_overrides, load_run_datasets, prepare_output_dir, set_learning_rate, start_run
+from hf_simmim.training.runs import _parse_overrides, load_run_datasets, prepare_output_dir, set_learning_rate, skipped_image_counts, start_run
 from hf_simmim.data import finetuning_augmentation
-from hf_simmim.data.transforms import SimMIMTransform, collate_fn
+from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from hf_simmim.data.checks import check_image_dataset
-from hf_simmim.data.loading import detect_image_column, label_names, select_per_class, undecoded
+from hf_simmim.data.loading import detect_image_column, label_names, select_per_class
 from hf_simmim.training.finetuning import load_classification_model
 from hf_simmim.training.recipes import DEFAULT_LAYER_DECAY, RECIPES
 from hf_simmim.training.arguments import parse_finetune_arguments
@@ -37,7 +37,7 @@ from hf_simmim.training.trainer import SimMIMFineTuneTrainer
 from hf_simmim.reporting.model_card import write_finetuning_card
 from hf_simmim.training.probing import extract_features, knn_scores, linear_probe
 from hf_simmim.training.schedules import SimMIMRecipe
-from hf_simmim.training.callbacks import ThroughputCallback, add_callback_first
+from hf_simmim.training.callbacks import EpochCallback, ThroughputCallback, add_callback_first
 
 logger = logging.getLogger("run_finetune")
 
@@ -91,24 +91,23 @@ def main(argv=None):
     train_raw = select_per_class(
         train_raw, label_column, data_args.samples_per_class, data_args.label_fraction, seed=training_args.seed
     )
-    check_image_dataset(train_raw, image_column, 1, "train")
-    check_image_dataset(eval_raw, image_column, 1, "validation")
 
     model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)))
     augmentation = finetuning_augmentation(model.config.image_size, recipe_args.rand_augment, recipe_args.random_erasing)
+    train = model_args.mode == "finetune"
+    check_image_dataset(train_raw, image_column, augmentation.min_image_size if train else 1, "train")
+    check_image_dataset(eval_raw, image_column, 1, "validation")
     layer_decay = model_args.layer_decay
     if layer_decay is None:  # decay protects pretrained lower layers; from scratch there is nothing to protect
         layer_decay = 1.0 if model_args.from_scratch else DEFAULT_LAYER_DECAY[model.config.backbone]
     keep = (label_column,)
-    train_dataset = undecoded(train_raw, image_column).with_transform(
-        SimMIMTransform(
-            processor, train=model_args.mode == "finetune", image_column=image_column, with_mask=False,
-            keep_columns=keep, augmentation=augmentation,
-        )
+    train_transform = SimMIMTransform(
+        processor, train=train, image_column=image_column, with_mask=False, keep_columns=keep, augmentation=augmentation
     )
-    eval_dataset = undecoded(eval_raw, image_column).with_transform(
-        SimMIMTransform(processor, train=False, image_column=image_column, with_mask=False, keep_columns=keep)
-    )
+    eval_transform = SimMIMTransform(processor, train=False, image_column=image_column, with_mask=False, keep_columns=keep)
+    # crops drawn per (seed, epoch, row), and each image that cannot be decoded reported once and counted
+    train_dataset = SeededImageDataset(train_raw, train_transform, seed=training_args.seed)
+    eval_dataset = SeededImageDataset(eval_raw, eval_transform, seed=training_args.seed, split="validation")
     compute_metrics, ks = accuracy_function(len(names))
     source = "from scratch" if model_args.from_scratch else f"from {model_args.model_name_or_path}"
     logger.info(
@@ -125,6 +124,7 @@ def main(argv=None):
                 **_parse_overrides(model_args.config_overrides),
             )
         results = run_probe(model_args, training_args, encoder, train_dataset, eval_dataset, len(names), ks)
+        results.update(skipped_image_counts(train_dataset, eval_dataset))
         if training_args.process_index == 0:
             os.makedirs(training_args.output_dir, exist_ok=True)
             with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
@@ -171,10 +171,12 @@ def main(argv=None):
         model_card_writer=functools.partial(write_finetuning_card, run_info=run_info),
     )
     add_callback_first(trainer, ThroughputCallback())
+    trainer.add_callback(EpochCallback(train_dataset))
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model()
     trainer.save_state()
     results = {**result.metrics, **trainer.evaluate()}
+    results.update(skipped_image_counts(train_dataset, eval_dataset, trainer))
     trainer.save_metrics("all", results, combined=False)
     run_info["results"] = results
     trainer.create_model_card()
@@ -194,6 +196,8 @@ def print_summary(model_args, results, output_dir):
                 "=" * 78,
                 f"SimMIM {model_args.mode} done ({'from scratch' if model_args.from_scratch else model_args.model_name_or_path}).",
                 f"  accuracy  {accuracies}",
+                f"  images skipped (cannot be decoded): {results['train_skipped_images']} training, "
+                f"{results['eval_skipped_images']} validation",
                 f"  results   {os.path.join(os.path.abspath(output_dir), 'all_results.json')}",
                 "=" * 78,
             ]

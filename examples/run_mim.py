@@ -27,17 +27,17 @@ import sys
 
 import transformers
 
-from hf_simmim.training.runs import load_run_datasets, start_run, apply_learning_rate, describe_data, load_pretraining_model, prepare_output_dir, resolve_recipe_defaults
+from hf_simmim.training.runs import load_run_datasets, start_run, apply_learning_rate, describe_data, load_pretraining_model, prepare_output_dir, resolve_recipe_defaults, skipped_image_counts
 
 from hf_simmim.training.arguments import parse_run_arguments
 from hf_simmim.training.recipes import RECIPES
 from hf_simmim.data import pretraining_augmentation
-from hf_simmim.data.transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn
+from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from hf_simmim.data.checks import check_image_dataset, check_not_empty
 from hf_simmim.data.loading import detect_image_column
 from hf_simmim.reporting.model_card import write_model_card
 from hf_simmim.training.callbacks import EpochCallback, ReconstructionCallback, ThroughputCallback, add_callback_first, tensorboard_writer
-from hf_simmim.training.trainer import NonFiniteLossError, SimMIMTrainer, count_unreadable_images
+from hf_simmim.training.trainer import NonFiniteLossError, SimMIMTrainer
 from hf_simmim.training.optim import total_train_batch_size
 from hf_simmim.reporting.pictures import save_loss_curve
 
@@ -68,11 +68,11 @@ def main(argv=None):
     train_transform = SimMIMTransform(
         image_processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation
     )
-    train_dataset = SimMIMPretrainingDataset(train_raw, train_transform, seed=training_args.seed)
+    train_dataset = SeededImageDataset(train_raw, train_transform, seed=training_args.seed)
     eval_dataset = None
     if eval_raw is not None:
         eval_transform = SimMIMTransform(image_processor, train=False, image_column=image_column, keep_columns=())
-        eval_dataset = SimMIMPretrainingDataset(eval_raw, eval_transform, seed=data_args.eval_mask_seed)
+        eval_dataset = SeededImageDataset(eval_raw, eval_transform, seed=data_args.eval_mask_seed, split="validation")
     else:
         training_args.eval_strategy = transformers.IntervalStrategy.NO
 
@@ -88,7 +88,6 @@ def main(argv=None):
         if data_args.dataset_name and not os.path.exists(data_args.dataset_name)
         else None,
         "base_model": model_args.model_name_or_path,
-        "skipped_images": 0,
         "augmentation": augmentation,
     }
     trainer = SimMIMTrainer(
@@ -108,7 +107,7 @@ def main(argv=None):
         source = (
             eval_dataset
             if eval_dataset is not None
-            else SimMIMPretrainingDataset(
+            else SeededImageDataset(
                 train_raw,
                 SimMIMTransform(image_processor, train=False, image_column=image_column, keep_columns=()),
                 seed=data_args.eval_mask_seed,
@@ -136,8 +135,6 @@ def main(argv=None):
         logger.error("%s", error)
         return 1
     trainer.save_model()  # model.safetensors, config.json, preprocessor_config.json
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
     trainer.save_state()
 
     if eval_dataset is not None and training_args.eval_strategy != transformers.IntervalStrategy.NO:
@@ -148,9 +145,10 @@ def main(argv=None):
             trainer.evaluate()
         metrics = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    skipped = run_info["skipped_images"] = skipped_image_counts(train_dataset, eval_dataset, trainer)
+    trainer.log_metrics("train", {**result.metrics, **skipped})
+    trainer.save_metrics("train", {**result.metrics, **skipped})  # train_results.json and all_results.json
 
-    skipped = count_unreadable_images(trainer, train_dataset)
-    run_info["skipped_images"] = skipped
     loss_curve_path = None
     if trainer.is_world_process_zero():
         loss_curve_path = save_loss_curve(
@@ -176,7 +174,8 @@ def print_summary(trainer, pictures, loss_curve_path, skipped):
         f"SimMIM pretraining done: {trainer.state.global_step} steps, {trainer.state.epoch:.1f} epochs.",
         f"  training loss    {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)" if losses else "",
         f"  evaluation loss  {eval_losses[0]:.4f} -> {eval_losses[-1]:.4f}" if eval_losses else "",
-        f"  unreadable images skipped: {skipped}",
+        f"  images skipped (cannot be decoded): {skipped['train_skipped_images']} training, "
+        f"{skipped['eval_skipped_images']} validation",
         f"  checkpoint       {output_dir}",
         f"  model card       {os.path.join(output_dir, 'README.md')}",
         f"  pictures         {(pictures and pictures.last_path) or '-'}, {loss_curve_path or '-'}",

@@ -12,6 +12,8 @@ from hf_simmim.data import augmentation, finetuning_augmentation
 from hf_simmim.data.augmentation import OPS, RandAugment, parse_rand_augment, random_erasing
 from hf_simmim.data.transforms import SimMIMTransform
 
+BICUBIC = Image.BICUBIC
+
 
 class FixedRandom(random.Random):
     """A `random.Random` whose `random()` returns fixed values in turn (to choose signs and skips)."""
@@ -47,15 +49,21 @@ def test_colour_ops_match_hand_computed_pixels():
     image = gradient_image()
     array = pixels(image)
     rng = FixedRandom([0.9])  # >= 0.5: the sign stays positive
-    np.testing.assert_array_equal(pixels(OPS["Invert"](image, 9, rng)), 255 - array)
+    np.testing.assert_array_equal(pixels(OPS["Invert"](image, 9, rng, BICUBIC)), 255 - array)
     # magnitude 9: solarize above 256 - int(0.9 * 256) = 26; posterize to 4 - int(3.6) = 1 bit; add int(99) below 128
-    np.testing.assert_array_equal(pixels(OPS["SolarizeIncreasing"](image, 9, rng)), np.where(array >= 26, 255 - array, array))
-    np.testing.assert_array_equal(pixels(OPS["PosterizeIncreasing"](image, 9, rng)), array & 0b10000000)
-    np.testing.assert_array_equal(pixels(OPS["SolarizeAdd"](image, 9, rng)), np.where(array < 128, np.minimum(array + 99, 255), array))
+    np.testing.assert_array_equal(
+        pixels(OPS["SolarizeIncreasing"](image, 9, rng, BICUBIC)), np.where(array >= 26, 255 - array, array)
+    )
+    np.testing.assert_array_equal(pixels(OPS["PosterizeIncreasing"](image, 9, rng, BICUBIC)), array & 0b10000000)
+    # magnitude 10: 0 bits, `v & ~(2 ** 8 - 1)` = 0 (timm's result; Pillow itself now refuses bits=0)
+    assert not pixels(OPS["PosterizeIncreasing"](image, 10, rng, BICUBIC)).any()
+    np.testing.assert_array_equal(
+        pixels(OPS["SolarizeAdd"](image, 9, rng, BICUBIC)), np.where(array < 128, np.minimum(array + 99, 255), array)
+    )
     # brightness: factor 1 + 0.9 * m / 10 (positive sign) or 1 - 0.9 * m / 10 (negative) on a constant image
     grey = Image.new("RGB", (4, 4), (100, 50, 20))
-    brighter = pixels(OPS["BrightnessIncreasing"](grey, 5, FixedRandom([0.9])))[0, 0]
-    darker = pixels(OPS["BrightnessIncreasing"](grey, 5, FixedRandom([0.1])))[0, 0]
+    brighter = pixels(OPS["BrightnessIncreasing"](grey, 5, FixedRandom([0.9]), BICUBIC))[0, 0]
+    darker = pixels(OPS["BrightnessIncreasing"](grey, 5, FixedRandom([0.1]), BICUBIC))[0, 0]
     np.testing.assert_allclose(brighter, np.minimum(np.round(np.array([100, 50, 20]) * 1.45), 255), atol=1)
     np.testing.assert_allclose(darker, np.round(np.array([100, 50, 20]) * 0.55), atol=1)
 
@@ -63,14 +71,14 @@ def test_colour_ops_match_hand_computed_pixels():
 def test_geometric_ops_move_pixels_and_fill_with_the_mean_colour():
     image = Image.new("RGB", (40, 20), (255, 255, 255))
     # translate right by 0.45 * 40 * m / 10 = 18 px at m=10 (sign negative -> shift the content right)
-    moved = pixels(OPS["TranslateXRel"](image, 10, FixedRandom([0.1, 0.0])))
+    moved = pixels(OPS["TranslateXRel"](image, 10, FixedRandom([0.1]), BICUBIC))
     assert (moved[:, :18] == augmentation.FILL).all() and (moved[:, 19:] == 255).all()
-    moved = pixels(OPS["TranslateXRel"](image, 10, FixedRandom([0.9, 0.0])))
+    moved = pixels(OPS["TranslateXRel"](image, 10, FixedRandom([0.9]), BICUBIC))
     assert (moved[:, :21] == 255).all() and (moved[:, 23:] == augmentation.FILL).all()
     # rotation by m / 10 * 30 degrees: the corners fill with the mean colour, the centre stays
-    rotated = pixels(OPS["Rotate"](Image.new("RGB", (41, 41), (255, 255, 255)), 10, FixedRandom([0.9, 0.0])))
+    rotated = pixels(OPS["Rotate"](Image.new("RGB", (41, 41), (255, 255, 255)), 10, FixedRandom([0.9]), BICUBIC))
     assert (rotated[0, 0] == augmentation.FILL).all() and (rotated[20, 20] == 255).all()
-    sheared = pixels(OPS["ShearX"](image, 10, FixedRandom([0.9, 0.0])))  # x' = x + 0.3 y: the bottom-right empties
+    sheared = pixels(OPS["ShearX"](image, 10, FixedRandom([0.9]), BICUBIC))  # x' = x + 0.3 y: the bottom-right empties
     assert (sheared[19, 39] == augmentation.FILL).all() and (sheared[0, 0] == 255).all()
 
 
@@ -78,7 +86,7 @@ def test_policy_draws_ops_uniformly_and_skips_each_with_probability_half(monkeyp
     calls = []
 
     def recorder(name):
-        return lambda image, m, rng: calls.append((name, m)) or image
+        return lambda image, m, rng, resample: calls.append((name, m)) or image
 
     monkeypatch.setattr(augmentation, "OPS", {name: recorder(name) for name in OPS})
     policy = RandAugment("rand-m9-mstd0.5-inc1")

@@ -13,7 +13,9 @@ from PIL import Image
 
 from hf_simmim.data import AugmentationPreset, finetuning_augmentation
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor
-from hf_simmim.data.transforms import SimMIMTransform, collate_fn
+from hf_simmim.data import checks
+from hf_simmim.data.checks import check_image_dataset
+from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from hf_simmim.data.image_ops import normalize_pixel_batch
 from hf_simmim.models.image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_center_crop, to_normalized_array, to_rgb
 from hf_simmim.data.image_ops import random_resized_crop, random_resized_crop_box, reduce_on_decode
@@ -381,25 +383,80 @@ def test_uint8_rows_normalise_to_the_float_rows(processor, train):
         SimMIMTransform(processor, train=True, uint8=True, augmentation=finetuning_augmentation(32))
 
 
-def test_corrupt_images_are_counted_and_dropped(processor):
+def corrupt_cells(tmp_path):
+    """Images that cannot be decoded, each for its own reason: not an image, a truncated PNG, a truncated JPEG
+    (large enough for the reduced-scale decode of the training crop), a missing file, an empty cell."""
     good = png_bytes(np.zeros((32, 32, 3), dtype=np.uint8))
-    jpeg = jpeg_file(smooth_photo(400, 300))  # training decodes lazily: a truncated JPEG fails in the crop
-    corrupt = [
+    jpeg = jpeg_file(smooth_photo(400, 300))
+    return [
         {"bytes": b"definitely not an image", "path": None},
         {"bytes": good[: len(good) // 2], "path": None},
-        {"bytes": jpeg[: len(jpeg) // 2], "path": None},
+        {"bytes": jpeg[: len(jpeg) // 2], "path": "photo.jpg"},
+        {"bytes": None, "path": str(tmp_path / "missing.png")},
+        None,
     ]
-    dataset = image_dataset(2, decode=False, extra_cells=corrupt)
-    transform = SimMIMTransform(processor, train=True)
-    dataset.set_transform(transform)
-    rows = [dataset[i] for i in range(5)]
-    assert [row["pixel_values"] is None for row in rows] == [False, False, True, True, True]
+
+
+REASONS = ["UnidentifiedImageError", "truncated", "photo.jpg", "missing.png", "neither image bytes nor a path"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_images_that_cannot_be_decoded_are_reported_and_dropped(processor, tmp_path, caplog, train):
+    dataset = image_dataset(2, decode=False, extra_cells=corrupt_cells(tmp_path))
+    dataset.set_transform(SimMIMTransform(processor, train=train))
+    with caplog.at_level("WARNING", logger="hf_simmim.data.transforms"):
+        rows = [dataset[i] for i in range(7)]
+    assert [row["pixel_values"] is None for row in rows] == [False, False, True, True, True, True, True]
+    skips = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(skips) == 5 and all(reason in skip for reason, skip in zip(REASONS, skips))
     batch = collate_fn(rows)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["bool_masked_pos"].shape == (2, 8, 8)
     assert batch["labels"].tolist() == [0, 1]
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="No image of this batch could be decoded"):
         collate_fn(rows[2:])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_seeded_dataset_reports_each_image_once_and_counts_it(processor, tmp_path, caplog, train):
+    raw = image_dataset(2, decode=False, extra_cells=corrupt_cells(tmp_path))
+    split = "train" if train else "validation"
+    dataset = SeededImageDataset(raw, SimMIMTransform(processor, train=train, keep_columns=()), split=split)
+    with caplog.at_level("WARNING", logger="hf_simmim.data.transforms"):
+        for epoch in range(3):  # every epoch reads every row again
+            dataset.set_epoch(epoch)
+            rows = dataset.__getitems__(range(7))
+            assert [row["pixel_values"] is None for row in rows] == [False] * 2 + [True] * 5
+    skips = [r.getMessage() for r in caplog.records]
+    assert len(skips) == 5  # once per image, not per epoch
+    assert f"{split} row 4, photo.jpg" in skips[2] and "truncated" in skips[2]
+    assert dataset.unreadable_mask.tolist() == [False] * 2 + [True] * 5
+
+
+def test_a_bug_in_augmentation_is_not_taken_for_a_bad_image(processor, monkeypatch):
+    def broken(self, image, rng=random):
+        raise RuntimeError("bug in augmentation")
+
+    monkeypatch.setattr(AugmentationPreset, "augment", broken)
+    transform = SimMIMTransform(processor, train=True, keep_columns=())
+    with pytest.raises(RuntimeError, match="bug in augmentation"):
+        transform({"image": image_dataset(1, decode=False)["image"]})
+    with pytest.raises(RuntimeError, match="bug in augmentation"):
+        SeededImageDataset(image_dataset(1), transform).__getitems__([0])
+
+
+def test_check_reads_every_header_and_names_small_and_unreadable_images(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(checks, "HEADER_BATCH_SIZE", 7)  # row numbers stay right across batches
+    cells = [{"bytes": png_bytes(np.zeros((40, 40, 3), dtype=np.uint8)), "path": f"{i}.png"} for i in range(30)]
+    cells[9] = {"bytes": png_bytes(np.zeros((40, 12, 3), dtype=np.uint8)), "path": "narrow.png"}
+    with pytest.raises(ValueError, match=r"1 of 30 images .*\(row 9 \(narrow.png\) is 12x40\)"):
+        check_image_dataset(image_dataset(0, decode=False, extra_cells=cells), "image", 16)
+    good = png_bytes(np.zeros((40, 40, 3), dtype=np.uint8))
+    cells[9] = {"bytes": good[: len(good) // 2], "path": "cut.png"}  # the header is whole: training will tell
+    cells[20] = {"bytes": b"garbage", "path": "garbage.png"}
+    with caplog.at_level("WARNING", logger="hf_simmim.data.checks"):
+        assert check_image_dataset(image_dataset(0, decode=False, extra_cells=cells), "image", 16) == 1
+    assert "row 20 (garbage.png): UnidentifiedImageError" in caplog.text and "cut.png" not in caplog.text
 
 
 def test_missing_image_column_is_named(processor):

@@ -1,5 +1,6 @@
 """examples/run_finetune.py end to end on the bundled sample (tiny model, a few steps), and its refusals."""
 
+import io
 import json
 
 import datasets
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from PIL import Image
 
 from hf_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling, SimMIMImageProcessor
 from hf_simmim.data.loading import label_names, select_per_class
@@ -71,7 +73,48 @@ def test_frozen_encoder_modes(pretrained, tmp_path, mode):
             "--samples_per_class", "8", "--max_eval_samples", "40", "--probe_epochs", "5", "--report_to", "none"]
     assert _script().main(args) == 0
     results = json.loads((out / "all_results.json").read_text())
-    assert set(results) == {"eval_top1", "eval_top5"}
+    assert set(results) == {"eval_top1", "eval_top5", "train_skipped_images", "eval_skipped_images"}
+
+
+def test_the_bundled_sample_skips_no_image(pretrained, tmp_path, capsys):
+    """A full epoch of the official augmentation (RandAugment included) over the 640 training images, then the 200
+    validation images: an error raised there would stop the run, and no image of the sample fails to decode."""
+    out = tmp_path / "sample"
+    args = ["--model_name_or_path", str(pretrained), "--output_dir", str(out), "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "64", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
+    assert _script().main(args) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert (results["train_skipped_images"], results["eval_skipped_images"]) == (0, 0)
+    assert "images skipped (cannot be decoded): 0 training, 0 validation" in capsys.readouterr().out
+    assert "could not be decoded: 0 training,\n0 evaluation" in (out / "README.md").read_text()
+
+
+def labelled_parquet(path, cells):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    rows = {"image": [{"bytes": c, "path": None} for c in cells], "label": [i % 2 for i in range(len(cells))]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return str(path)
+
+
+def image_bytes(colour, size=(32, 32), format="PNG"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def test_training_and_validation_skips_are_counted(pretrained, tmp_path):
+    good = [image_bytes((i * 9 % 255, 40, 200 - i)) for i in range(20)]
+    jpeg = image_bytes((10, 200, 30), size=(64, 48), format="JPEG")
+    train = labelled_parquet(tmp_path / "train.parquet", good[:10] + [b"garbage"] + good[10:])
+    validation = labelled_parquet(tmp_path / "validation.parquet", good[:8] + [b"garbage", jpeg[: len(jpeg) // 2]])
+    out = tmp_path / "ft"
+    args = ["--model_name_or_path", str(pretrained), "--output_dir", str(out), "--train_dir", train,
+            "--validation_dir", validation, "--max_steps", "4", "--per_device_train_batch_size", "8",
+            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none"]
+    assert _script().main(args) == 0  # 4 x 8 reads of 21 rows: every training row is read
+    results = json.loads((out / "all_results.json").read_text())
+    assert (results["train_skipped_images"], results["eval_skipped_images"]) == (1, 2)
+    assert "could not be decoded: 1 training,\n2 evaluation" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -121,4 +164,5 @@ def test_frozen_encoder_follows_the_config_overrides(pretrained, tmp_path):
             "--config_overrides", "image_size=64", "--samples_per_class", "4", "--max_eval_samples", "20",
             "--report_to", "none"]
     assert _script().main(args) == 0
-    assert set(json.loads((out / "all_results.json").read_text())) == {"eval_top1", "eval_top5"}
+    assert set(json.loads((out / "all_results.json").read_text())) == {
+        "eval_top1", "eval_top5", "train_skipped_images", "eval_skipped_images"}

@@ -222,7 +222,7 @@ def test_missing_image_column_is_refused_with_the_columns(run_mim, tmp_path):
 def test_images_smaller_than_the_mask_patch_are_refused(run_mim, tmp_path):
     data = write_parquet(tmp_path / "small.parquet", [png_bytes((6, 6))] * 4 + [png_bytes()] * 4)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"4 of 8 checked .* smaller than the mask patch \(8 px\), e.g. row 0 is 6x6"):
+    with pytest.raises(ValueError, match=r"4 of 8 images of the train split are smaller than 8 px \(row 0 is 6x6; row 1 is 6x6; row 2"):
         run_mim.main(TINY + ["--train_dir", data, "--validation_split_percentage", "0", "--output_dir", str(out)])
     assert not out.exists()
 
@@ -235,31 +235,44 @@ def test_non_finite_loss_stops_the_run_naming_the_step(run_mim, tmp_path, caplog
     assert not (out / "model.safetensors").exists()
 
 
-def test_corrupt_images_are_skipped_counted_and_reported(run_mim, tmp_path, capsys):
+def jpeg_bytes(size=(400, 300)):
+    buffer = io.BytesIO()
+    Image.radial_gradient("L").resize(size).convert("RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_images_that_cannot_be_decoded_are_skipped_counted_and_reported(run_mim, tmp_path, capsys):
     good = [png_bytes(colour=(i * 7 % 255, 90, 160)) for i in range(30)]
-    broken = [b"not an image at all", png_bytes()[:40]]  # garbage and a truncated PNG
-    data = write_parquet(tmp_path / "mixed.parquet", good[:10] + broken + good[10:])
+    jpeg = jpeg_bytes()
+    # garbage, a truncated PNG and a truncated JPEG (its header is whole: the reduced-scale decode of the crop fails)
+    broken = [b"not an image at all", png_bytes()[:40], jpeg[: len(jpeg) // 2]]
+    data = write_parquet(tmp_path / "mixed.parquet", good[:10] + broken + good[10:27])
+    validation = write_parquet(tmp_path / "validation.parquet", good[:7] + [b"garbage"])
     out = tmp_path / "out"
     argv = TINY + [
-        "--train_dir",
-        data,
-        "--validation_split_percentage",
-        "0",
-        "--max_steps",
-        "8",
-        "--per_device_train_batch_size",
-        "8",
-        "--output_dir",
-        str(out),
-        "--num_reconstruction_images",
-        "0",
+        "--train_dir", data, "--validation_dir", validation, "--max_steps", "8", "--per_device_train_batch_size", "8",
+        "--output_dir", str(out), "--num_reconstruction_images", "0",
     ]
-    assert run_mim.main(argv) == 0  # 32 images, batch 8, 8 steps: two epochs, each through both broken rows
+    assert run_mim.main(argv) == 0  # 30 images, batch 8, 8 steps: over two epochs, each through the broken rows
     captured = capsys.readouterr()
-    assert "unreadable images skipped: 2" in captured.out  # distinct images, not skips per epoch
+    # distinct images, not skips per epoch or per evaluation
+    assert "images skipped (cannot be decoded): 3 training, 1 validation" in captured.out
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "loss" in e] == list(range(1, 9))
-    assert "| Unreadable images skipped | 2 |" in (out / "README.md").read_text()
+    assert "| Images skipped (could not be decoded) | 3 training, 1 validation |" in (out / "README.md").read_text()
+    results = json.loads((out / "all_results.json").read_text())
+    assert (results["train_skipped_images"], results["eval_skipped_images"]) == (3, 1) and "eval_loss" in results
+
+
+def test_a_bug_in_augmentation_stops_the_run_with_its_error(run_mim, tmp_path, monkeypatch):
+    from hf_simmim.data.augmentation import AugmentationPreset
+
+    def broken(self, image, rng=None):
+        raise RuntimeError("bug in augmentation")
+
+    monkeypatch.setattr(AugmentationPreset, "augment", broken)
+    with pytest.raises(RuntimeError, match="bug in augmentation"):
+        run_mim.main(TINY + ["--output_dir", str(tmp_path / "out"), "--num_reconstruction_images", "0"])
 
 
 # ---------------------------------------------------------------------------------------------- push to hub

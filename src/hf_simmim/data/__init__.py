@@ -3,7 +3,7 @@ collator, dataset loading and the checks before training."""
 
 from .augmentation import AugmentationPreset, finetuning_augmentation, pretraining_augmentation
 from .checks import check_image_dataset, check_not_empty
-from .image_ops import decode_image, normalize_pixel_batch
+from .image_ops import UndecodableImage, decode_image, normalize_pixel_batch, open_image
 from .loading import (
     bundled_sample_data_files,
     detect_image_column,
@@ -12,12 +12,14 @@ from .loading import (
     select_per_class,
     undecoded,
 )
-from .transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn
+from .transforms import SeededImageDataset, SimMIMPretrainingDataset, SimMIMTransform, collate_fn
 
 __all__ = [
     "AugmentationPreset",
+    "SeededImageDataset",
     "SimMIMPretrainingDataset",
     "SimMIMTransform",
+    "UndecodableImage",
     "bundled_sample_data_files",
     "check_image_dataset",
     "check_not_empty",
@@ -28,6 +30,7 @@ __all__ = [
     "label_names",
     "load_image_datasets",
     "normalize_pixel_batch",
+    "open_image",
     "pretraining_augmentation",
     "select_per_class",
     "undecoded",

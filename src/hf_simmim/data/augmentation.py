@@ -10,7 +10,10 @@ less timm's RandomCrop(32, padding=4) instead of the resized crop).
 RandAugment (Cubuk et al., 2020), as timm implements it and the official fine-tuning configures it: `n` ops (2)
 drawn uniformly with replacement from the "increasing" op set; each is applied with probability 0.5 at a
 magnitude drawn per op from N(m, mstd) clipped to [0, 10]; signed ops (rotate, shear, translate, enhance) flip
-their sign with probability 0.5; geometric ops fill with the ImageNet mean colour. Random erasing (Zhong et al.,
+their sign with probability 0.5; geometric ops resample with the preset's filter (bicubic for fine-tuning, as timm's
+`interpolation` hparam) and fill with the ImageNet mean colour. Translations are relative (timm's TranslateXRel /
+TranslateYRel: up to 0.45 of the image side); timm's `translate_const` only serves its absolute TranslateX/Y, which
+the increasing op set does not hold. Random erasing (Zhong et al.,
 2020): with probability `p`, one rectangle of 2-33 % of the area and aspect ratio in [0.3, 3.3] is replaced by
 standard normal noise (the image is already normalised).
 """
@@ -33,57 +36,61 @@ def _signed(value, rng):
     return -value if rng.random() < 0.5 else value
 
 
-def _affine(image, matrix, rng):
-    return image.transform(image.size, Image.AFFINE, matrix, resample=rng.choice((Image.BILINEAR, Image.BICUBIC)),
-                           fillcolor=FILL)
+# The ops of `OPS` below: (PIL image, magnitude in [0, 10], rng, PIL filter of the geometric ops) -> PIL image.
+def _affine(image, matrix, resample):
+    return image.transform(image.size, Image.AFFINE, matrix, resample=resample, fillcolor=FILL)
 
 
-def _rotate(image, m, rng):
-    return image.rotate(_signed(m / MAX_MAGNITUDE * 30.0, rng), resample=rng.choice((Image.BILINEAR, Image.BICUBIC)),
-                        fillcolor=FILL)
+def _rotate(image, m, rng, resample):
+    return image.rotate(_signed(m / MAX_MAGNITUDE * 30.0, rng), resample=resample, fillcolor=FILL)
 
 
-def _shear_x(image, m, rng):
-    return _affine(image, (1, _signed(m / MAX_MAGNITUDE * 0.3, rng), 0, 0, 1, 0), rng)
+def _shear_x(image, m, rng, resample):
+    return _affine(image, (1, _signed(m / MAX_MAGNITUDE * 0.3, rng), 0, 0, 1, 0), resample)
 
 
-def _shear_y(image, m, rng):
-    return _affine(image, (1, 0, 0, _signed(m / MAX_MAGNITUDE * 0.3, rng), 1, 0), rng)
+def _shear_y(image, m, rng, resample):
+    return _affine(image, (1, 0, 0, _signed(m / MAX_MAGNITUDE * 0.3, rng), 1, 0), resample)
 
 
-def _translate_x(image, m, rng):
-    return _affine(image, (1, 0, _signed(m / MAX_MAGNITUDE * 0.45, rng) * image.width, 0, 1, 0), rng)
+def _translate_x(image, m, rng, resample):
+    return _affine(image, (1, 0, _signed(m / MAX_MAGNITUDE * 0.45, rng) * image.width, 0, 1, 0), resample)
 
 
-def _translate_y(image, m, rng):
-    return _affine(image, (1, 0, 0, 0, 1, _signed(m / MAX_MAGNITUDE * 0.45, rng) * image.height), rng)
+def _translate_y(image, m, rng, resample):
+    return _affine(image, (1, 0, 0, 0, 1, _signed(m / MAX_MAGNITUDE * 0.45, rng) * image.height), resample)
 
 
 def _enhancer(kind):
-    def apply(image, m, rng):
+    def apply(image, m, rng, resample):
         return kind(image).enhance(1.0 + _signed(m / MAX_MAGNITUDE * 0.9, rng))
 
     return apply
 
 
-def _posterize(image, m, rng):
-    return ImageOps.posterize(image, max(0, 4 - int(m / MAX_MAGNITUDE * 4)))
+def _posterize(image, m, rng, resample):
+    """Keep the 4 - int(m / 10 * 4) high bits of each channel, by `ImageOps.posterize`'s rule
+    `v & ~(2 ** (8 - bits) - 1)`. At magnitude 10 that is 0 bits: a black image, which is what timm got from Pillow
+    before Pillow began refusing `bits=0` (a draw of m >= 10 happens about once in 44 with m9-mstd0.5)."""
+    bits = 4 - int(m / MAX_MAGNITUDE * 4)
+    table = [v & ~(2 ** (8 - bits) - 1) for v in range(256)]
+    return image.point(table * len(image.getbands()))
 
 
-def _solarize(image, m, rng):
+def _solarize(image, m, rng, resample):
     return ImageOps.solarize(image, 256 - int(m / MAX_MAGNITUDE * 256))
 
 
-def _solarize_add(image, m, rng, threshold=128):
+def _solarize_add(image, m, rng, resample, threshold=128):
     add = int(m / MAX_MAGNITUDE * 110)
     table = [min(255, v + add) if v < threshold else v for v in range(256)]
     return image.point(table * len(image.getbands()))
 
 
 OPS = {
-    "AutoContrast": lambda image, m, rng: ImageOps.autocontrast(image),
-    "Equalize": lambda image, m, rng: ImageOps.equalize(image),
-    "Invert": lambda image, m, rng: ImageOps.invert(image),
+    "AutoContrast": lambda image, m, rng, resample: ImageOps.autocontrast(image),
+    "Equalize": lambda image, m, rng, resample: ImageOps.equalize(image),
+    "Invert": lambda image, m, rng, resample: ImageOps.invert(image),
     "Rotate": _rotate,
     "PosterizeIncreasing": _posterize,
     "SolarizeIncreasing": _solarize,
@@ -129,10 +136,12 @@ def parse_rand_augment(spec):
 
 
 class RandAugment:
-    """`RandAugment("rand-m9-mstd0.5-inc1")(image, rng)`: an RGB PIL image in, an RGB PIL image out."""
+    """`RandAugment("rand-m9-mstd0.5-inc1")(image, rng)`: an RGB PIL image in, an RGB PIL image out. `resample`:
+    the PIL filter of the geometric ops (timm takes it from the run's interpolation: bicubic when fine-tuning)."""
 
-    def __init__(self, spec="rand-m9-mstd0.5-inc1"):
+    def __init__(self, spec="rand-m9-mstd0.5-inc1", resample=Image.BICUBIC):
         self.spec = spec
+        self.resample = resample
         settings = parse_rand_augment(spec)
         self.magnitude, self.magnitude_std = settings["magnitude"], settings["magnitude_std"]
         self.num_ops, self.prob = settings["num_ops"], settings["prob"]
@@ -151,7 +160,7 @@ class RandAugment:
             name = self.names[rng.randrange(len(self.names))]
             if self.prob < 1.0 and rng.random() > self.prob:
                 continue
-            image = OPS[name](image, self.draw_magnitude(rng), rng)
+            image = OPS[name](image, self.draw_magnitude(rng), rng, self.resample)
         return image
 
 
@@ -167,7 +176,7 @@ def random_erasing(array, prob=0.25, rng=random, min_area=0.02, max_area=1.0 / 3
         target = rng.uniform(min_area, max_area) * area
         aspect = math.exp(rng.uniform(*log_aspect))
         h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w < width and 0 < h < height:
+        if w < width and h < height:  # timm's test (a 0-px side erases nothing)
             top, left = rng.randint(0, height - h), rng.randint(0, width - w)
             noise = np.random.default_rng(rng.getrandbits(63)).standard_normal((array.shape[0], h, w))
             array[:, top : top + h, left : left + w] = noise.astype(array.dtype)
@@ -226,8 +235,15 @@ class AugmentationPreset:
         parts += [f"random erasing {self.random_erasing}"] * bool(self.random_erasing)
         return f"{self.name}: " + ", ".join(parts)
 
+    @property
+    def min_image_size(self):
+        """The smallest image side the crop accepts: the output size less the padding of a padded crop (a resized
+        crop takes any size)."""
+        return self.image_size - 2 * self.crop_padding if self.crop == "random_padded" else 1
+
     def augment(self, image, rng=random):
-        """A PIL image (possibly not yet decoded: a JPEG is then decoded at reduced scale) -> RGB PIL image."""
+        """A PIL image -> RGB PIL image. An image only opened (`image_ops.open_image`) is decoded by the crop (a JPEG
+        at reduced scale when the crop allows it); if it cannot be decoded, `UndecodableImage` is raised."""
         if self.crop == "random_resized":
             image = random_resized_crop(
                 image, self.image_size, self.crop_scale, self.crop_ratio, rng, RESAMPLE[self.resample]
@@ -235,18 +251,22 @@ class AugmentationPreset:
         else:
             image = random_padded_crop(image, self.image_size, self.crop_padding, rng)
         image = random_horizontal_flip(image, self.hflip_prob, rng)
-        if self.rand_augment:
-            image = _rand_augment_policy(self.rand_augment)(image, rng)
+        if self.rand_augment_policy is not None:
+            image = self.rand_augment_policy(image, rng)
         return image
 
+    @property
+    def rand_augment_policy(self):
+        """The `RandAugment` of `rand_augment` (None without), its geometric ops resampling with `resample`."""
+        if not self.rand_augment:
+            return None
+        key = (self.rand_augment, RESAMPLE[self.resample])
+        if key not in _POLICIES:
+            _POLICIES[key] = RandAugment(*key)
+        return _POLICIES[key]
 
-_POLICIES = {}
 
-
-def _rand_augment_policy(spec):
-    if spec not in _POLICIES:
-        _POLICIES[spec] = RandAugment(spec)
-    return _POLICIES[spec]
+_POLICIES = {}  # RandAugment objects by (spec, resample): built once per process, not per image
 
 
 def pretraining_augmentation(image_size):

@@ -1,29 +1,19 @@
 """Checks before training: a split that cannot train is refused with what to fix, before any model is built."""
 
-import io
 import logging
 
-import numpy as np
-from PIL import Image
-
+from .image_ops import UndecodableImage, cell_path, image_size
 from .loading import undecoded
 
 logger = logging.getLogger(__name__)
 
+HEADER_BATCH_SIZE = 1024  # rows read from the dataset at a time by `check_image_dataset`
+NAMED_EXAMPLES = 5  # rows named in a message about many images
 
-def _image_size(cell):
-    """`(width, height)` of a dataset cell, reading only the image header when possible."""
-    if isinstance(cell, Image.Image):
-        return cell.size
-    if isinstance(cell, np.ndarray):
-        return (cell.shape[1], cell.shape[0])
-    if isinstance(cell, dict):
-        cell = cell.get("bytes") if cell.get("bytes") is not None else cell.get("path")
-    if isinstance(cell, (bytes, bytearray)):
-        with Image.open(io.BytesIO(cell)) as image:
-            return image.size
-    with Image.open(cell) as image:
-        return image.size
+
+def _row_name(row, cell):
+    path = cell_path(cell)
+    return f"row {row}" + (f" ({path})" if path else "")
 
 
 def check_not_empty(dataset, split="train"):
@@ -35,12 +25,25 @@ def check_not_empty(dataset, split="train"):
         )
 
 
-def check_image_dataset(dataset, image_column, min_image_size, split="train", max_checked=64):
-    """Refuse, before training starts, a split that cannot train: empty, without `image_column`, with images
-    smaller than `min_image_size` (the mask patch), or with no readable image among those checked.
+def image_header_sizes(dataset, image_column):
+    """Yield `(row, cell, (width, height) or the UndecodableImage)` for every row of `dataset`, the size read from
+    the image header only (no decode), the undecoded column read in batches."""
+    cells = undecoded(dataset, image_column).select_columns([image_column])
+    for start, batch in enumerate(cells.iter(batch_size=HEADER_BATCH_SIZE)):
+        for offset, cell in enumerate(batch[image_column]):
+            try:
+                size = image_size(cell)
+            except UndecodableImage as error:
+                size = error
+            yield start * HEADER_BATCH_SIZE + offset, cell, size
 
-    Checks up to `max_checked` rows spread evenly over the split (headers only). Returns the number of unreadable
-    images among them (training skips those).
+
+def check_image_dataset(dataset, image_column, min_image_size, split="train"):
+    """Refuse, before training starts, a split that cannot train: empty, without `image_column`, with any image
+    smaller than `min_image_size` (named by row and file), or with no readable image at all.
+
+    Every image is checked, from its header only. Images whose header cannot be read are reported (row, file,
+    reason) and counted: training skips them. Returns that count.
     """
     check_not_empty(dataset, split)
     if image_column not in dataset.column_names:
@@ -48,33 +51,28 @@ def check_image_dataset(dataset, image_column, min_image_size, split="train", ma
             f"The image column {image_column!r} is not in the {split} split; its columns are "
             f"{list(dataset.column_names)}. Pass the right one with --image_column_name."
         )
-    count = min(len(dataset), max_checked)
-    rows = sorted({int(i * (len(dataset) - 1) / max(count - 1, 1)) for i in range(count)})
-    cells = undecoded(dataset, image_column).select(rows)[image_column]
-    unreadable, too_small = 0, []
-    for row, cell in zip(rows, cells):
-        try:
-            width, height = _image_size(cell)
-        except Exception:  # counted; training skips such images too
-            unreadable += 1
-            continue
-        if min(width, height) < min_image_size:
-            too_small.append((row, width, height))
+    unreadable, too_small = [], []
+    for row, cell, size in image_header_sizes(dataset, image_column):
+        if isinstance(size, UndecodableImage):
+            unreadable.append(f"{_row_name(row, cell)}: {size}")
+        elif min(size) < min_image_size:
+            too_small.append(f"{_row_name(row, cell)} is {size[0]}x{size[1]}")
     if too_small:
-        row, width, height = too_small[0]
         raise ValueError(
-            f"{len(too_small)} of {len(rows)} checked images of the {split} split are smaller than the mask patch "
-            f"({min_image_size} px), e.g. row {row} is {width}x{height}: masking squares of {min_image_size} px "
-            "needs images at least that large. Remove or upscale the small images, or use a model whose "
-            "mask_patch_size fits them."
+            f"{len(too_small)} of {len(dataset)} images of the {split} split are smaller than {min_image_size} px "
+            f"({'; '.join(too_small[:NAMED_EXAMPLES])}{'; ...' if len(too_small) > NAMED_EXAMPLES else ''}), the "
+            "smallest side the run can use (the mask patch when pretraining, the crop when fine-tuning). Remove or "
+            "upscale them, or use a model whose sizes fit them."
         )
-    if unreadable == len(rows):
+    if len(unreadable) == len(dataset):
         raise ValueError(
-            f"None of the {len(rows)} checked images of the {split} split could be read (column {image_column!r}): "
-            "check that the column holds images (PNG/JPEG bytes, paths or PIL images)."
+            f"None of the {len(dataset)} checked images of the {split} split could be read (column "
+            f"{image_column!r}; e.g. {unreadable[0]}): check that the column holds images (PNG/JPEG bytes, paths or "
+            "PIL images)."
         )
     if unreadable:
         logger.warning(
-            "%d of %d checked images of the %s split are unreadable; they will be skipped.", unreadable, len(rows), split
+            "%d of %d images of the %s split cannot be read; training will skip them:\n  %s", len(unreadable),
+            len(dataset), split, "\n  ".join(unreadable),
         )
-    return unreadable
+    return len(unreadable)

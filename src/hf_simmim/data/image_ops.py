@@ -1,11 +1,15 @@
 """Training image operations, without torchvision: decoding a dataset cell, the paper's RandomResizedCrop and flip,
 uint8 CHW arrays and their normalisation on the batch.
 
+Decoding is the only step allowed to fail on bad data: PIL's opening and decoding raise `UndecodableImage`
+(`decoding`), which the data path reports, counts and skips; any other error is a bug and stops the run.
+
 Speed matters here (a DataLoader worker runs these for every image of every epoch): a JPEG not yet decoded is
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg when the crop still keeps at least the output size in pixels
 (`reduce_on_decode`), and batches travel as uint8, normalised where they are used (`normalize_pixel_batch`).
 """
 
+import contextlib
 import io
 import math
 import random
@@ -46,14 +50,15 @@ def reduce_on_decode(image, box, size):
     """Let libjpeg decode a JPEG that is not decoded yet at 1/2, 1/4 or 1/8 scale (DCT scaling, much faster than
     decoding in full and then shrinking) as long as `box`, the region that will be resized to `size` x `size`,
     keeps at least `size` pixels on each side. Returns `(image, box)` with the box in the reduced image's pixels;
-    other images (and JPEGs already decoded) come back unchanged."""
+    other images (and JPEGs already decoded) come back unchanged. Only sets up the decode (`load_pixels` runs it)."""
     left, top, right, bottom = box
     shorter = min(right - left, bottom - top)
     if getattr(image, "format", None) != "JPEG" or shorter < 2 * size:
         return image, box
     width, height = image.size
     factor = shorter / size  # the most the crop may shrink
-    reduced = image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+    with decoding():
+        reduced = image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
     if reduced is None:  # already decoded, or not reducible
         return image, box
     scale_x, scale_y = reduced[1][2] / width, reduced[1][3] / height
@@ -62,16 +67,21 @@ def reduce_on_decode(image, box, size):
 
 def random_resized_crop(image, size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), rng=random, resample=Image.BILINEAR):
     """The paper's RandomResizedCrop of any PIL image (converted to RGB) to `size` x `size`. `resample` as
-    torchvision's default, bilinear, which the official SimMIM pretraining uses (its fine-tuning uses bicubic)."""
+    torchvision's default, bilinear, which the official SimMIM pretraining uses (its fine-tuning uses bicubic).
+
+    An image opened but not decoded yet (`open_image`) is decoded here, after the crop box is drawn from its
+    header's size and before the resize, at reduced scale when the crop allows it (`reduce_on_decode`); a failing
+    decode raises `UndecodableImage`."""
     box = random_resized_crop_box(image.width, image.height, scale, ratio, rng)
     image, box = reduce_on_decode(image, box, size)
-    return to_rgb(image).resize((size, size), resample, box=box)
+    return to_rgb(load_pixels(image)).resize((size, size), resample, box=box)
 
 
 def random_padded_crop(image, size, padding, rng=random):
     """torchvision's RandomCrop(size, padding): `padding` px of black border on every side, then a uniformly
-    placed `size` x `size` window (timm's crop for images of 32 px or less)."""
-    image = to_rgb(image)
+    placed `size` x `size` window (timm's crop for images of 32 px or less). An image not decoded yet is decoded
+    first (`load_pixels`)."""
+    image = to_rgb(load_pixels(image))
     if padding:
         padded = Image.new("RGB", (image.width + 2 * padding, image.height + 2 * padding))
         padded.paste(image, (padding, padding))
@@ -91,30 +101,69 @@ def to_uint8_array(image):
     return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
 
 
-def decode_image(value, lazy=False):
-    """A dataset cell -> PIL image: a PIL image, `{"bytes": ..., "path": ...}` (an undecoded `datasets.Image`),
-    raw bytes, or a file path. Decoded at once (a truncated file fails here), unless `lazy`: then only the header
-    is read, so the training crop can have a JPEG decoded at reduced scale (`reduce_on_decode`)."""
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            value = value["bytes"]
-        elif value.get("path"):
-            value = value["path"]
-        else:
-            raise ValueError("image cell holds neither bytes nor a path")
-    if isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        image = Image.open(value)
-    elif isinstance(value, np.ndarray):
-        return Image.fromarray(value)
-    else:
-        raise TypeError(f"cannot read an image from {type(value).__name__}")
-    if not lazy:
-        image.load()  # decode now, so a truncated file fails here and not later
+class UndecodableImage(Exception):
+    """The image of a dataset cell cannot be decoded: missing, not an image, or truncated. The one data error a run
+    skips (reporting and counting it). Raised only around PIL's opening and decoding (`decoding`), so an error
+    anywhere else in the data path (augmentation, conversion) stops the run."""
+
+
+@contextlib.contextmanager
+def decoding():
+    """Wraps a call into PIL's opening or decoding of a cell's image: whatever it raises means that the image
+    cannot be decoded, and becomes `UndecodableImage` (type and message of the original error)."""
+    try:
+        yield
+    except Exception as error:
+        raise UndecodableImage(f"{type(error).__name__}: {str(error)[:300]}") from error
+
+
+def cell_path(cell):
+    """The file a dataset cell names (`{"path": ...}` of a `datasets.Image`, or a path string), or `None`."""
+    if isinstance(cell, dict):
+        return cell.get("path") or None
+    return cell if isinstance(cell, str) else None
+
+
+def open_image(cell):
+    """A dataset cell -> PIL image with only its header read: a PIL image, `{"bytes": ..., "path": ...}` (an
+    undecoded `datasets.Image`), raw bytes, a file path or an HWC array. A missing or unreadable image raises
+    `UndecodableImage`; a cell of another type (the column holds no images) raises `TypeError`."""
+    if isinstance(cell, Image.Image):
+        return cell
+    if isinstance(cell, np.ndarray):
+        return Image.fromarray(cell)
+    source = cell
+    if isinstance(cell, dict):
+        source = cell["bytes"] if cell.get("bytes") is not None else cell.get("path")
+    if source is None or source == "":
+        raise UndecodableImage("the cell holds neither image bytes nor a path")
+    if not isinstance(source, (bytes, bytearray, str)):
+        raise TypeError(f"cannot read an image from {type(source).__name__}")
+    with decoding():
+        return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+
+
+def load_pixels(image):
+    """Decode the pixels of an opened image (at the reduced scale `reduce_on_decode` set up, if any; a no-op once
+    decoded). A failing decode raises `UndecodableImage`."""
+    with decoding():
+        image.load()
     return image
+
+
+def decode_image(cell):
+    """A dataset cell -> decoded PIL image (`open_image`, then `load_pixels`): a truncated file fails here, with
+    `UndecodableImage`, and not later."""
+    return load_pixels(open_image(cell))
+
+
+def image_size(cell):
+    """`(width, height)` of a dataset cell, from its header only (no decode); `UndecodableImage` if unreadable."""
+    image = open_image(cell)
+    if image is cell:
+        return image.size
+    with image:
+        return image.size
 
 
 def normalize_pixel_batch(pixel_values, image_mean, image_std):

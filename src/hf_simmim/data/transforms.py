@@ -8,8 +8,12 @@ SimMIM mask, and collate.
                         batched=True, with_indices=True, remove_columns=dataset.column_names)
 
 and `collate_fn` stacks its rows into `pixel_values` / `bool_masked_pos` (/ `labels`) tensors.
-`SimMIMPretrainingDataset` serves a dataset to the `Trainer` with crops and masks drawn per (seed, epoch, row):
-exact resumption, and the same batches whatever the number of processes.
+`SeededImageDataset` serves a dataset to the `Trainer` (pretraining and fine-tuning alike) with crops and masks drawn
+per (seed, epoch, row): exact resumption, and the same batches whatever the number of processes.
+
+Data errors are never silent: an image that cannot be decoded (`image_ops.UndecodableImage`) is skipped, reported
+with its row or file and the reason, and counted; any other error (in augmentation, conversion, masking) is a bug
+and stops the run with its traceback.
 """
 
 import logging
@@ -21,7 +25,7 @@ import torch
 
 from ..models.image_transforms import resize_center_crop, to_normalized_array, to_rgb
 from .augmentation import pretraining_augmentation, random_erasing
-from .image_ops import decode_image, to_uint8_array
+from .image_ops import UndecodableImage, cell_path, decode_image, open_image, to_uint8_array
 from .loading import undecoded
 
 logger = logging.getLogger(__name__)
@@ -32,7 +36,8 @@ class SimMIMTransform:
 
     Adds `pixel_values` (float32 CHW, normalised; or uint8, see `uint8`) and `bool_masked_pos` (bool `(g, g)`) per
     row and keeps the columns named in `keep_columns` (e.g. `label`). An image that cannot be decoded yields
-    `pixel_values=None`, is logged and counted, and `collate_fn` drops the row.
+    `pixel_values=None` and a warning naming it (file, or position in the batch), and `collate_fn` drops the row;
+    any other error propagates.
 
     Args:
         image_processor: a `SimMIMImageProcessor` (image size, evaluation crop, normalisation, mask settings).
@@ -79,12 +84,14 @@ class SimMIMTransform:
         if uint8 and train and self.augmentation.random_erasing:
             raise ValueError("uint8=True cannot be combined with random erasing (it needs normalised pixels).")
 
-    def image_to_array(self, image):
+    def image_to_array(self, cell):
+        """A dataset cell -> CHW array. Raises `UndecodableImage` (only) when the cell's image cannot be decoded;
+        training decodes inside the crop (`AugmentationPreset.augment`), so a JPEG can be decoded at reduced scale."""
         if self.train:
-            image = self.augmentation.augment(image, self.rng)
+            image = self.augmentation.augment(open_image(cell), self.rng)
         else:
             p = self.processor
-            image = resize_center_crop(to_rgb(image), p.image_size, p.crop_pct, p.resample)
+            image = resize_center_crop(to_rgb(decode_image(cell)), p.image_size, p.crop_pct, p.resample)
         if self.uint8:
             return to_uint8_array(image)
         array = to_normalized_array(image, self.processor.image_mean, self.processor.image_std)
@@ -97,30 +104,45 @@ class SimMIMTransform:
             return self.mask_generator(generator=torch.Generator().manual_seed(self.mask_seed * 1_000_003 + int(index)))
         return self.mask_generator()
 
-    def __call__(self, examples, indices=None):
-        if self.image_column not in examples:
-            raise KeyError(
-                f"image column {self.image_column!r} is not in the dataset (columns: {sorted(examples)}): pass "
-                "the right column name (--image_column_name)."
-            )
-        pixel_values, masks = [], []
-        for position, cell in enumerate(examples[self.image_column]):
-            try:
-                array = self.image_to_array(decode_image(cell, lazy=self.train))
-            except Exception as error:  # a corrupt or unreadable image must never stop an epoch
-                where = cell.get("path") if isinstance(cell, dict) and cell.get("path") else f"batch position {position}"
-                logger.warning("Skipping an unreadable image (%s; %s: %s).", where, type(error).__name__, str(error)[:200])
-                array = None
-            pixel_values.append(array)
-            if self.with_mask:
-                masks.append(self._mask(None if indices is None else indices[position]))
+    def transform_row(self, example, mask_index=None):
+        """One row (column -> value) -> `(output row, error)`: the output holds `pixel_values` (None when the image
+        cannot be decoded; `error` is then that `UndecodableImage`, else None), `bool_masked_pos` (seeded by
+        `mask_index` with `mask_seed`) and the kept columns."""
+        error = None
+        try:
+            pixel_values = self.image_to_array(example[self.image_column])
+        except UndecodableImage as undecodable:
+            pixel_values, error = None, undecodable
         output = {"pixel_values": pixel_values}
         if self.with_mask:
-            output["bool_masked_pos"] = masks
-        for column in self.keep_columns:
-            if column in examples:
-                output[column] = examples[column]
+            output["bool_masked_pos"] = self._mask(mask_index)
+        output.update({column: example[column] for column in self.keep_columns if column in example})
+        return output, error
+
+    def require_image_column(self, columns):
+        if self.image_column not in columns:
+            raise KeyError(
+                f"image column {self.image_column!r} is not in the dataset (columns: {sorted(columns)}): pass "
+                "the right column name (--image_column_name)."
+            )
+
+    def __call__(self, examples, indices=None):
+        self.require_image_column(examples)
+        columns = ["pixel_values"] + ["bool_masked_pos"] * self.with_mask
+        output = {name: [] for name in columns + [c for c in self.keep_columns if c in examples]}
+        for position, cell in enumerate(examples[self.image_column]):
+            example = {name: values[position] for name, values in examples.items()}
+            row, error = self.transform_row(example, None if indices is None else indices[position])
+            if error is not None:
+                report_skipped_image(cell_path(cell) or f"batch position {position}", error)
+            for name, values in output.items():
+                values.append(row[name])
         return output
+
+
+def report_skipped_image(where, error):
+    """Log that the image at `where` (a row, a file) is skipped because it cannot be decoded, and why."""
+    logger.warning("Skipping an image that cannot be decoded: %s (%s).", where, error)
 
 
 def collate_fn(examples):
@@ -128,7 +150,7 @@ def collate_fn(examples):
     `pixel_values` stay uint8 when the transform gave uint8 (`SimMIMTransform(uint8=True)`), else float32."""
     rows = [row for row in examples if row.get("pixel_values") is not None]
     if not rows:
-        raise ValueError("Every image in this batch was unreadable; check the dataset's image column.")
+        raise ValueError("No image of this batch could be decoded; check the dataset's image column.")
     arrays = [np.asarray(r["pixel_values"]) for r in rows]
     dtype = torch.uint8 if all(a.dtype == np.uint8 for a in arrays) else torch.float32
     batch = {"pixel_values": torch.stack([torch.as_tensor(a, dtype=dtype) for a in arrays])}
@@ -140,30 +162,36 @@ def collate_fn(examples):
     return batch
 
 
-class SimMIMPretrainingDataset(torch.utils.data.Dataset):
-    """A `datasets.Dataset` served to the `Trainer` through `SimMIMTransform`, with the random crop, flip and mask
-    of each row drawn from `(seed, epoch, row index)` instead of a global random stream.
+class SeededImageDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` served to the `Trainer` through `SimMIMTransform` (pretraining or fine-tuning, training
+    or evaluation), with the random crop, flip and mask of each row drawn from `(seed, epoch, row index)` instead
+    of a global random stream.
 
     So a row's sample does not depend on batch size, number of processes, DataLoader workers or prefetching: a
     run resumed from a checkpoint sees exactly the data of an uninterrupted run, and 2 processes x batch b see
     the batches of 1 process x batch 2b. A fresh crop and mask is still drawn every epoch: the Trainer's
     `EpochCallback` calls `set_epoch` (a shared value, so forked DataLoader workers see it too).
 
-    Unreadable images are skipped (`SimMIMTransform` logs and counts each skip) and their rows remembered, so
-    `unreadable_rows` counts each bad image once however many epochs read it.
+    An image that cannot be decoded is skipped (`collate_fn` drops its row); the first read of it logs a warning
+    naming the split, the row (and file) and the reason, and flags the row, so `unreadable_mask` counts each bad
+    image once however many epochs read it.
 
     Args:
-        dataset: a `datasets.Dataset` (its image column is read undecoded: unreadable images are skipped).
+        dataset: a `datasets.Dataset` (its image column is read undecoded, so that a bad image reaches the
+            transform instead of failing inside `datasets`).
         transform: a `SimMIMTransform` (train or eval); it is called one row at a time with its own seeds.
         seed: the run's seed.
+        split: the split's name in the warnings ("train", "validation").
     """
 
-    def __init__(self, dataset, transform, seed=0):
+    def __init__(self, dataset, transform, seed=0, split="train"):
+        transform.require_image_column(dataset.column_names)
         self.dataset = undecoded(dataset, transform.image_column)
         self.transform = transform
         if transform.with_mask and transform.mask_seed is None:
-            transform.mask_seed = 0  # masks come from `indices` below: one seeded generator per row
+            transform.mask_seed = 0  # masks come from the row seeds below: one seeded generator per row
         self.seed = int(seed)
+        self.split = split
         # shared memory: DataLoader workers forked from this process update the same epoch and bad-row flags
         self._epoch = multiprocessing.Value("i", 0)
         self._unreadable = multiprocessing.Array("b", max(len(self.dataset), 1), lock=False)
@@ -183,12 +211,8 @@ class SimMIMPretrainingDataset(torch.utils.data.Dataset):
 
     @property
     def unreadable_mask(self):
-        """A bool array, one entry per row: True where the image could not be read (rows read so far)."""
+        """A bool array, one entry per row: True where the image could not be decoded (rows read so far)."""
         return np.frombuffer(self._unreadable, dtype=np.int8)[: len(self.dataset)].astype(bool)
-
-    @property
-    def unreadable_rows(self):
-        return int(self.unreadable_mask.sum())
 
     @property
     def epoch(self):
@@ -212,16 +236,22 @@ class SimMIMPretrainingDataset(torch.utils.data.Dataset):
         for position, index in enumerate(indices):
             augmentation_seed, mask_seed = self.row_seeds(index)
             self.transform.rng = random.Random(augmentation_seed)
-            row = {name: values[position : position + 1] for name, values in columns.items()}
-            output = self.transform(row, indices=[mask_seed])
-            if output["pixel_values"][0] is None:
+            example = {name: values[position] for name, values in columns.items()}
+            row, error = self.transform.transform_row(example, mask_seed)
+            if error is not None and not self._unreadable[index]:
                 self._unreadable[index] = 1
-            rows.append({name: values[0] for name, values in output.items()})
+                path = cell_path(example[self.transform.image_column])
+                report_skipped_image(f"{self.split} row {index}" + (f", {path}" if path else ""), error)
+            rows.append(row)
         return rows
 
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
 
     def batch(self, indices):
-        """Rows `indices` collated into model inputs (unreadable rows dropped)."""
+        """Rows `indices` collated into model inputs (rows whose image cannot be decoded dropped)."""
         return collate_fn(self.__getitems__(indices))
+
+
+# The name of hf_simmim 0.1, when the class served pretraining only.
+SimMIMPretrainingDataset = SeededImageDataset

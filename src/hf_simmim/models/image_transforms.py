@@ -5,8 +5,6 @@ training data path (`hf_simmim.data`) builds on them.
 Relative imports only: a checkpoint saved with its code (`trust_remote_code`) carries this file.
 """
 
-import math
-
 import numpy as np
 from PIL import Image
 
@@ -39,16 +37,19 @@ def to_rgb(image):
 
 
 def resize_center_crop(image, size, crop_pct=1.0, resample=Image.BICUBIC):
-    """Resize the shorter side to `size / crop_pct`, then take the central `size` x `size` square."""
-    short = int(math.floor(size / crop_pct))
+    """torchvision's `Resize(int(size / crop_pct))` then `CenterCrop(size)`, as the official evaluation uses them:
+    the shorter side becomes `int(size / crop_pct)` and the longer one `int(short * long / shorter)` (truncated, as
+    torchvision does; an image already that size is not resampled), then the central `size` x `size` square, its
+    offsets `int(round(margin / 2))` (Python's round, half to even, as torchvision)."""
+    short = int(size / crop_pct)
     w, h = image.size
     if w <= h:
-        new_w, new_h = short, max(short, int(round(h * short / w)))
+        new_w, new_h = short, int(short * h / w)
     else:
-        new_w, new_h = max(short, int(round(w * short / h))), short
+        new_w, new_h = int(short * w / h), short
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 

@@ -98,7 +98,8 @@ def is_hub_id(name):
 
 def trainer_card_values(trainer, run_info):
     """Everything the template needs, from a `SimMIMTrainer` after training and the run's `run_info` dict
-    (`data_description`, `learning_rate_rule`, `skipped_images`, optional `model_name`, `model_id`)."""
+    (`data_description`, `learning_rate_rule`, `skipped_images` (`training.runs.skipped_image_counts`), optional
+    `model_name`, `model_id`)."""
     from ..training.optim import total_train_batch_size
 
     args, state = trainer.args, trainer.state
@@ -168,7 +169,9 @@ def trainer_card_values(trainer, run_info):
         "seed": args.seed,
         "final_loss": _fmt(_last(state.log_history, "loss")),
         "final_eval_loss": _fmt(_last(state.log_history, "eval_loss")),
-        "skipped_images": run_info.get("skipped_images", 0),
+        # counted once training and evaluation are done (a card pushed before that says n/a)
+        "train_skipped_images": _fmt(run_info.get("skipped_images", {}).get("train_skipped_images")),
+        "eval_skipped_images": _fmt(run_info.get("skipped_images", {}).get("eval_skipped_images")),
         "reconstruction_image": run_info.get("reconstruction_image", "reconstruction.png"),
         "loss_curve_image": run_info.get("loss_curve_image", "loss_curve.png"),
         "framework_versions": _framework_versions(),
@@ -210,7 +213,8 @@ FINETUNING_TEMPLATE = "simmim_finetuning.md"
 
 def finetuning_card_values(trainer, run_info):
     """What the fine-tuning template needs, from a `SimMIMFineTuneTrainer` after training and `run_info`
-    (`source`, `layer_decay`, `train_images`, `eval_images`, `classes`, `results`)."""
+    (`source`, `layer_decay`, `train_images`, `eval_images`, `classes`, `results` with the skipped-image counts of
+    `training.runs.skipped_image_counts`)."""
     from ..training.optim import total_train_batch_size
 
     args, state = trainer.args, trainer.state
@@ -239,6 +243,8 @@ def finetuning_card_values(trainer, run_info):
         "architecture": architecture,
         "head": head,
         "results_rows": "\n".join(rows) or "| (not evaluated) | |",
+        "train_skipped_images": _fmt(results.get("train_skipped_images")),
+        "eval_skipped_images": _fmt(results.get("eval_skipped_images")),
         "eval_images": run_info.get("eval_images", "n/a"),
         "train_images": run_info.get("train_images", "n/a"),
         "num_classes": len(classes),

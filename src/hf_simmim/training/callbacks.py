@@ -55,7 +55,7 @@ class ThroughputCallback(TrainerCallback):
 
 
 class EpochCallback(TrainerCallback):
-    """Tells datasets with `set_epoch` (e.g. `SimMIMPretrainingDataset`) which epoch starts, so crops and masks
+    """Tells datasets with `set_epoch` (e.g. `SeededImageDataset`) which epoch starts, so crops and masks
     are drawn from (seed, epoch, row) and a resumed run sees exactly the data of an uninterrupted one."""
 
     def __init__(self, *datasets):
@@ -88,7 +88,7 @@ class ReconstructionCallback(TrainerCallback):
 
     @classmethod
     def from_dataset(cls, dataset, num_images, image_processor, **kwargs):
-        """The first `num_images` rows of a `SimMIMPretrainingDataset` (built with an eval transform: centre crop,
+        """The first `num_images` rows of a `SeededImageDataset` (built with an eval transform: centre crop,
         masks fixed by its seed) as the fixed batch to draw."""
         batch = dataset.batch(range(min(num_images, len(dataset))))
         return cls(

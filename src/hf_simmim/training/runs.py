@@ -18,6 +18,7 @@ from .arguments import DEFAULT_PRESET
 from .optim import LR_REFERENCE_BATCH_SIZE, scale_learning_rate, total_train_batch_size
 from .recipes import MULTISTEP_WARMUP_FRACTION, PRESET_BASE_LEARNING_RATES, SCHEDULE_LEARNING_RATES
 from .schedules import SimMIMRecipe
+from .trainer import count_unreadable_images
 
 logger = logging.getLogger(__name__)
 
@@ -243,3 +244,16 @@ def load_pretraining_model(model_args):
     else:
         config = SimMIMConfig.from_preset(model_args.preset or DEFAULT_PRESET, **overrides)
     return SimMIMForMaskedImageModeling(config), SimMIMImageProcessor.from_model_config(config)
+
+
+def skipped_image_counts(train_dataset, eval_dataset=None, trainer=None):
+    """`{"train_skipped_images": n, "eval_skipped_images": m}`: the distinct images of each `SeededImageDataset`
+    that could not be decoded (and were skipped) so far. With a `trainer`, counted over all its processes: then
+    call it on every process."""
+
+    def count(dataset):
+        if dataset is None:
+            return 0
+        return count_unreadable_images(trainer, dataset) if trainer is not None else int(dataset.unreadable_mask.sum())
+
+    return {"train_skipped_images": count(train_dataset), "eval_skipped_images": count(eval_dataset)}
