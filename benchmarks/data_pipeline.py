@@ -135,7 +135,15 @@ def loader_rate(dataset, batch_size, workers):
 
 def main(argv=None):
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        return measure(args)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting (tests call main in their own process)
+
+
+def measure(args):
     config = SimMIMConfig.from_preset(args.preset)
     processor = SimMIMImageProcessor.from_model_config(config)
     with tempfile.TemporaryDirectory() as scratch:

@@ -102,6 +102,49 @@ def reconstruction_metrics(checkpoint, test_files, batch_size=256, max_images=No
     return metric.compute(image_mean=processor.image_mean, image_std=processor.image_std)
 
 
+def pretrain(args, train_files, test_files, out, common):
+    """Pretrain on the training images; return the masked reconstruction metrics on the test images."""
+    argv = [
+        "--preset", args.preset, "--train_dir", train_files, "--validation_dir", test_files,
+        "--output_dir", str(out / "pretrain"), "--num_train_epochs", str(args.pretrain_epochs),
+        "--per_device_train_batch_size", str(args.pretrain_batch_size), "--base_learning_rate", str(args.pretrain_base_lr),
+        "--eval_strategy", "no", "--num_reconstruction_images", "8", *common,
+    ]
+    if args.smoke:
+        argv += ["--max_train_samples", "64", "--max_eval_samples", "16"]
+    if _example("run_mim").main(argv + shlex.split(args.pretrain_args)) != 0:
+        raise RuntimeError("pretraining failed")
+    return reconstruction_metrics(out / "pretrain", test_files, max_images=64 if args.smoke else None)
+
+
+def finetune(args, name, extra, train_files, test_files, out, common):
+    """Fine-tune the pretrained encoder (or, with `--from_scratch` in `extra`, the same architecture afresh)."""
+    argv = [
+        "--model_name_or_path", str(out / "pretrain"), *extra, "--train_dir", train_files,
+        "--validation_dir", test_files, "--output_dir", str(out / f"finetune-{name}"),
+        "--samples_per_class", str(args.samples_per_class), "--num_train_epochs", str(args.finetune_epochs),
+        "--per_device_train_batch_size", str(args.finetune_batch_size),
+        "--base_learning_rate", str(args.finetune_base_lr), "--eval_strategy", "no", *common,
+    ]
+    if args.smoke:
+        argv += ["--max_eval_samples", "64"]
+    if _example("run_finetune").main(argv + shlex.split(args.finetune_args)) != 0:
+        raise RuntimeError(f"fine-tuning ({name}) failed")
+    return json.loads((out / f"finetune-{name}" / "all_results.json").read_text())
+
+
+def print_summary(summary):
+    print("\n".join([
+        "", "=" * 78, f"quality_cifar10 ({summary['device']})", summary["protocol"],
+        f"  top-1 fine-tuned from SimMIM pretraining  {summary['top1_pretrained']:.4f}",
+        f"  top-1 fine-tuned from scratch             {summary['top1_scratch']:.4f}",
+        f"  gain                                      {summary['gain_points']:+.1f} points",
+        f"  masked reconstruction (test)              L1 {summary['masked_l1']:.4f}, PSNR {summary['psnr_db']:.2f} dB",
+        f"  time: pretrain {summary['pretrain_s']} s, fine-tune {summary['finetune_pretrained_s']} s + "
+        f"{summary['finetune_scratch_s']} s", "=" * 78,
+    ]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     train_files, test_files = data_files(args.data_dir)
@@ -112,41 +155,14 @@ def main(argv=None):
         common += ["--dataloader_persistent_workers", "true"]
     if args.smoke:
         common += ["--max_steps", "3"]
-    timings = {}
-
+    timings, results = {}, {}
     start = time.perf_counter()
-    pretrain = [
-        "--preset", args.preset, "--train_dir", train_files, "--validation_dir", test_files,
-        "--output_dir", str(out / "pretrain"), "--num_train_epochs", str(args.pretrain_epochs),
-        "--per_device_train_batch_size", str(args.pretrain_batch_size), "--base_learning_rate", str(args.pretrain_base_lr),
-        "--eval_strategy", "no", "--num_reconstruction_images", "8", *common,
-    ]
-    if args.smoke:
-        pretrain += ["--max_train_samples", "64", "--max_eval_samples", "16"]
-    pretrain += shlex.split(args.pretrain_args)
-    if _example("run_mim").main(pretrain) != 0:
-        raise RuntimeError("pretraining failed")
+    reconstruction = pretrain(args, train_files, test_files, out, common)
     timings["pretrain_s"] = time.perf_counter() - start
-    reconstruction = reconstruction_metrics(out / "pretrain", test_files, max_images=64 if args.smoke else None)
-
-    results = {}
     for name, extra in (("pretrained", []), ("scratch", ["--from_scratch"])):
         start = time.perf_counter()
-        finetune = [
-            "--model_name_or_path", str(out / "pretrain"), *extra, "--train_dir", train_files,
-            "--validation_dir", test_files, "--output_dir", str(out / f"finetune-{name}"),
-            "--samples_per_class", str(args.samples_per_class), "--num_train_epochs", str(args.finetune_epochs),
-            "--per_device_train_batch_size", str(args.finetune_batch_size),
-            "--base_learning_rate", str(args.finetune_base_lr), "--eval_strategy", "no", *common,
-        ]
-        if args.smoke:
-            finetune += ["--max_eval_samples", "64"]
-        finetune += shlex.split(args.finetune_args)
-        if _example("run_finetune").main(finetune) != 0:
-            raise RuntimeError(f"fine-tuning ({name}) failed")
+        results[name] = finetune(args, name, extra, train_files, test_files, out, common)
         timings[f"finetune_{name}_s"] = time.perf_counter() - start
-        results[name] = json.loads((out / f"finetune-{name}" / "all_results.json").read_text())
-
     summary = {
         "protocol": f"{args.preset}: pretrain {args.pretrain_epochs} epochs on {train_files}; fine-tune "
         f"{args.finetune_epochs} epochs on {args.samples_per_class} labels/class; test on {test_files}"
@@ -162,15 +178,7 @@ def main(argv=None):
     }
     os.makedirs(out, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n".join([
-        "", "=" * 78, f"quality_cifar10 ({summary['device']})", summary["protocol"],
-        f"  top-1 fine-tuned from SimMIM pretraining  {summary['top1_pretrained']:.4f}",
-        f"  top-1 fine-tuned from scratch             {summary['top1_scratch']:.4f}",
-        f"  gain                                      {summary['gain_points']:+.1f} points",
-        f"  masked reconstruction (test)              L1 {summary['masked_l1']:.4f}, PSNR {summary['psnr_db']:.2f} dB",
-        f"  time: pretrain {summary['pretrain_s']} s, fine-tune {summary['finetune_pretrained_s']} s + "
-        f"{summary['finetune_scratch_s']} s", "=" * 78,
-    ]))
+    print_summary(summary)
     return summary
 
 
