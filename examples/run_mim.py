@@ -20,26 +20,31 @@ Writes to --output_dir: the model (safetensors + config), its image processor, R
 reconstruction.png (+ reconstructions/ per evaluation), loss_curve.png, checkpoint-*/ and TensorBoard logs.
 """
 
-import functools
 import logging
 import os
 import sys
 
-import transformers
-
-from hf_simmim.training.runs import load_run_datasets, start_run, apply_learning_rate, describe_data, load_pretraining_model, prepare_output_dir, resolve_recipe_defaults, skipped_image_counts
-
+from hf_simmim.data import detect_image_column, pretraining_augmentation
 from hf_simmim.training.arguments import parse_run_arguments
-from hf_simmim.training.recipes import RECIPES
-from hf_simmim.data import pretraining_augmentation
-from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
-from hf_simmim.data.checks import check_image_dataset, check_not_empty
-from hf_simmim.data.loading import detect_image_column
-from hf_simmim.reporting.model_card import write_model_card
-from hf_simmim.training.callbacks import EpochCallback, ReconstructionCallback, ThroughputCallback, add_callback_first, tensorboard_writer
-from hf_simmim.training.trainer import NonFiniteLossError, SimMIMTrainer
+from hf_simmim.training.pretraining import (
+    add_reconstruction_pictures,
+    check_pretraining_datasets,
+    evaluation_dataset,
+    finish_pretraining,
+    pretraining_datasets,
+    pretraining_run_info,
+    pretraining_trainer,
+)
+from hf_simmim.training.runs import (
+    apply_learning_rate,
+    load_pretraining_model,
+    load_run_datasets,
+    prepare_output_dir,
+    resolve_recipe_defaults,
+    start_run,
+)
 from hf_simmim.training.optim import total_train_batch_size
-from hf_simmim.reporting.pictures import save_loss_curve
+from hf_simmim.training.trainer import NonFiniteLossError
 
 logger = logging.getLogger("run_mim")
 
@@ -49,115 +54,41 @@ def main(argv=None):
     start_run(training_args)
     resume_from = prepare_output_dir(training_args, recipe_args, model_args, given)
 
-    # ---------------------------------------------------------------- data, checked before anything trains
+    # ---------------------------------------------------------------- data and model, checked before training
     train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir)
-    if eval_raw is not None and len(eval_raw) == 0:
-        logger.warning("The validation split is empty: training without evaluation.")
-        eval_raw = None
-    check_not_empty(train_raw, "train")
     image_column = detect_image_column(train_raw, data_args.image_column_name)
-
     model, image_processor = load_pretraining_model(model_args)
-    min_size = model.config.mask_patch_size
-    check_image_dataset(train_raw, image_column, min_size, "train")
-    if eval_raw is not None:
-        check_image_dataset(eval_raw, image_column, min_size, "validation")
-
-    # uint8 batches: the trainer normalises them on the device (4x less to copy from the DataLoader workers)
+    check_pretraining_datasets(train_raw, eval_raw, image_column, model.config.mask_patch_size)
     augmentation = pretraining_augmentation(model.config.image_size)
-    train_transform = SimMIMTransform(
-        image_processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation
+    datasets = pretraining_datasets(
+        train_raw, eval_raw, image_processor, augmentation, image_column, training_args.seed, data_args.eval_mask_seed
     )
-    train_dataset = SeededImageDataset(train_raw, train_transform, seed=training_args.seed)
-    eval_dataset = None
-    if eval_raw is not None:
-        eval_transform = SimMIMTransform(image_processor, train=False, image_column=image_column, keep_columns=())
-        eval_dataset = SeededImageDataset(eval_raw, eval_transform, seed=data_args.eval_mask_seed, split="validation")
-    else:
-        training_args.eval_strategy = transformers.IntervalStrategy.NO
+    if datasets[1] is None:
+        training_args.eval_strategy = "no"
+    # the pictures show validation images, else training images, centre-cropped with fixed masks
+    pictures_source = datasets[1] or evaluation_dataset(train_raw, image_processor, image_column, data_args.eval_mask_seed)
 
-    # ---------------------------------------------------------------- recipe, trainer, callbacks
+    # ---------------------------------------------------------------- recipe and trainer
     resolve_recipe_defaults(recipe_args, model_args)
     recipe, lr_rule = apply_learning_rate(training_args, recipe_args, given)
-    run_info = {
-        "data_description": describe_data(data_args, train_raw, eval_raw, image_column),
-        "learning_rate_rule": lr_rule,
-        "license": recipe_args.model_card_license,
-        "recipe": recipe_args.recipe and RECIPES[recipe_args.recipe].describe(),
-        "datasets": [data_args.dataset_name]
-        if data_args.dataset_name and not os.path.exists(data_args.dataset_name)
-        else None,
-        "base_model": model_args.model_name_or_path,
-        "augmentation": augmentation,
-    }
-    trainer = SimMIMTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collate_fn,
-        processing_class=image_processor,
-        recipe=recipe,
-        model_card_writer=functools.partial(write_model_card, run_info=run_info),
+    run_info = pretraining_run_info(
+        (model_args, data_args, recipe_args), (train_raw, eval_raw), image_column, lr_rule, augmentation
     )
-    add_callback_first(trainer, ThroughputCallback())
-    trainer.add_callback(EpochCallback(train_dataset))
-    pictures = None
-    if data_args.num_reconstruction_images > 0:  # a fixed batch of validation (else training) images
-        source = (
-            eval_dataset
-            if eval_dataset is not None
-            else SeededImageDataset(
-                train_raw,
-                SimMIMTransform(image_processor, train=False, image_column=image_column, keep_columns=()),
-                seed=data_args.eval_mask_seed,
-            )
-        )
-        pictures = ReconstructionCallback.from_dataset(
-            source, data_args.num_reconstruction_images, image_processor, writer=lambda: tensorboard_writer(trainer)
-        )
-        trainer.add_callback(pictures)
-
+    trainer = pretraining_trainer(model, image_processor, training_args, datasets, recipe, run_info)
+    pictures = add_reconstruction_pictures(trainer, pictures_source, data_args.num_reconstruction_images)
     logger.info(
         "Pretraining %s (%s parameters) on %s. Learning rate %.3g (%s), total batch %d.",
-        type(model).__name__,
-        f"{model.num_parameters():,}",
-        run_info["data_description"],
-        training_args.learning_rate,
-        lr_rule,
-        total_train_batch_size(training_args),
+        type(model).__name__, f"{model.num_parameters():,}", run_info["data_description"],
+        training_args.learning_rate, lr_rule, total_train_batch_size(training_args),
     )
 
-    # ---------------------------------------------------------------- train
+    # ---------------------------------------------------------------- train, then save and report
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteLossError as error:
         logger.error("%s", error)
         return 1
-    trainer.save_model()  # model.safetensors, config.json, preprocessor_config.json
-    trainer.save_state()
-
-    if eval_dataset is not None and training_args.eval_strategy != transformers.IntervalStrategy.NO:
-        evaluated = any(
-            e.get("step") == trainer.state.global_step and "eval_loss" in e for e in trainer.state.log_history
-        )
-        if not evaluated:
-            trainer.evaluate()
-        metrics = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
-        trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
-    skipped = run_info["skipped_images"] = skipped_image_counts(train_dataset, eval_dataset, trainer)
-    trainer.log_metrics("train", {**result.metrics, **skipped})
-    trainer.save_metrics("train", {**result.metrics, **skipped})  # train_results.json and all_results.json
-
-    loss_curve_path = None
-    if trainer.is_world_process_zero():
-        loss_curve_path = save_loss_curve(
-            trainer.state.log_history, os.path.join(training_args.output_dir, "loss_curve.png")
-        )
-    trainer.create_model_card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message="SimMIM pretraining")
-
+    skipped, loss_curve_path = finish_pretraining(trainer, result, datasets, run_info)
     if trainer.is_world_process_zero():
         print_summary(trainer, pictures, loss_curve_path, skipped)
     return 0

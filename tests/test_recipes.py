@@ -10,7 +10,7 @@ import yaml
 from hf_simmim import SimMIMConfig
 from hf_simmim.training.arguments import parse_finetune_arguments, parse_run_arguments
 from hf_simmim.training.recipes import RECIPES, get_recipe
-from hf_simmim.training.runs import _parse_overrides, apply_learning_rate
+from hf_simmim.training.runs import _parse_overrides, apply_learning_rate, resolve_recipe_defaults
 
 OFFICIAL_CONFIGS = Path(__file__).parent / "fixtures" / "official_configs"
 # The defaults of microsoft/SimMIM config.py that the YAML files leave unset.
@@ -101,3 +101,22 @@ def test_a_recipe_of_the_other_stage_is_refused_with_the_choices():
         parse_run_arguments(["--recipe", "simmim-finetune-vit-base"])
     with pytest.raises(ValueError, match="not a fine-tuning recipe"):
         get_recipe("simmim-vit-base-800ep", "fine-tuning")
+
+
+def test_no_weight_decay_names_reach_the_optimizer_of_a_run(tmp_path):
+    """The official pretraining decays the ViT mask token and shared relative position table; a run may exempt them
+    by name (`--no_weight_decay_names`), and nothing else changes."""
+    from hf_simmim import SimMIMForMaskedImageModeling
+    from hf_simmim.training.trainer import SimMIMTrainer
+
+    def decayed_names(argv):
+        model_args, _, recipe_args, training_args, given = parse_run_arguments(argv + ["--output_dir", str(tmp_path)])
+        resolve_recipe_defaults(recipe_args, model_args)
+        recipe, _ = apply_learning_rate(training_args, recipe_args, given)
+        model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("vit-tiny-test"))
+        return set(SimMIMTrainer(model=model, args=training_args, recipe=recipe).get_decay_parameter_names(model))
+
+    official = decayed_names([])
+    assert {"simmim.encoder.mask_token", "simmim.encoder.rel_pos_bias.relative_position_bias_table"} <= official
+    exempted = decayed_names(["--no_weight_decay_names", "mask_token,relative_position_bias_table"])
+    assert official - exempted == {"simmim.encoder.mask_token", "simmim.encoder.rel_pos_bias.relative_position_bias_table"}

@@ -10,6 +10,7 @@ import shutil
 import torch
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..data.checks import check_not_empty
 from ..data.loading import load_image_datasets
 from ..models.configuration_simmim import SimMIMConfig
 from ..models.image_processing_simmim import SimMIMImageProcessor
@@ -37,8 +38,8 @@ def start_run(training_args):
 
 def load_run_datasets(data_args, training_args, cache_dir=None):
     """`(train, validation)` of a run from its data arguments (the main process loads first; the others reuse
-    its cache), cut to `max_eval_samples` (and `max_train_samples` where the run has it)."""
-
+    its cache), cut to `max_eval_samples` (and `max_train_samples` where the run has it). An empty training
+    split is refused; an empty validation split becomes None, with a warning."""
     with training_args.main_process_first(desc="loading the dataset"):
         train, validation = load_image_datasets(
             data_args.dataset_name,
@@ -54,6 +55,10 @@ def load_run_datasets(data_args, training_args, cache_dir=None):
         train = train.select(range(min(max_train, len(train))))
     if validation is not None and data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    check_not_empty(train, "train")
+    if validation is not None and len(validation) == 0:
+        logger.warning("The validation split is empty: the run has no evaluation.")
+        validation = None
     return train, validation
 
 
@@ -115,6 +120,7 @@ def apply_learning_rate(training_args, recipe_args, given):
         milestones=tuple(recipe_args.lr_milestones),
         gamma=recipe_args.lr_decay_gamma,
         stop_on_nonfinite_loss=recipe_args.stop_on_nonfinite_loss,
+        no_weight_decay_names=recipe_args.no_weight_decay_names,
     )
     return recipe, rule
 

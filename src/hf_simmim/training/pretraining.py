@@ -1,0 +1,115 @@
+"""The steps of a pretraining run (`examples/run_mim.py`) that are not one library call: the datasets it trains
+and evaluates on, the trainer with its callbacks, and what it writes when training ends."""
+
+import functools
+import logging
+import os
+
+from ..data.checks import check_image_dataset
+from ..data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
+from ..reporting.model_card import write_model_card
+from ..reporting.pictures import save_loss_curve
+from .callbacks import EpochCallback, ReconstructionCallback, ThroughputCallback, add_callback_first, tensorboard_writer
+from .recipes import RECIPES
+from .runs import describe_data, skipped_image_counts
+from .trainer import SimMIMTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def check_pretraining_datasets(train, validation, image_column, mask_patch_size):
+    """Refuse, before training, images smaller than a masked square (every image's header is read)."""
+    check_image_dataset(train, image_column, mask_patch_size, "train")
+    if validation is not None:
+        check_image_dataset(validation, image_column, mask_patch_size, "validation")
+
+
+def pretraining_datasets(train, validation, processor, augmentation, image_column, seed, eval_mask_seed):
+    """`(train, eval)` `SeededImageDataset`s. Training rows are uint8 (the trainer normalises them on the device:
+    4x less to copy from the DataLoader workers); evaluation rows are centre crops with masks fixed by
+    `eval_mask_seed`. `eval` is None without validation images."""
+    train_transform = SimMIMTransform(
+        processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation
+    )
+    train_dataset = SeededImageDataset(train, train_transform, seed=seed)
+    if validation is None:
+        return train_dataset, None
+    return train_dataset, evaluation_dataset(validation, processor, image_column, eval_mask_seed)
+
+
+def evaluation_dataset(dataset, processor, image_column, mask_seed, split="validation"):
+    """`dataset` as evaluation rows: centre crops (the image processor's) with masks fixed by `mask_seed`."""
+    transform = SimMIMTransform(processor, train=False, image_column=image_column, keep_columns=())
+    return SeededImageDataset(dataset, transform, seed=mask_seed, split=split)
+
+
+def pretraining_run_info(args, datasets, image_column, lr_rule, augmentation):
+    """What the model card says of the run. `args`: `(model_args, data_args, recipe_args)`; `datasets`:
+    `(train, validation)` as loaded."""
+    model_args, data_args, recipe_args = args
+    hub_dataset = data_args.dataset_name and not os.path.exists(data_args.dataset_name)
+    return {
+        "data_description": describe_data(data_args, *datasets, image_column),
+        "learning_rate_rule": lr_rule,
+        "license": recipe_args.model_card_license,
+        "recipe": recipe_args.recipe and RECIPES[recipe_args.recipe].describe(),
+        "datasets": [data_args.dataset_name] if hub_dataset else None,
+        "base_model": model_args.model_name_or_path,
+        "augmentation": augmentation,
+    }
+
+
+def pretraining_trainer(model, processor, training_args, datasets, recipe, run_info):
+    """`SimMIMTrainer` with images/s in the logs and the epoch that seeds crops and masks."""
+    train_dataset, eval_dataset = datasets
+    trainer = SimMIMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_fn,
+        processing_class=processor,
+        recipe=recipe,
+        model_card_writer=functools.partial(write_model_card, run_info=run_info),
+    )
+    add_callback_first(trainer, ThroughputCallback())
+    trainer.add_callback(EpochCallback(train_dataset))
+    return trainer
+
+
+def add_reconstruction_pictures(trainer, pictures_dataset, num_images):
+    """Draw the reconstruction of the first `num_images` rows of `pictures_dataset` (an evaluation
+    `SeededImageDataset`) at each evaluation and at the end; None when `num_images` is 0."""
+    if num_images <= 0:
+        return None
+    pictures = ReconstructionCallback.from_dataset(
+        pictures_dataset, num_images, trainer.processing_class, writer=lambda: tensorboard_writer(trainer)
+    )
+    trainer.add_callback(pictures)
+    return pictures
+
+
+def finish_pretraining(trainer, result, datasets, run_info):
+    """After `trainer.train()`: save the model and state, evaluate the final model (unless that just happened),
+    count the images skipped in each split, save the metrics (`all_results.json`), the loss curve and the model
+    card, and push to the hub when asked. Returns `(skipped counts, loss curve path or None)`."""
+    train_dataset, eval_dataset = datasets
+    trainer.save_model()  # model.safetensors, config.json, preprocessor_config.json
+    trainer.save_state()
+    if eval_dataset is not None and trainer.args.eval_strategy != "no":
+        history = trainer.state.log_history
+        if not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
+            trainer.evaluate()
+        metrics = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
+        trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    skipped = run_info["skipped_images"] = skipped_image_counts(train_dataset, eval_dataset, trainer)
+    trainer.log_metrics("train", {**result.metrics, **skipped})
+    trainer.save_metrics("train", {**result.metrics, **skipped})  # train_results.json and all_results.json
+    loss_curve_path = None
+    if trainer.is_world_process_zero():
+        path = os.path.join(trainer.args.output_dir, "loss_curve.png")
+        loss_curve_path = save_loss_curve(trainer.state.log_history, path)
+    trainer.create_model_card()
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message="SimMIM pretraining")
+    return skipped, loss_curve_path
