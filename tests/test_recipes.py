@@ -110,7 +110,8 @@ def test_no_weight_decay_names_reach_the_optimizer_of_a_run(tmp_path):
     from hf_simmim.training.trainer import SimMIMTrainer
 
     def decayed_names(argv):
-        model_args, _, recipe_args, training_args, given = parse_run_arguments(argv + ["--output_dir", str(tmp_path)])
+        argv = argv + ["--output_dir", str(tmp_path), "--eval_strategy", "no"]
+        model_args, _, recipe_args, training_args, given = parse_run_arguments(argv)
         resolve_recipe_defaults(recipe_args, model_args)
         recipe, _ = apply_learning_rate(training_args, recipe_args, given)
         model = SimMIMForMaskedImageModeling(SimMIMConfig.from_preset("vit-tiny-test"))
