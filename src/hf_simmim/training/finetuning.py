@@ -1,15 +1,25 @@
 """Fine-tuning specifics of the official recipe: the classification model (pretrained encoder + new head, or the
-same architecture from scratch) and batch-level mixup / cutmix."""
+same architecture from scratch), batch-level mixup / cutmix, and the steps of a fine-tuning run
+(`examples/run_finetune.py`) that are not one library call."""
+
+import functools
 
 import numpy as np
 import torch
 
+from .. import metrics
 from ..data.augmentation import SMALL_IMAGE_SIZE
+from ..data.checks import check_image_dataset
+from ..data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from ..models.configuration_simmim import SimMIMConfig
 from ..models.image_processing_simmim import SimMIMImageProcessor
 from ..models.modeling_simmim import SimMIMForImageClassification
-from .runs import _parse_overrides
-
+from ..reporting.model_card import write_finetuning_card
+from .callbacks import EpochCallback, ThroughputCallback, add_callback_first
+from .recipes import DEFAULT_LAYER_DECAY, RECIPES
+from .runs import _parse_overrides, set_learning_rate, skipped_image_counts
+from .schedules import SimMIMRecipe
+from .trainer import SimMIMFineTuneTrainer
 
 
 class MixupCutmix:
@@ -99,3 +109,119 @@ def eval_crop_pct(image_size):
     """The official fine-tuning evaluation (timm): resize to int(256 / 224 x size), centre crop `size`; images of
     32 px or less are only normalised."""
     return 1.0 if image_size <= SMALL_IMAGE_SIZE else 224 / 256
+
+
+def finetuning_datasets(datasets, processor, augmentation, image_column, label_column, seed):
+    """`(train, eval)` `SeededImageDataset`s of labelled images, after checking every image's size. Training rows
+    get `augmentation` (None: the evaluation crop, for frozen-encoder probes); evaluation rows the processor's
+    resize and centre crop."""
+    train, validation = datasets
+    check_image_dataset(train, image_column, augmentation.min_image_size if augmentation else 1, "train")
+    check_image_dataset(validation, image_column, 1, "validation")
+    keep = (label_column,)
+    train_transform = SimMIMTransform(
+        processor, train=augmentation is not None, image_column=image_column, with_mask=False, keep_columns=keep,
+        augmentation=augmentation,
+    )
+    eval_transform = SimMIMTransform(processor, train=False, image_column=image_column, with_mask=False, keep_columns=keep)
+    return (
+        SeededImageDataset(train, train_transform, seed=seed),
+        SeededImageDataset(validation, eval_transform, seed=seed, split="validation"),
+    )
+
+
+def finetuning_recipe(training_args, recipe_args, given):
+    """Set the learning rate by the scaling rule (unless `--learning_rate` was given); the schedule is warmup +
+    cosine with warmup and minimum learning rates scaled alike, as the official fine-tuning."""
+    scale, _ = set_learning_rate(training_args, recipe_args.base_learning_rate, given)
+    return SimMIMRecipe(
+        schedule="cosine",
+        warmup_lr=recipe_args.warmup_learning_rate * scale,
+        min_lr=recipe_args.min_learning_rate * scale,
+        no_weight_decay_names=recipe_args.no_weight_decay_names,
+    )
+
+
+def resolve_layer_decay(model_args, backbone):
+    """`--layer_decay`, else the official value for the backbone; 1.0 (none) from scratch, where there are no
+    pretrained lower layers to protect."""
+    if model_args.layer_decay is not None:
+        return model_args.layer_decay
+    return 1.0 if model_args.from_scratch else DEFAULT_LAYER_DECAY[backbone]
+
+
+def mixup_or_label_smoothing(recipe_args, training_args, num_classes):
+    """The official mixup / cutmix (label smoothing inside the mixed targets), or, with both off, the Trainer's
+    label smoothing. Seeded by `--seed` and the process, so a run is reproducible."""
+    if recipe_args.mixup <= 0 and recipe_args.cutmix <= 0:
+        training_args.label_smoothing_factor = recipe_args.label_smoothing
+        return None
+    return MixupCutmix(
+        num_classes, recipe_args.mixup, recipe_args.cutmix, recipe_args.mixup_prob, recipe_args.mixup_switch_prob,
+        recipe_args.label_smoothing, rng=np.random.default_rng([training_args.seed, training_args.process_index]),
+    )
+
+
+def finetuning_run_info(model_args, recipe_args, datasets, class_names, layer_decay, augmentation):
+    """What the model card says of the run."""
+    return {
+        "source": "from scratch" if model_args.from_scratch else f"from {model_args.model_name_or_path}",
+        "mode": model_args.mode,
+        "layer_decay": layer_decay,
+        "recipe": recipe_args.recipe and RECIPES[recipe_args.recipe].describe(),
+        "train_images": len(datasets[0]),
+        "eval_images": len(datasets[1]),
+        "classes": class_names,
+        "base_model": None if model_args.from_scratch else model_args.model_name_or_path,
+        "augmentation": augmentation,
+    }
+
+
+def accuracy_ks(num_classes):
+    """The top-k accuracies a run reports: top-1, and top-5 with more than 5 classes."""
+    return (1, 5) if num_classes > 5 else (1,)
+
+
+def accuracy_metrics(num_classes):
+    """`compute_metrics` for the Trainer: top-k accuracies from the `evaluate` module shipped with hf_simmim."""
+    metric, ks = metrics.load("top_k_accuracy"), accuracy_ks(num_classes)
+
+    def compute_metrics(eval_prediction):
+        return metric.compute(predictions=eval_prediction.predictions, references=eval_prediction.label_ids, k=ks)
+
+    return compute_metrics
+
+
+def finetuning_trainer(model, processor, training_args, datasets, recipe, run_info, layer_decay, mixup):
+    """`SimMIMFineTuneTrainer` with accuracy metrics, images/s in the logs and the epoch that seeds crops."""
+    compute_metrics = accuracy_metrics(len(run_info["classes"]))
+    trainer = SimMIMFineTuneTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets[0],
+        eval_dataset=datasets[1],
+        data_collator=collate_fn,
+        processing_class=processor,
+        compute_metrics=compute_metrics,
+        recipe=recipe,
+        layer_decay=layer_decay,
+        mixup=mixup,
+        model_card_writer=functools.partial(write_finetuning_card, run_info=run_info),
+    )
+    add_callback_first(trainer, ThroughputCallback())
+    trainer.add_callback(EpochCallback(datasets[0]))
+    return trainer
+
+
+def finish_finetuning(trainer, result, datasets, run_info):
+    """After `trainer.train()`: save the model and state, evaluate, count the images skipped in each split, save
+    `all_results.json` and the model card, push to the hub when asked. Returns the results."""
+    trainer.save_model()
+    trainer.save_state()
+    results = {**result.metrics, **trainer.evaluate(), **skipped_image_counts(*datasets, trainer)}
+    trainer.save_metrics("all", results, combined=False)
+    run_info["results"] = results
+    trainer.create_model_card()
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message="SimMIM fine-tuning")
+    return results

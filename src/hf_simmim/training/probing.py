@@ -6,9 +6,18 @@ probe), and a linear classifier is trained on them; k-NN votes among the nearest
 similarity, weighted by `exp(sim / T)` (the DINO protocol).
 """
 
+import functools
+import json
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .. import metrics
+from ..data.transforms import collate_fn
+from .finetuning import accuracy_ks
+from .runs import skipped_image_counts
 
 
 def pooled_features(model, pixel_values, block=None):
@@ -84,3 +93,35 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=20, t
         votes.scatter_add_(1, train_labels[index], (top / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
+
+
+def evaluate_frozen_encoder(model_args, training_args, encoder, datasets, num_classes):
+    """`--mode linear_probe | knn`: features of the frozen `encoder` for the training and evaluation
+    `SeededImageDataset`s, then a linear probe or k-NN; top-k accuracies as `eval_top*` (written to
+    `all_results.json` by the main process) with the skipped-image counts."""
+    loader = functools.partial(
+        torch.utils.data.DataLoader,
+        batch_size=training_args.per_device_eval_batch_size,
+        collate_fn=collate_fn,
+        num_workers=training_args.dataloader_num_workers,
+    )
+    device = training_args.device
+    encoder.to(device)
+    train_x, train_y = extract_features(encoder, loader(datasets[0]), model_args.probe_block, device)
+    test_x, test_y = extract_features(encoder, loader(datasets[1]), model_args.probe_block, device)
+    if model_args.mode == "knn":
+        scores = knn_scores(train_x, train_y, test_x, num_classes, model_args.knn_k, model_args.knn_temperature)
+    else:
+        scores = linear_probe(
+            train_x, train_y, test_x, num_classes, epochs=model_args.probe_epochs, lr=model_args.probe_learning_rate,
+            seed=training_args.seed,
+        )
+    accuracy = metrics.load("top_k_accuracy").compute(
+        predictions=scores.numpy(), references=test_y.numpy(), k=accuracy_ks(num_classes)
+    )
+    results = {**{f"eval_{k}": v for k, v in accuracy.items()}, **skipped_image_counts(*datasets)}
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
