@@ -96,6 +96,26 @@ def is_hub_id(name):
     return bool(name) and not os.path.exists(name) and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
 
 
+def describe_architecture(config):
+    if config.backbone == "vit":
+        return f"ViT ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads)"
+    return (
+        f"Swin (embed dim {config.embed_dim}, depths {list(config.depths)}, heads {list(config.num_heads)}, "
+        f"window {config.window_size})"
+    )
+
+
+def describe_schedule(recipe, args, state):
+    """The learning-rate schedule of a `SimMIMRecipe` in words (warmup and minimum rates are absolute)."""
+    warmup = args.get_warmup_steps(max(state.max_steps, 1))
+    start = f"linear warmup from {_fmt(recipe.warmup_lr)} over {warmup} steps"
+    if recipe.schedule == "cosine":
+        return f"{start}, then cosine to {_fmt(recipe.min_lr)}"
+    if recipe.schedule == "multistep":
+        return f"{start}, then x{recipe.gamma} at {', '.join(map(str, recipe.milestones))} of the run"
+    return f"transformers '{args.lr_scheduler_type}' with {warmup} warmup steps"
+
+
 def trainer_card_values(trainer, run_info):
     """Everything the template needs, from a `SimMIMTrainer` after training and the run's `run_info` dict
     (`data_description`, `learning_rate_rule`, `skipped_images` (`training.runs.skipped_image_counts`), optional
@@ -108,27 +128,7 @@ def trainer_card_values(trainer, run_info):
     augmentation = run_info["augmentation"]
     recipe = trainer.recipe
     mask_squares = (config.image_size // config.mask_patch_size) ** 2
-    if config.backbone == "vit":
-        architecture = (
-            f"ViT ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads)"
-        )
-    else:
-        architecture = (
-            f"Swin (embed dim {config.embed_dim}, depths {list(config.depths)}, heads {list(config.num_heads)}, "
-            f"window {config.window_size})"
-        )
-    warmup = args.get_warmup_steps(max(state.max_steps, 1))
-    if recipe.schedule == "cosine":
-        schedule = (
-            f"linear warmup from {_fmt(recipe.warmup_lr)} over {warmup} steps, then cosine to {_fmt(recipe.min_lr)}"
-        )
-    elif recipe.schedule == "multistep":
-        schedule = (
-            f"linear warmup from {_fmt(recipe.warmup_lr)} over {warmup} steps, then x{recipe.gamma} at "
-            f"{', '.join(map(str, recipe.milestones))} of the run"
-        )
-    else:
-        schedule = f"transformers '{args.lr_scheduler_type}' with {warmup} warmup steps"
+    architecture, schedule = describe_architecture(config), describe_schedule(recipe, args, state)
     precision = "bf16 mixed precision" if args.bf16 else "fp16 mixed precision" if args.fp16 else "fp32"
     output_dir = args.output_dir
     model_id = run_info.get("model_id") or (trainer.hub_model_id if args.push_to_hub else None) or output_dir
@@ -220,11 +220,10 @@ def finetuning_card_values(trainer, run_info):
     args, state = trainer.args, trainer.state
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = model.config
+    architecture = describe_architecture(config)
     if config.backbone == "vit":
-        architecture = f"ViT ({config.num_hidden_layers} layers, width {config.hidden_size})"
         head = "mean-pooled patch tokens, fc_norm, linear"
     else:
-        architecture = f"Swin (embed dim {config.embed_dim}, depths {list(config.depths)}, window {config.window_size})"
         head = "average-pooled final tokens after the final norm, linear"
     mixup = trainer.mixup
     mixing = (
@@ -252,7 +251,7 @@ def finetuning_card_values(trainer, run_info):
         "weight_decay": args.weight_decay,
         "learning_rate": _fmt(args.learning_rate),
         "layer_decay": run_info.get("layer_decay"),
-        "schedule": f"linear warmup over {args.get_warmup_steps(max(state.max_steps, 1))} steps, then cosine",
+        "schedule": describe_schedule(trainer.recipe, args, state),
         "drop_path_rate": config.drop_path_rate,
         "mixing": mixing,
         "augmentation": run_info["augmentation"].describe(),
