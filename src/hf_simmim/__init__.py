@@ -19,6 +19,7 @@ from transformers import (
     AutoModelForMaskedImageModeling,
 )
 
+from . import models
 from .models import (
     PRESETS,
     SimMIMConfig,
@@ -51,14 +52,4 @@ SimMIMForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageMod
 SimMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 SimMIMImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = [
-    "PRESETS",
-    "SimMIMConfig",
-    "SimMIMImageProcessor",
-    "SimMIMMaskGenerator",
-    "SimMIMModel",
-    "SimMIMPreTrainedModel",
-    "SimMIMForMaskedImageModeling",
-    "SimMIMForImageClassification",
-    "simmim_loss",
-]
+__all__ = list(models.__all__)
