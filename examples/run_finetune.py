@@ -32,7 +32,8 @@ from hf_simmim.training.finetuning import (
     resolve_layer_decay,
 )
 from hf_simmim.training.probing import evaluate_frozen_encoder
-from hf_simmim.training.runs import _parse_overrides, load_run_datasets, prepare_output_dir, start_run
+from hf_simmim.training.recipes import check_recipe_backbone
+from hf_simmim.training.runs import parse_config_overrides, load_run_datasets, prepare_output_dir, start_run
 
 logger = logging.getLogger("run_finetune")
 
@@ -53,6 +54,7 @@ def main(argv=None):
         train_raw, label_column, data_args.samples_per_class, data_args.label_fraction, seed=training_args.seed
     )
     model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)))
+    check_recipe_backbone(recipe_args.recipe, model.config)
     augmentation = finetuning_augmentation(model.config.image_size, recipe_args.rand_augment, recipe_args.random_erasing)
     fine_tuning = model_args.mode == "finetune"
     datasets = finetuning_datasets(
@@ -69,7 +71,7 @@ def main(argv=None):
     if not fine_tuning:
         encoder = model.simmim
         if not model_args.from_scratch:  # the encoder with its final norm, at the resolution the overrides ask for
-            overrides = _parse_overrides(model_args.config_overrides)
+            overrides = parse_config_overrides(model_args.config_overrides)
             encoder = SimMIMModel.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **overrides)
         results = evaluate_frozen_encoder(model_args, training_args, encoder, datasets, len(names))
         if training_args.process_index == 0:

@@ -44,6 +44,7 @@ from hf_simmim.training.runs import (
     start_run,
 )
 from hf_simmim.training.optim import total_train_batch_size
+from hf_simmim.training.recipes import check_recipe_backbone
 from hf_simmim.training.trainer import NonFiniteLossError
 
 logger = logging.getLogger("run_mim")
@@ -58,6 +59,7 @@ def main(argv=None):
     train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir)
     image_column = detect_image_column(train_raw, data_args.image_column_name)
     model, image_processor = load_pretraining_model(model_args)
+    check_recipe_backbone(recipe_args.recipe, model.config)
     check_pretraining_datasets(train_raw, eval_raw, image_column, model.config.mask_patch_size)
     augmentation = pretraining_augmentation(model.config.image_size)
     datasets = pretraining_datasets(

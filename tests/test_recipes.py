@@ -9,8 +9,8 @@ import yaml
 
 from hf_simmim import SimMIMConfig
 from hf_simmim.training.arguments import parse_finetune_arguments, parse_run_arguments
-from hf_simmim.training.recipes import RECIPES, get_recipe
-from hf_simmim.training.runs import _parse_overrides, apply_learning_rate, resolve_recipe_defaults
+from hf_simmim.training.recipes import RECIPES, check_recipe_backbone, get_recipe
+from hf_simmim.training.runs import parse_config_overrides, apply_learning_rate, resolve_recipe_defaults
 
 OFFICIAL_CONFIGS = Path(__file__).parent / "fixtures" / "official_configs"
 # The defaults of microsoft/SimMIM config.py that the YAML files leave unset.
@@ -57,7 +57,7 @@ def test_a_recipe_holds_the_values_of_its_official_configuration(name):
     assert recipe.schedule == train["LR_SCHEDULER"]["NAME"] and recipe.gamma == train["LR_SCHEDULER"]["GAMMA"]
     assert list(recipe.milestone_epochs) == train["LR_SCHEDULER"]["MULTISTEPS"]
     assert recipe.drop_path_rate == model["DROP_PATH_RATE"]
-    config = SimMIMConfig.from_preset(recipe.preset, **_parse_overrides(recipe.config_overrides))
+    config = SimMIMConfig.from_preset(recipe.preset, **parse_config_overrides(recipe.config_overrides))
     assert config.image_size == data["IMG_SIZE"] and config.backbone == model["TYPE"]
     if recipe.stage == "pretraining":
         assert (config.mask_patch_size, config.mask_ratio) == (data["MASK_PATCH_SIZE"], data["MASK_RATIO"])
@@ -121,3 +121,51 @@ def test_no_weight_decay_names_reach_the_optimizer_of_a_run(tmp_path):
     assert {"simmim.encoder.mask_token", "simmim.encoder.rel_pos_bias.relative_position_bias_table"} <= official
     exempted = decayed_names(["--no_weight_decay_names", "mask_token,relative_position_bias_table"])
     assert official - exempted == {"simmim.encoder.mask_token", "simmim.encoder.rel_pos_bias.relative_position_bias_table"}
+
+
+def test_a_users_config_overrides_add_to_the_recipes():
+    model_args, *_ = parse_finetune_arguments(
+        ["--recipe", "simmim-finetune-swin-base-100ep", "--model_name_or_path", "ckpt", "--config_overrides", "mask_ratio=0.5,window_size=12"]
+    )
+    # the recipe's image size stays; the user's window wins over the recipe's 7
+    assert parse_config_overrides(model_args.config_overrides) == {"image_size": 224, "window_size": 12, "mask_ratio": 0.5}
+
+
+def test_a_recipe_for_another_backbone_is_refused_naming_the_fitting_ones():
+    vit = SimMIMConfig.from_preset("vit-tiny-test")
+    with pytest.raises(ValueError, match="is for a swin model but the model is a vit: choose one of simmim-finetune-vit-base"):
+        check_recipe_backbone("simmim-finetune-swin-base-100ep", vit)
+    check_recipe_backbone("simmim-finetune-vit-base", vit)  # fits: no error
+
+
+def test_a_from_scratch_baseline_keeps_no_layer_decay_under_a_recipe():
+    argv = ["--recipe", "simmim-finetune-swin-base-800ep", "--model_name_or_path", "ckpt", "--from_scratch"]
+    model_args, *_ = parse_finetune_arguments(argv)
+    assert model_args.layer_decay is None  # resolved to 1.0 for a from-scratch run
+    model_args, *_ = parse_finetune_arguments(argv + ["--layer_decay", "0.8"])
+    assert model_args.layer_decay == 0.8
+
+
+def test_the_model_card_names_what_the_optimizer_did_not_decay(tmp_path):
+    """Swin: the official pretraining decays the relative position tables and exempts the mask token; its
+    fine-tuning exempts the tables (the keyword matches there)."""
+    from transformers import TrainingArguments
+
+    from hf_simmim import SimMIMForImageClassification, SimMIMForMaskedImageModeling
+    from hf_simmim.reporting.model_card import describe_weight_decay
+    from hf_simmim.training.schedules import SimMIMRecipe
+    from hf_simmim.training.trainer import SimMIMTrainer
+
+    config = SimMIMConfig.from_preset("swin-tiny-test")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+
+    def rule(model, names=()):
+        trainer = SimMIMTrainer(model=model, args=args, recipe=SimMIMRecipe(no_weight_decay_names=names))
+        return describe_weight_decay(trainer, model)
+
+    assert rule(SimMIMForMaskedImageModeling(config)).endswith("biases, mask_token (as the official code)")
+    classifier = SimMIMForImageClassification(config)
+    assert rule(classifier).endswith("biases, relative_position_bias_table (as the official code)")
+    assert rule(classifier, ("classifier",)).endswith(
+        "classifier.weight, relative_position_bias_table (--no_weight_decay_names classifier)"
+    )

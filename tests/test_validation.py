@@ -213,12 +213,12 @@ def test_mask_shape_error_says_what_is_expected():
 
 
 def test_config_overrides_refuse_unknown_fields():
-    from hf_simmim.training.runs import _parse_overrides
+    from hf_simmim.training.runs import parse_config_overrides
 
-    parsed = _parse_overrides("mask_ratio=0.5,window_size=7,num_labels=3")
+    parsed = parse_config_overrides("mask_ratio=0.5,window_size=7,num_labels=3")
     assert parsed == dict(mask_ratio=0.5, window_size=7, num_labels=3)
     with pytest.raises(ValueError, match="mask_rato is not a SimMIMConfig field.*mask_ratio"):
-        _parse_overrides("mask_rato=0.5")
+        parse_config_overrides("mask_rato=0.5")
 
 
 @pytest.mark.parametrize("model_class", ["SimMIMModel", "SimMIMForMaskedImageModeling", "SimMIMForImageClassification"])

@@ -14,10 +14,6 @@ from importlib import resources
 from huggingface_hub import ModelCard, ModelCardData
 
 
-# What the official code exempts from weight decay (training/optim.py reproduces it parameter by parameter).
-WEIGHT_DECAY_RULE = (
-    "as the official code: none on 1-D parameters, biases and the encoder's no-weight-decay names"
-)
 TEMPLATE = "simmim_pretraining.md"
 TAGS = ["simmim", "masked-image-modeling", "self-supervised-learning", "vision", "hf_simmim"]
 
@@ -105,6 +101,19 @@ def describe_architecture(config):
     )
 
 
+def describe_weight_decay(trainer, model):
+    """Which parameters the run's optimizer did not decay, beyond 1-D parameters and biases (by the last part of
+    their names, e.g. `cls_token`, `classifier.weight`), read from the trainer's own decay list."""
+    decayed = set(trainer.get_decay_parameter_names(model))
+    by_name = sorted(
+        {".".join(name.split(".")[-2 if name.endswith(".weight") else -1 :]) for name, param in model.named_parameters()
+         if name not in decayed and param.ndim > 1 and not name.endswith(".bias")}
+    )
+    rule = "none on 1-D parameters (norms, layer scale), biases" + "".join(f", {name}" for name in by_name)
+    extra = trainer.recipe.no_weight_decay_names
+    return rule + (f" (--no_weight_decay_names {','.join(extra)})" if extra else " (as the official code)")
+
+
 def describe_schedule(recipe, args, state):
     """The learning-rate schedule of a `SimMIMRecipe` in words (warmup and minimum rates are absolute)."""
     warmup = args.get_warmup_steps(max(state.max_steps, 1))
@@ -165,7 +174,7 @@ def trainer_card_values(trainer, run_info):
         "image_mean": [round(value, 4) for value in trainer.processing_class.image_mean],
         "image_std": [round(value, 4) for value in trainer.processing_class.image_std],
         "recipe": run_info.get("recipe") or "the package defaults (no --recipe)",
-        "weight_decay_rule": WEIGHT_DECAY_RULE,
+        "weight_decay_rule": describe_weight_decay(trainer, model),
         "seed": args.seed,
         "final_loss": _fmt(_last(state.log_history, "loss")),
         "final_eval_loss": _fmt(_last(state.log_history, "eval_loss")),
@@ -256,7 +265,7 @@ def finetuning_card_values(trainer, run_info):
         "mixing": mixing,
         "augmentation": run_info["augmentation"].describe(),
         "recipe": run_info.get("recipe") or "the package defaults (no --recipe)",
-        "weight_decay_rule": WEIGHT_DECAY_RULE,
+        "weight_decay_rule": describe_weight_decay(trainer, model),
         "total_batch_size": total_train_batch_size(args),
         "steps": state.global_step,
         "epochs": _fmt(float(state.epoch or 0.0), 3),

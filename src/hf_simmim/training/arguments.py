@@ -352,9 +352,14 @@ def parse_with_defaults(parser, defaults, argv=None, stage="pretraining"):
     recipe = _named_recipe(argv, values, stage)
     defaults = {**defaults, **(recipe_defaults(recipe) if recipe else {})}
     if values is not None:
-        return parser.parse_dict({**defaults, **values}), set(values)
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv), _given_flags(argv)
+        parsed, given = parser.parse_dict({**defaults, **values}), set(values)
+    else:
+        parser.set_defaults(**defaults)
+        parsed, given = parser.parse_args_into_dataclasses(args=argv), _given_flags(argv)
+    if recipe and recipe.config_overrides and "config_overrides" in given:
+        model_args = parsed[0]  # the user's overrides add to the recipe's (and win where both name a field)
+        model_args.config_overrides = f"{recipe.config_overrides},{model_args.config_overrides}"
+    return parsed, given
 
 
 def parse_run_arguments(argv=None):
@@ -385,6 +390,8 @@ def parse_finetune_arguments(argv=None):
     parsed, given = parse_with_defaults(parser, finetune_training_defaults(), argv, stage="fine-tuning")
     model_args, data_args, recipe_args, training_args = parsed
     training_args.remove_unused_columns = False  # the image column must reach the transform
+    if model_args.from_scratch and "layer_decay" not in given:
+        model_args.layer_decay = None  # a recipe's layer decay protects pretrained layers; a baseline has none
     if model_args.mode not in MODES:
         raise ValueError(f"--mode={model_args.mode!r} is not supported: use one of {MODES}.")
     if model_args.model_name_or_path is None and not (model_args.from_scratch and model_args.preset):

@@ -17,7 +17,7 @@ from ..models.modeling_simmim import SimMIMForImageClassification
 from ..reporting.model_card import write_finetuning_card
 from .callbacks import EpochCallback, ThroughputCallback, add_callback_first
 from .recipes import DEFAULT_LAYER_DECAY, RECIPES
-from .runs import _parse_overrides, set_learning_rate, skipped_image_counts
+from .runs import parse_config_overrides, set_learning_rate, skipped_image_counts
 from .schedules import SimMIMRecipe
 from .trainer import SimMIMFineTuneTrainer
 
@@ -70,7 +70,7 @@ class MixupCutmix:
 def load_classification_model(model_args, num_labels, id2label=None):
     """`(SimMIMForImageClassification, SimMIMImageProcessor)`: pretrained encoder + new head, or (with
     `--from_scratch`) the same architecture with fresh weights."""
-    overrides = {"drop_path_rate": model_args.drop_path_rate, **_parse_overrides(model_args.config_overrides)}
+    overrides = {"drop_path_rate": model_args.drop_path_rate, **parse_config_overrides(model_args.config_overrides)}
     if model_args.per_block_relative_position_bias and not {
         "use_relative_position_bias", "use_shared_relative_position_bias"
     } & set(overrides):

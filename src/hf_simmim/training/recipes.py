@@ -9,6 +9,8 @@ shorter run keeps the recipe's shape.
 
 from dataclasses import dataclass
 
+from ..models.configuration_simmim import PRESETS
+
 SOURCE = "microsoft/SimMIM@d3e29bc configs/"
 STAGES = ("pretraining", "fine-tuning")
 
@@ -125,6 +127,20 @@ def get_recipe(name, stage):
     if recipe is None or recipe.stage != stage:
         raise ValueError(f"--recipe {name!r} is not a {stage} recipe: use one of {', '.join(recipe_names(stage))}.")
     return recipe
+
+
+def check_recipe_backbone(name, config):
+    """Refuse a recipe written for another backbone than the model's (e.g. a Swin recipe for a ViT checkpoint)."""
+    if not name:
+        return
+    backbone = PRESETS[RECIPES[name].preset]["backbone"]
+    if backbone != config.backbone:
+        stage = RECIPES[name].stage
+        fitting = [n for n in recipe_names(stage) if PRESETS[RECIPES[n].preset]["backbone"] == config.backbone]
+        raise ValueError(
+            f"--recipe {name} is for a {backbone} model but the model is a {config.backbone}: choose one of "
+            f"{', '.join(fitting) or 'no recipe (none exists for this backbone)'}, or drop --recipe."
+        )
 
 
 def recipe_defaults(recipe):

@@ -192,7 +192,7 @@ def prepare_output_dir(training_args, recipe_args, model_args, given):
     return None
 
 
-def _parse_overrides(text):
+def parse_config_overrides(text):
     overrides = {}
     if not text:
         return overrides
@@ -221,7 +221,7 @@ def load_pretraining_model(model_args):
     sources = [s for s in (model_args.model_name_or_path, model_args.preset, model_args.config_file) if s]
     if len(sources) > 1:
         raise ValueError("Give only one of --model_name_or_path, --preset and --config_file.")
-    overrides = _parse_overrides(model_args.config_overrides)
+    overrides = parse_config_overrides(model_args.config_overrides)
     if model_args.model_name_or_path:
         model = SimMIMForMaskedImageModeling.from_pretrained(
             model_args.model_name_or_path, cache_dir=model_args.cache_dir, **overrides
