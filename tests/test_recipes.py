@@ -9,7 +9,13 @@ import yaml
 
 from hf_simmim import SimMIMConfig
 from hf_simmim.training.arguments import parse_finetune_arguments, parse_run_arguments
-from hf_simmim.training.recipes import RECIPES, check_recipe_backbone, get_recipe
+from hf_simmim.training.recipes import (
+    FINETUNING_DEFAULTS,
+    OPTIMIZER_DEFAULTS,
+    RECIPES,
+    check_recipe_backbone,
+    get_recipe,
+)
 from hf_simmim.training.runs import parse_config_overrides, apply_learning_rate, resolve_recipe_defaults
 
 OFFICIAL_CONFIGS = Path(__file__).parent / "fixtures" / "official_configs"
@@ -38,6 +44,24 @@ def official(recipe):
     train = {**OFFICIAL_DEFAULTS, **values["TRAIN"]}
     train["LR_SCHEDULER"] = {**OFFICIAL_DEFAULTS["LR_SCHEDULER"], **train["LR_SCHEDULER"]}
     return values["MODEL"], values["DATA"], train
+
+
+def test_runs_without_a_recipe_start_from_the_official_defaults():
+    """microsoft/SimMIM config.py: TRAIN.WEIGHT_DECAY 0.05, CLIP_GRAD 5.0; AUG.MIXUP 0.8, CUTMIX 1.0, MIXUP_PROB 1.0,
+    MIXUP_SWITCH_PROB 0.5, REPROB 0.25, AUTO_AUGMENT 'rand-m9-mstd0.5-inc1'; MODEL.LABEL_SMOOTHING 0.1; and what
+    every fine-tuning configuration sets alike."""
+    assert OPTIMIZER_DEFAULTS == {"weight_decay": 0.05, "max_grad_norm": 5.0}
+    official_aug = dict(mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, random_erasing=0.25,
+                        rand_augment="rand-m9-mstd0.5-inc1", label_smoothing=0.1)
+    assert {key: FINETUNING_DEFAULTS[key] for key in official_aug} == official_aug
+    for recipe in (r for r in RECIPES.values() if r.stage == "fine-tuning"):
+        _, _, train = official(recipe)
+        assert FINETUNING_DEFAULTS["base_learning_rate"] == train["BASE_LR"]
+        assert FINETUNING_DEFAULTS["warmup_learning_rate"] == train["WARMUP_LR"]
+        assert FINETUNING_DEFAULTS["min_learning_rate"] == train["MIN_LR"]
+        assert FINETUNING_DEFAULTS["warmup_steps"] == train["WARMUP_EPOCHS"] / train["EPOCHS"]
+    _, _, recipe_args, training_args, _ = parse_finetune_arguments(["--model_name_or_path", "ckpt"])
+    assert (recipe_args.mixup, recipe_args.random_erasing, training_args.weight_decay) == (0.8, 0.25, 0.05)
 
 
 def test_every_official_configuration_has_a_recipe():

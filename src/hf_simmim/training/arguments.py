@@ -21,7 +21,14 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.augmentation import parse_rand_augment
 from ..models.configuration_simmim import PRESETS
-from .recipes import get_recipe, recipe_defaults, recipe_names
+from .recipes import (
+    FINETUNING_DEFAULTS,
+    OPTIMIZER_DEFAULTS,
+    PRETRAINING_DEFAULTS,
+    get_recipe,
+    recipe_defaults,
+    recipe_names,
+)
 from .schedules import SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -103,7 +110,8 @@ class RecipeArguments:
         },
     )
     min_learning_rate: float = field(
-        default=1e-5, metadata={"help": "Learning rate the cosine ends at (scaled like the base learning rate)."}
+        default=PRETRAINING_DEFAULTS["min_learning_rate"],
+        metadata={"help": "Learning rate the cosine ends at (scaled like the base learning rate)."},
     )
     lr_schedule: str = field(
         default="cosine",
@@ -112,10 +120,12 @@ class RecipeArguments:
         },
     )
     lr_milestones: list[float] = field(
-        default_factory=lambda: [0.875],
+        default_factory=lambda: list(PRETRAINING_DEFAULTS["lr_milestones"]),
         metadata={"help": "multistep: where the learning rate drops, as fractions of the run (700/800) or steps."},
     )
-    lr_decay_gamma: float = field(default=0.1, metadata={"help": "multistep: the factor at each milestone."})
+    lr_decay_gamma: float = field(
+        default=PRETRAINING_DEFAULTS["lr_decay_gamma"], metadata={"help": "multistep: the factor at each milestone."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a previous run in --output_dir (the default output dir always is)."}
     )
@@ -144,7 +154,9 @@ class FineTuneModelArguments:
         default=None, metadata={"help": "Config fields to change, e.g. 'window_size=7,image_size=224' (tables are interpolated)."}
     )
     mode: str = field(default="finetune", metadata={"help": f"One of {MODES}."})
-    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth while fine-tuning (official 0.1)."})
+    drop_path_rate: float = field(
+        default=FINETUNING_DEFAULTS["drop_path_rate"], metadata={"help": "Stochastic depth while fine-tuning."}
+    )
     per_block_relative_position_bias: bool = field(
         default=True,
         metadata={
@@ -202,20 +214,33 @@ class FineTuneRecipeArguments:
                   "epochs, learning rates, layer decay, drop path and resolution become the defaults (flags still win)."},
     )
     base_learning_rate: float = field(
-        default=1.25e-3, metadata={"help": "lr = base_learning_rate * total batch / 512 (unless --learning_rate)."}
+        default=FINETUNING_DEFAULTS["base_learning_rate"],
+        metadata={"help": "lr = base_learning_rate * total batch / 512 (unless --learning_rate)."},
     )
-    warmup_learning_rate: float = field(default=2.5e-7, metadata={"help": "Warmup start, scaled like the lr."})
-    min_learning_rate: float = field(default=2.5e-7, metadata={"help": "Cosine end, scaled like the lr."})
-    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0 turns mixup off)."})
-    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0 turns cutmix off)."})
-    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
-    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of cutmix when both are on."})
-    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing (inside the mixed targets)."})
+    warmup_learning_rate: float = field(
+        default=FINETUNING_DEFAULTS["warmup_learning_rate"], metadata={"help": "Warmup start, scaled like the lr."}
+    )
+    min_learning_rate: float = field(
+        default=FINETUNING_DEFAULTS["min_learning_rate"], metadata={"help": "Cosine end, scaled like the lr."}
+    )
+    mixup: float = field(default=FINETUNING_DEFAULTS["mixup"], metadata={"help": "Mixup alpha (0 turns mixup off)."})
+    cutmix: float = field(default=FINETUNING_DEFAULTS["cutmix"], metadata={"help": "CutMix alpha (0: off)."})
+    mixup_prob: float = field(
+        default=FINETUNING_DEFAULTS["mixup_prob"], metadata={"help": "Probability of mixing a batch."}
+    )
+    mixup_switch_prob: float = field(
+        default=FINETUNING_DEFAULTS["mixup_switch_prob"], metadata={"help": "Probability of cutmix when both are on."}
+    )
+    label_smoothing: float = field(
+        default=FINETUNING_DEFAULTS["label_smoothing"], metadata={"help": "Label smoothing (inside the mixed targets)."}
+    )
     rand_augment: str = field(
-        default="rand-m9-mstd0.5-inc1",
+        default=FINETUNING_DEFAULTS["rand_augment"],
         metadata={"help": "RandAugment policy in timm's notation (official 'rand-m9-mstd0.5-inc1'); 'none' turns it off."},
     )
-    random_erasing: float = field(default=0.25, metadata={"help": "Random erasing probability (official 0.25; 0 off)."})
+    random_erasing: float = field(
+        default=FINETUNING_DEFAULTS["random_erasing"], metadata={"help": "Random erasing probability (0: off)."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run in --output_dir."})
     no_weight_decay_names: str = field(
         default="",
@@ -253,6 +278,15 @@ def default_dataloader_workers(accelerator=None):
     return max(0, min(16, cpus // local_processes - 1))
 
 
+# Set by the run whatever the command line says: each is required for SimMIM's inputs to reach the model and for
+# evaluation to report a loss.
+FORCED_TRAINING_ARGUMENTS = {
+    "remove_unused_columns": False,
+    "label_names": ["bool_masked_pos"],
+    "prediction_loss_only": True,
+}
+
+
 def simmim_training_defaults():
     """`TrainingArguments` defaults of a SimMIM run (flags given on the command line override them)."""
     try:
@@ -268,10 +302,9 @@ def simmim_training_defaults():
         "output_dir": DEFAULT_OUTPUT_DIR,
         "per_device_train_batch_size": 64,
         "per_device_eval_batch_size": 128,
-        "num_train_epochs": 30.0,
-        "weight_decay": 0.05,
-        "max_grad_norm": 5.0,
-        "warmup_steps": 0.1,
+        "num_train_epochs": PRETRAINING_DEFAULTS["num_train_epochs"],
+        "warmup_steps": PRETRAINING_DEFAULTS["warmup_steps"],
+        **OPTIMIZER_DEFAULTS,
         "logging_steps": 0.04,
         "logging_first_step": True,
         "eval_strategy": "steps",
@@ -290,19 +323,9 @@ def simmim_training_defaults():
         # the copy does not make the CPU wait for the previous step before it queues the next
         "accelerator_config": {"non_blocking": True} if accelerator else None,
         "ddp_find_unused_parameters": False,  # every parameter takes part in the SimMIM loss
-        "remove_unused_columns": False,
-        "label_names": ["bool_masked_pos"],
-        "prediction_loss_only": True,
+        **FORCED_TRAINING_ARGUMENTS,
     }
 
-
-# Set by the run whatever the command line says: each is required for SimMIM's inputs to reach the model and for
-# evaluation to report a loss.
-FORCED_TRAINING_ARGUMENTS = {
-    "remove_unused_columns": False,
-    "label_names": ["bool_masked_pos"],
-    "prediction_loss_only": True,
-}
 
 
 def finetune_training_defaults():
@@ -310,8 +333,8 @@ def finetune_training_defaults():
     defaults = simmim_training_defaults()
     defaults.update(
         output_dir=FINETUNE_OUTPUT_DIR,
-        num_train_epochs=30.0,
-        warmup_steps=0.2,  # 20 of 100 epochs
+        num_train_epochs=FINETUNING_DEFAULTS["num_train_epochs"],
+        warmup_steps=FINETUNING_DEFAULTS["warmup_steps"],
         label_names=["labels"],
         prediction_loss_only=False,
         metric_for_best_model="top1",

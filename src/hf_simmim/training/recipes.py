@@ -1,5 +1,6 @@
 """Training recipes as data: one frozen, named `Recipe` per official microsoft/SimMIM configuration, and the
-defaults a run takes when it names none. Every recipe constant of the package lives here.
+defaults a run takes when it names none (the official `config.py` values). The scripts' argument defaults read
+their recipe values from here.
 
 A recipe fills the run's arguments that the command line leaves unset (`recipe_defaults`): a flag given
 explicitly always wins. Learning rates are per 512 images, scaled by the total batch (`lr = base x batch / 512`),
@@ -9,6 +10,7 @@ shorter run keeps the recipe's shape.
 
 from dataclasses import dataclass
 
+from ..data.augmentation import OFFICIAL_RAND_AUGMENT
 from ..models.configuration_simmim import PRESETS
 
 SOURCE = "microsoft/SimMIM@d3e29bc configs/"
@@ -18,7 +20,7 @@ STAGES = ("pretraining", "fine-tuning")
 @dataclass(frozen=True)
 class Recipe:
     """One official configuration: the model preset it trains (plus config overrides, e.g. the fine-tuning
-    window), the schedule and optimisation values, and the official total batch size (16 GPUs x 128)."""
+    window), the schedule and the optimisation values. Learning rates are per 512 images."""
 
     name: str
     stage: str
@@ -37,7 +39,6 @@ class Recipe:
     drop_path_rate: float = 0.0
     layer_decay: float = 1.0
     config_overrides: str | None = None
-    total_batch_size: int = 2048
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -105,15 +106,29 @@ RECIPES = {
     )
 }
 
-# Without --recipe: the schedule's official base / warmup-start learning rates (the 100-epoch cosine configs and
-# the 800-epoch multistep configs), warmup for 10 of 100 epochs (`TrainingArguments.warmup_steps` 0.1) or 10 of 800.
+# Without --recipe, both stages: microsoft/SimMIM config.py's TRAIN.WEIGHT_DECAY and TRAIN.CLIP_GRAD.
+OPTIMIZER_DEFAULTS = {"weight_decay": 0.05, "max_grad_norm": 5.0}
+# Pretraining without --recipe: the shape of the 100-epoch cosine config (warmup 10 of 100 epochs, cosine to 1e-5)
+# over 30 epochs, and the 800-epoch configs' step at 700 of 800 for --lr_schedule multistep.
+PRETRAINING_DEFAULTS = {
+    "num_train_epochs": 30.0, "warmup_steps": 0.1, "min_learning_rate": 1e-5, "lr_milestones": [0.875],
+    "lr_decay_gamma": 0.1,
+}
+# ... and the schedule's official base / warmup-start learning rates (the 100-epoch cosine configs and the
+# 800-epoch multistep configs), warmup for 10 of 800 epochs with multistep.
 SCHEDULE_LEARNING_RATES = {"cosine": (2e-4, 1e-6), "multistep": (1e-4, 5e-7), "trainer": (2e-4, 1e-6)}
 MULTISTEP_WARMUP_FRACTION = 10 / 800
 # The tiny CPU presets are ~1000x smaller than ViT-B: at the paper's 2e-4 their loss barely moves in the
 # one-minute default run (0.92 -> 0.87 in 300 steps), at 8e-3 it falls to ~0.72.
 PRESET_BASE_LEARNING_RATES = {"vit-tiny-test": 8e-3, "swin-tiny-test": 8e-3}
-# Fine-tuning without --recipe: the official layer-wise decay of the backbone's base model (ViT-B 0.65, Swin-B
-# after 100 pretraining epochs 0.9).
+# Fine-tuning without --recipe: the values every official fine-tuning config shares (TRAIN, MODEL.DROP_PATH_RATE)
+# and config.py's AUG and MODEL.LABEL_SMOOTHING, over 30 epochs with the configs' warmup of 20 of 100 epochs;
+FINETUNING_DEFAULTS = {
+    "num_train_epochs": 30.0, "warmup_steps": 0.2, "base_learning_rate": 1.25e-3, "warmup_learning_rate": 2.5e-7,
+    "min_learning_rate": 2.5e-7, "drop_path_rate": 0.1, "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5, "label_smoothing": 0.1, "rand_augment": OFFICIAL_RAND_AUGMENT, "random_erasing": 0.25,
+}
+# and the official layer-wise decay of the backbone's base model (ViT-B 0.65, Swin-B after 100 pretraining epochs 0.9).
 DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
 
 
