@@ -28,12 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hf_simmim.data.augmentation import RESAMPLE, pretraining_augmentation
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor  # noqa: E402
-from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn# noqa: E402
-from hf_simmim.data.loading import bundled_sample_data_files# noqa: E402
-from hf_simmim.data.image_ops import open_image# noqa: E402
-from hf_simmim.data.image_ops import random_horizontal_flip, random_resized_crop, to_uint8_array# noqa: E402
+from hf_simmim.data.augmentation import RESAMPLE, pretraining_augmentation  # noqa: E402
+from hf_simmim.data.image_ops import open_image, random_horizontal_flip, random_resized_crop, to_uint8_array  # noqa: E402
+from hf_simmim.data.loading import bundled_sample_data_files  # noqa: E402
+from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """SimMIM pretraining in one command, on `transformers.Trainer`.
 
-    python examples/run_mim.py                                   # tiny model, bundled sample, ~1 minute on CPU
-    python examples/run_mim.py --preset swin-base-window6-192 --dataset_name path/or/hub-name \
-        --num_train_epochs 100 --per_device_train_batch_size 128 --output_dir outputs/swin-b
+    python examples/run_mim.py                                   # tiny model, bundled sample, ~30 s on 2 CPUs
+    python examples/run_mim.py --recipe simmim-swin-base-100ep --dataset_name path/or/hub-name \
+        --per_device_train_batch_size 128 --output_dir outputs/swin-b     # an official configuration
     torchrun --nproc_per_node 8 examples/run_mim.py ...           # or: accelerate launch [--config_file ...] ...
     python examples/run_mim.py --resume_from_checkpoint last     # continue an interrupted run
     python examples/run_mim.py args.json                          # the same flags as one JSON object
@@ -11,10 +11,11 @@
 Model: --preset NAME | --config_file config.json | --model_name_or_path CHECKPOINT (continue pretraining).
 Data: --dataset_name (hub name or local path) | --train_dir [--validation_dir] (image folder, Parquet or Arrow)
 | nothing (the sample bundled with hf_simmim). --image_column_name if it cannot be detected.
-Recipe (defaults): AdamW (0.9, 0.999), weight decay 0.05 (not on norms, biases, embeddings, tokens, bias
-tables), lr = --base_learning_rate x total batch / 512, warmup from --warmup_learning_rate then cosine to
---min_learning_rate (--lr_schedule multistep for the 800-epoch configs), clipping 5.0, bf16 on GPUs that have it.
-Every `TrainingArguments` flag works (see --help).
+Recipe: --recipe NAME (an official configuration: hf_simmim.training.recipes), else the official defaults:
+AdamW (0.9, 0.999), weight decay 0.05 on the parameters the official code decays, lr = --base_learning_rate x
+total batch / 512, warmup from --warmup_learning_rate then cosine to --min_learning_rate (--lr_schedule multistep
+for the 800-epoch configs), clipping 5.0, bf16 on GPUs that have it. Every `TrainingArguments` flag works (see
+--help).
 
 Writes to --output_dir: the model (safetensors + config), its image processor, README.md (model card),
 reconstruction.png (+ reconstructions/ per evaluation), loss_curve.png, checkpoint-*/ and TensorBoard logs.

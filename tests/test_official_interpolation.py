@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from hf_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling
 from hf_simmim.models.modeling_resize import geometric_source_offsets, resize_position_table
 
-ATOL = 1e-4  # float32 precision; the official tables are reproduced to ~1e-6 or better
+ATOL = 1e-6  # measured: 0 (the same spline as the official interp2d, in float64, cast to float32)
 SWIN_BLOCKS = ("layers.0.blocks.0", "layers.0.blocks.1")
 VIT_BLOCKS = ("blocks.0", "blocks.1")
 
