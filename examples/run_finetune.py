@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 
-from hf_simmim import SimMIMModel
 from hf_simmim.data import detect_image_column, finetuning_augmentation, label_names, select_per_class
 from hf_simmim.training.arguments import parse_finetune_arguments
 from hf_simmim.training.finetuning import (
@@ -31,9 +30,9 @@ from hf_simmim.training.finetuning import (
     mixup_or_label_smoothing,
     resolve_layer_decay,
 )
-from hf_simmim.training.probing import evaluate_frozen_encoder
+from hf_simmim.training.probing import evaluate_frozen_encoder, load_frozen_encoder
 from hf_simmim.training.recipes import check_recipe_backbone
-from hf_simmim.training.runs import parse_config_overrides, load_run_datasets, prepare_output_dir, start_run
+from hf_simmim.training.runs import load_run_datasets, prepare_output_dir, start_run
 
 logger = logging.getLogger("run_finetune")
 
@@ -69,10 +68,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- frozen encoder: linear probe or k-NN
     if not fine_tuning:
-        encoder = model.simmim
-        if not model_args.from_scratch:  # the encoder with its final norm, at the resolution the overrides ask for
-            overrides = parse_config_overrides(model_args.config_overrides)
-            encoder = SimMIMModel.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **overrides)
+        encoder = load_frozen_encoder(model_args, model)
         results = evaluate_frozen_encoder(model_args, training_args, encoder, datasets, len(names))
         if training_args.process_index == 0:
             print_summary(model_args, results, training_args.output_dir)

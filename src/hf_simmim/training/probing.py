@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .. import metrics
 from ..data.transforms import collate_fn
 from .finetuning import accuracy_ks
-from .runs import skipped_image_counts
+from ..models.modeling_simmim import SimMIMModel
+from .runs import parse_config_overrides, skipped_image_counts
 
 
 def pooled_features(model, pixel_values, block=None):
@@ -93,6 +94,15 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=20, t
         votes.scatter_add_(1, train_labels[index], (top / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
+
+
+def load_frozen_encoder(model_args, classifier):
+    """The encoder a probe reads: the checkpoint's `SimMIMModel` with its final norm, at the resolution the
+    config overrides ask for; from scratch, the (randomly initialised) encoder of `classifier`."""
+    if model_args.from_scratch:
+        return classifier.simmim
+    overrides = parse_config_overrides(model_args.config_overrides)
+    return SimMIMModel.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **overrides)
 
 
 def evaluate_frozen_encoder(model_args, training_args, encoder, datasets, num_classes):
