@@ -7,7 +7,17 @@ from PIL import Image
 
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMImageProcessor
 from hf_simmim.models.image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from hf_simmim.reporting.pictures import COLUMNS, MASK_GREY, denormalize, loss_curve, reconstruct, reconstruct_images, reconstruction_grid, reconstruction_panels
+from hf_simmim.reporting.pictures import (
+    COLUMNS,
+    MASK_GREY,
+    RECONSTRUCTION_CAPTION,
+    denormalize,
+    loss_curve,
+    reconstruct,
+    reconstruct_images,
+    reconstruction_grid,
+    reconstruction_panels,
+)
 
 MEAN = np.array(IMAGENET_DEFAULT_MEAN).reshape(1, 3, 1, 1)
 STD = np.array(IMAGENET_DEFAULT_STD).reshape(1, 3, 1, 1)
@@ -59,6 +69,24 @@ def test_grid_has_a_row_per_image_and_the_four_columns():
     assert found
     with pytest.raises(ValueError, match="patch_size=8"):
         reconstruction_grid(normalised(rgb), mask, normalised(rgb), patch_size=8)
+
+
+def test_grid_caption_says_that_only_masked_patches_are_trained():
+    assert "only masked patches are trained" in RECONSTRUCTION_CAPTION
+    rgb = np.random.default_rng(2).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[:, 2:6] = True
+    arguments = (normalised(rgb), mask, normalised(rgb))
+    captioned = np.asarray(reconstruction_grid(*arguments, patch_size=4, title="step 3"))
+    bare = np.asarray(reconstruction_grid(*arguments, patch_size=4, title="step 3", caption=None))
+    # The caption is one more line of text under the title; the rest of the picture moves down unchanged.
+    line = captioned.shape[0] - bare.shape[0]
+    assert 8 <= line <= 30
+    width = bare.shape[1]
+    np.testing.assert_array_equal(captioned[:line, :width], bare[:line])
+    np.testing.assert_array_equal(captioned[2 * line :, :width], bare[line:])
+    ink_columns = np.nonzero((captioned[line : 2 * line] < 128).any(axis=(0, 2)))[0]
+    assert ink_columns.size and ink_columns.max() - ink_columns.min() > 250  # a line of text that long
 
 
 def test_loss_curve_draws_a_falling_line_and_the_eval_points():

@@ -1,16 +1,39 @@
-"""Parity with transformers' own `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling`: their checkpoints
-convert to ours with the same loss and reconstruction, and ours export back to theirs."""
+"""Parity with transformers' own classes: their `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` checkpoints
+convert to ours with the same loss and reconstruction, and ours export to their ViT, BEiT and Swin classes with the
+same outputs and an image processor of theirs that preprocesses as ours."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import max_abs_diff, perturb_parameters_, tiny_swin, tiny_vit
-from transformers import SwinConfig, SwinForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitModel,
+    SwinConfig,
+    SwinForImageClassification,
+    SwinForMaskedImageModeling,
+    SwinModel,
+    ViTConfig,
+    ViTForMaskedImageModeling,
+)
 
-from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMMaskGenerator
+from hf_simmim import (
+    SimMIMConfig,
+    SimMIMForImageClassification,
+    SimMIMForMaskedImageModeling,
+    SimMIMImageProcessor,
+    SimMIMMaskGenerator,
+    SimMIMModel,
+)
 from hf_simmim.cli import main as cli_main
-from hf_simmim.convert import convert_transformers_checkpoint, export_to_transformers
+from hf_simmim.convert import convert_transformers_checkpoint, export_to_transformers, transformers_config_from_simmim
 
 ATOL = 1e-5
 
@@ -204,20 +227,151 @@ def test_export_to_transformers_with_cli(tmp_path):
         (dict(use_relative_position_bias=True, use_shared_relative_position_bias=False), "use_relative_position_bias"),
         (dict(layer_scale_init_value=0.1), "layer_scale_init_value"),
         (dict(use_absolute_position_embeddings=False), "use_absolute_position_embeddings"),
+        (dict(use_mean_pooling=True), "use_mean_pooling"),
     ],
 )
-def test_export_of_official_vit_variant_is_refused(overrides, field, tmp_path):
-    if overrides:
-        config = SimMIMConfig(**{**PLAIN_VIT, **overrides})
-    else:
-        config = SimMIMConfig.from_preset("vit-tiny-test")
-    model = SimMIMForMaskedImageModeling(config)
+def test_transformers_vit_config_refuses_what_only_beit_holds(overrides, field):
+    config = SimMIMConfig(**{**PLAIN_VIT, **overrides}) if overrides else SimMIMConfig.from_preset("vit-tiny-test")
     with pytest.raises(ValueError, match=field):
-        export_to_transformers(model, str(tmp_path / "hf"))
-    assert not (tmp_path / "hf" / "model.safetensors").exists()
+        transformers_config_from_simmim(config, "vit")
+    assert isinstance(transformers_config_from_simmim(config), BeitConfig)  # what the default picks instead
 
 
 def test_export_without_learned_mask_token_is_refused(tmp_path):
     model = SimMIMForMaskedImageModeling(SimMIMConfig(**SWIN, mask_token_type="noise"))
     with pytest.raises(ValueError, match="mask_token_type"):
         export_to_transformers(model, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- export as BEiT
+# Every ViT but the plain one: transformers' BEiT is the official SimMIM ViT's layout.
+BEIT_VARIANTS = {
+    "shared": tiny_vit(),  # the official variant: shared table, layer scale, no absolute position embedding
+    "per-block": tiny_vit(use_relative_position_bias=True, use_shared_relative_position_bias=False),
+    "both-tables+abs-pos+no-qkv-bias": tiny_vit(
+        use_relative_position_bias=True, use_absolute_position_embeddings=True, qkv_bias=False
+    ),
+}
+
+
+def perturbed(model_class, fields, **overrides):
+    torch.manual_seed(0)
+    return perturb_parameters_(model_class(SimMIMConfig(**fields, **overrides))).eval()
+
+
+def assert_close(actual, expected, label):
+    diff = max_abs_diff(actual, expected)
+    print(f"[parity] {label}: max abs diff {diff:.3g}")
+    assert actual.shape == expected.shape
+    assert diff <= ATOL
+
+
+@pytest.mark.parametrize("variant", sorted(BEIT_VARIANTS))
+def test_vit_pretraining_model_exports_its_encoder_as_beit(variant, tmp_path):
+    ours = perturbed(SimMIMForMaskedImageModeling, BEIT_VARIANTS[variant])
+    export_to_transformers(ours, str(tmp_path / "hf"))
+    reloaded = AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert type(reloaded) is BeitModel  # transformers' BEiT has no pixel decoder: the encoder goes alone
+    pixel_values, mask = inputs_for(32, 4, seed=5)
+    with torch.no_grad():
+        for bool_masked_pos, masked in [(None, "unmasked"), (mask, "masked")]:
+            assert_close(
+                reloaded(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state,
+                ours.simmim(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state,
+                f"ours -> BeitModel ({variant}, {masked}) last_hidden_state",
+            )
+
+
+@pytest.mark.parametrize("variant, use_mean_pooling", [("shared", False), ("per-block", True), ("plain", True)])
+def test_vit_encoder_exports_as_beit_model(variant, use_mean_pooling, tmp_path):
+    fields = PLAIN_VIT if variant == "plain" else BEIT_VARIANTS[variant]
+    ours = perturbed(SimMIMModel, fields, use_mean_pooling=use_mean_pooling)
+    export_to_transformers(ours, str(tmp_path / "hf"))
+    reloaded = BeitModel.from_pretrained(tmp_path / "hf").eval()
+    pixel_values, _ = inputs_for(32, 4, seed=6)
+    with torch.no_grad():
+        expected, actual = ours(pixel_values), reloaded(pixel_values)
+    label = f"ours -> BeitModel ({variant}, use_mean_pooling={use_mean_pooling})"
+    assert_close(actual.last_hidden_state, expected.last_hidden_state, label + " last_hidden_state")
+    if use_mean_pooling:
+        assert_close(actual.pooler_output, expected.pooler_output, label + " pooler_output")
+    else:  # BEiT pools the CLS token here; ours, the mean of the patch tokens (the module docstring says so)
+        assert_close(actual.last_hidden_state[:, 1:].mean(1), expected.pooler_output, label + " mean of patches")
+
+
+@pytest.mark.parametrize("variant", sorted(BEIT_VARIANTS) + ["plain"])
+def test_vit_classifier_exports_as_beit_for_image_classification(variant, tmp_path):
+    fields = PLAIN_VIT if variant == "plain" else BEIT_VARIANTS[variant]
+    labels = {0: "cat", 1: "dog", 2: "fox"}
+    ours = perturbed(SimMIMForImageClassification, fields, id2label=labels, label2id={v: k for k, v in labels.items()})
+    export_to_transformers(ours, str(tmp_path / "hf"))
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(reloaded) is BeitForImageClassification
+    assert reloaded.config.id2label == labels
+    pixel_values, _ = inputs_for(32, 4, seed=7)
+    with torch.no_grad():
+        label = f"ours -> BeitForImageClassification ({variant})"
+        assert_close(
+            reloaded.beit(pixel_values).pooler_output, ours.simmim(pixel_values).pooler_output, label + " pooled"
+        )
+        assert_close(reloaded(pixel_values).logits, ours(pixel_values).logits, label + " logits")
+
+
+@pytest.mark.parametrize(
+    "model_class, hf_class", [(SimMIMModel, SwinModel), (SimMIMForImageClassification, SwinForImageClassification)]
+)
+def test_swin_encoder_and_classifier_export_to_swin(model_class, hf_class, tmp_path):
+    ours = perturbed(model_class, SWIN, num_labels=4)
+    export_to_transformers(ours, str(tmp_path / "hf"))
+    reloaded = hf_class.from_pretrained(tmp_path / "hf").eval()
+    pixel_values, _ = inputs_for(32, 2, seed=8)
+    with torch.no_grad():
+        expected, actual = ours(pixel_values), reloaded(pixel_values)
+    if model_class is SimMIMModel:
+        assert_close(actual.last_hidden_state, expected.last_hidden_state, "ours -> SwinModel last_hidden_state")
+        assert_close(actual.pooler_output, expected.pooler_output, "ours -> SwinModel pooler_output")
+    else:
+        assert_close(actual.logits, expected.logits, "ours -> SwinForImageClassification logits")
+
+
+def test_cli_exports_a_classifier_checkpoint_with_its_processor(tmp_path):
+    ours = perturbed(SimMIMForImageClassification, tiny_vit(), num_labels=3)
+    ours.save_pretrained(tmp_path / "ours")
+    SimMIMImageProcessor.from_model_config(ours.config, crop_pct=0.875).save_pretrained(tmp_path / "ours")
+    assert cli_main(["convert", "to-transformers", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(reloaded) is BeitForImageClassification
+    pixel_values, _ = inputs_for(32, 4, seed=9)
+    with torch.no_grad():
+        assert_close(reloaded(pixel_values).logits, ours(pixel_values).logits, "ours -> Beit classifier (cli)")
+    with open(tmp_path / "hf" / "preprocessor_config.json") as f:
+        assert json.load(f)["size"] == {"shortest_edge": 36}  # the checkpoint's crop_pct 0.875, not the default
+
+
+# ---------------------------------------------------------------------------------------------- image processor
+def random_image(width, height, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "model_class, fields, processor_name",
+    [
+        (SimMIMForMaskedImageModeling, PLAIN_VIT, "ViTImageProcessor"),
+        (SimMIMForMaskedImageModeling, SWIN, "ViTImageProcessor"),
+        (SimMIMForImageClassification, tiny_vit(), "BeitImageProcessor"),
+    ],
+)
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_every_export_writes_a_transformers_image_processor(model_class, fields, processor_name, crop_pct, tmp_path):
+    model = model_class(SimMIMConfig(**fields))
+    ours = SimMIMImageProcessor.from_model_config(model.config, crop_pct=crop_pct)
+    export_to_transformers(model, str(tmp_path / "hf"), ours)
+    theirs = AutoImageProcessor.from_pretrained(tmp_path / "hf")  # PIL backend here: torchvision is not installed
+    assert type(theirs).__name__.startswith(processor_name)
+    # The same-size image, and others whose crop margins are even (see transformers_image_processor's docstring).
+    for seed, (width, height) in enumerate([(32, 32), (48, 64), (64, 48), (40, 50)]):
+        image = random_image(width, height, seed)
+        expected = ours(image, return_tensors="pt")["pixel_values"]
+        actual = theirs(image, return_tensors="pt")["pixel_values"]
+        assert_close(actual, expected, f"{processor_name} {width}x{height} crop_pct={crop_pct}")

@@ -1,12 +1,17 @@
-"""The `hf-simmim` command: convert checkpoints, and draw reconstructions.
+"""The `hf-simmim` command: convert checkpoints, and draw reconstructions and attention maps.
 
     hf-simmim convert official CHECKPOINT.pth OUTPUT_DIR [--allow-unsafe-pickle] [--image_size N ...]
     hf-simmim convert transformers MODEL_DIR OUTPUT_DIR
     hf-simmim convert to-transformers SIMMIM_DIR OUTPUT_DIR
     hf-simmim reconstruct CHECKPOINT IMAGE... --output grid.png
+    hf-simmim attention CHECKPOINT IMAGE... --output map.png
+
+A checkpoint that does not exist (no such local path, nor hub model id) or a missing image ends with a one-line
+error and exit status 2, before anything is loaded.
 """
 
 import argparse
+import os
 import sys
 
 # Fields a checkpoint cannot always tell, overridable on the command line.
@@ -28,6 +33,40 @@ def _add_overrides(parser):
 
 def _overrides(args):
     return {name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None}
+
+
+def missing_checkpoint(name, hub=True):
+    """The error line for a checkpoint that does not exist, or None. `hub`: a model id of the Hugging Face hub may
+    stand for a local path (found in the local cache, or on the hub when online)."""
+    if os.path.exists(name):
+        return None
+    if not hub:
+        return f"no such file or folder: {name}"
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return f"no such folder or hub id: {name}"
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return None
+    if huggingface_hub.is_offline_mode():
+        return f"no such folder or hub id: {name} (offline: only the local hub cache was searched)"
+    try:
+        found = huggingface_hub.repo_exists(name)
+    except Exception as error:  # any failure to reach the hub: report it here rather than deep inside loading
+        return f"no such folder: {name}, and the hub could not be asked for a model {name!r} ({error})"
+    return None if found else f"no such folder or hub id: {name}"
+
+
+def _checkpoint_argument(args):
+    """`(path, hub)`: the checkpoint a command reads, and whether a hub id may stand for it."""
+    if args.command != "convert":
+        return args.checkpoint, True
+    if args.source == "official":
+        return args.checkpoint, False
+    return args.model_dir, args.source == "to-transformers"
 
 
 def build_parser():
@@ -58,38 +97,59 @@ def build_parser():
     reconstruct.add_argument("images", nargs="+")
     reconstruct.add_argument("--output", default="reconstruction.png")
     reconstruct.add_argument("--mask_seed", type=int, default=0)
+
+    attention = commands.add_parser(
+        "attention",
+        help="draw the last block's attention over images (ViT: the CLS token's; Swin: received, per window)",
+    )
+    attention.add_argument("checkpoint")
+    attention.add_argument("images", nargs="+")
+    attention.add_argument("--output", default="attention.png")
     return parser
+
+
+def _convert(args):
+    from . import convert
+
+    if args.source == "official":
+        return convert.convert_official_checkpoint(
+            args.checkpoint, args.output_dir, args.allow_unsafe_pickle, **_overrides(args)
+        )
+    if args.source == "transformers":
+        return convert.convert_transformers_checkpoint(args.model_dir, args.output_dir, **_overrides(args))
+    return convert.export_checkpoint_to_transformers(args.model_dir, args.output_dir)
+
+
+def _run(args):
+    """The command's work; returns the line to print."""
+    if args.command == "convert":
+        model = _convert(args)
+        return f"Saved {type(model).__name__} ({model.config.model_type}) to {args.output_dir}"
+    if args.command == "reconstruct":
+        from .reporting.pictures import reconstruct_images
+
+        return "Wrote " + reconstruct_images(args.checkpoint, args.images, args.output, mask_seed=args.mask_seed)
+    from .reporting.attention import attention_images
+
+    return "Wrote " + attention_images(args.checkpoint, args.images, args.output)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "convert":
-        from . import convert
+    from .convert import UnsafeCheckpointError
+    from .reporting.pictures import check_image_files
 
-        if args.source == "official":
-            try:
-                model = convert.convert_official_checkpoint(
-                    args.checkpoint, args.output_dir, args.allow_unsafe_pickle, **_overrides(args)
-                )
-            except convert.UnsafeCheckpointError as error:
-                print(f"error: {error}", file=sys.stderr)
-                return 2
-        elif args.source == "transformers":
-            model = convert.convert_transformers_checkpoint(args.model_dir, args.output_dir, **_overrides(args))
-        else:
-            from .models.modeling_simmim import SimMIMForMaskedImageModeling
-
-            source = SimMIMForMaskedImageModeling.from_pretrained(args.model_dir)
-            model = convert.export_to_transformers(source, args.output_dir)
-        print(f"Saved {type(model).__name__} ({model.config.model_type}) to {args.output_dir}")
-        return 0
-    if args.command == "reconstruct":
-        from .reporting.pictures import reconstruct_images
-
-        path = reconstruct_images(args.checkpoint, args.images, args.output, mask_seed=args.mask_seed)
-        print(f"Wrote {path}")
-        return 0
-    return 1
+    try:
+        problem = missing_checkpoint(*_checkpoint_argument(args))
+        if problem is None:
+            if args.command != "convert":
+                check_image_files(args.images)
+            print(_run(args))
+            return 0
+    except (FileNotFoundError, UnsafeCheckpointError) as error:  # what a user fixes: no traceback
+        problem = str(error)
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

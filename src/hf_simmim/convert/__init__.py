@@ -1,5 +1,6 @@
 """Checkpoints in and out: official microsoft/SimMIM `.pth` files (`official`), transformers' ViT/Swin MIM
-checkpoints and the export of our encoders back to transformers' own classes (`transformers_checkpoints`).
+checkpoints (`transformers_checkpoints`), and the export of our models to transformers' own ViT, BEiT and Swin
+classes (`to_transformers`).
 
 Every direction infers the architecture from the weights (and the transformers config where there is one), so no
 hand-written config is needed; what a checkpoint cannot tell can be overridden by keyword.
@@ -12,13 +13,18 @@ from .official import (
     convert_official_state_dict,
     load_official_checkpoint,
 )
+from .to_transformers import (
+    export_checkpoint_to_transformers,
+    export_to_transformers,
+    load_simmim_checkpoint,
+    transformers_config_from_simmim,
+    transformers_image_processor,
+)
 from .transformers_checkpoints import (
     config_from_transformers,
     convert_transformers_checkpoint,
     convert_transformers_state_dict,
-    export_to_transformers,
     load_transformers_checkpoint,
-    transformers_config_from_simmim,
 )
 
 __all__ = [
@@ -29,8 +35,11 @@ __all__ = [
     "convert_official_state_dict",
     "convert_transformers_checkpoint",
     "convert_transformers_state_dict",
+    "export_checkpoint_to_transformers",
     "export_to_transformers",
     "load_official_checkpoint",
+    "load_simmim_checkpoint",
     "load_transformers_checkpoint",
     "transformers_config_from_simmim",
+    "transformers_image_processor",
 ]

@@ -1,5 +1,5 @@
-"""transformers' `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` checkpoints in, and our plain ViT / Swin
-encoders out to transformers' own classes."""
+"""transformers' `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` checkpoints in, and the key names both
+directions share (`to_transformers` writes them out)."""
 
 import json
 import math
@@ -7,50 +7,69 @@ import os
 import re
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..models.configuration_simmim import SimMIMConfig
 from .common import DERIVED_BUFFERS, load_strict, save_with_processor
 
 
-# (transformers' on-disk key, ours); {i}/{j} match block / stage indices. q/k/v are fused separately.
-_VIT_KEYS = [
-    ("vit.embeddings.cls_token", "simmim.encoder.cls_token"),
-    ("vit.embeddings.mask_token", "simmim.encoder.mask_token"),
-    ("vit.embeddings.position_embeddings", "simmim.encoder.pos_embed"),
-    ("vit.embeddings.patch_embeddings.projection.{p}", "simmim.encoder.patch_embed.proj.{p}"),
-    ("vit.encoder.layer.{i}.attention.output.dense.{p}", "simmim.encoder.blocks.{i}.attn.proj.{p}"),
-    ("vit.encoder.layer.{i}.layernorm_before.{p}", "simmim.encoder.blocks.{i}.norm1.{p}"),
-    ("vit.encoder.layer.{i}.layernorm_after.{p}", "simmim.encoder.blocks.{i}.norm2.{p}"),
-    ("vit.encoder.layer.{i}.intermediate.dense.{p}", "simmim.encoder.blocks.{i}.mlp.fc1.{p}"),
-    ("vit.encoder.layer.{i}.output.dense.{p}", "simmim.encoder.blocks.{i}.mlp.fc2.{p}"),
-    ("vit.layernorm.{p}", "simmim.encoder.norm.{p}"),
-    ("decoder.0.{p}", "decoder.0.{p}"),
+# (transformers' on-disk key, ours), relative to the base models (transformers' `ViTModel` / `BeitModel` /
+# `SwinModel`, our `SimMIMModel`); {i}/{j} match block / stage indices. q/k/v are fused separately.
+VIT_KEYS = [
+    ("embeddings.cls_token", "encoder.cls_token"),
+    ("embeddings.mask_token", "encoder.mask_token"),
+    ("embeddings.position_embeddings", "encoder.pos_embed"),
+    ("embeddings.patch_embeddings.projection.{p}", "encoder.patch_embed.proj.{p}"),
+    ("encoder.layer.{i}.attention.output.dense.{p}", "encoder.blocks.{i}.attn.proj.{p}"),
+    ("encoder.layer.{i}.layernorm_before.{p}", "encoder.blocks.{i}.norm1.{p}"),
+    ("encoder.layer.{i}.layernorm_after.{p}", "encoder.blocks.{i}.norm2.{p}"),
+    ("encoder.layer.{i}.intermediate.dense.{p}", "encoder.blocks.{i}.mlp.fc1.{p}"),
+    ("encoder.layer.{i}.output.dense.{p}", "encoder.blocks.{i}.mlp.fc2.{p}"),
+    ("layernorm.{p}", "encoder.norm.{p}"),
 ]
-_VIT_QKV = ("vit.encoder.layer.{i}.attention.attention.{qkv}.{p}", "simmim.encoder.blocks.{i}.attn.qkv.{p}")
-_SWIN_KEYS = [
-    ("swin.embeddings.mask_token", "simmim.encoder.mask_token"),
-    ("swin.embeddings.patch_embeddings.projection.{p}", "simmim.encoder.patch_embed.proj.{p}"),
-    ("swin.embeddings.norm.{p}", "simmim.encoder.patch_embed.norm.{p}"),
-    ("swin.encoder.layers.{i}.blocks.{j}.layernorm_before.{p}", "simmim.encoder.layers.{i}.blocks.{j}.norm1.{p}"),
+VIT_QKV = ("encoder.layer.{i}.attention.attention.{qkv}.{p}", "encoder.blocks.{i}.attn.qkv.{p}")
+# BEiT is ViT plus the official SimMIM ViT's extras, under its own names (its q/k/v keys are ViT's).
+BEIT_KEYS = VIT_KEYS + [
     (
-        "swin.encoder.layers.{i}.blocks.{j}.attention.self.relative_position_bias_table",
-        "simmim.encoder.layers.{i}.blocks.{j}.attn.relative_position_bias_table",
+        "encoder.relative_position_bias.relative_position_bias_table",
+        "encoder.rel_pos_bias.relative_position_bias_table",
     ),
-    ("swin.encoder.layers.{i}.blocks.{j}.attention.output.dense.{p}", "simmim.encoder.layers.{i}.blocks.{j}.attn.proj.{p}"),
-    ("swin.encoder.layers.{i}.blocks.{j}.layernorm_after.{p}", "simmim.encoder.layers.{i}.blocks.{j}.norm2.{p}"),
-    ("swin.encoder.layers.{i}.blocks.{j}.intermediate.dense.{p}", "simmim.encoder.layers.{i}.blocks.{j}.mlp.fc1.{p}"),
-    ("swin.encoder.layers.{i}.blocks.{j}.output.dense.{p}", "simmim.encoder.layers.{i}.blocks.{j}.mlp.fc2.{p}"),
-    ("swin.encoder.layers.{i}.downsample.reduction.{p}", "simmim.encoder.layers.{i}.downsample.reduction.{p}"),
-    ("swin.encoder.layers.{i}.downsample.norm.{p}", "simmim.encoder.layers.{i}.downsample.norm.{p}"),
-    ("swin.layernorm.{p}", "simmim.encoder.norm.{p}"),
-    ("decoder.0.{p}", "decoder.0.{p}"),
+    (
+        "encoder.layer.{i}.attention.attention.relative_position_bias.relative_position_bias_table",
+        "encoder.blocks.{i}.rel_pos_bias.relative_position_bias_table",
+    ),
+    ("encoder.layer.{i}.lambda_1", "encoder.blocks.{i}.gamma_1"),
+    ("encoder.layer.{i}.lambda_2", "encoder.blocks.{i}.gamma_2"),
+    ("pooler.layernorm.{p}", "pooler.fc_norm.{p}"),
 ]
-_SWIN_QKV = (
-    "swin.encoder.layers.{i}.blocks.{j}.attention.self.{qkv}.{p}",
-    "simmim.encoder.layers.{i}.blocks.{j}.attn.qkv.{p}",
-)
+SWIN_KEYS = [
+    ("embeddings.mask_token", "encoder.mask_token"),
+    ("embeddings.position_embeddings", "encoder.absolute_pos_embed"),
+    ("embeddings.patch_embeddings.projection.{p}", "encoder.patch_embed.proj.{p}"),
+    ("embeddings.norm.{p}", "encoder.patch_embed.norm.{p}"),
+    ("encoder.layers.{i}.blocks.{j}.layernorm_before.{p}", "encoder.layers.{i}.blocks.{j}.norm1.{p}"),
+    (
+        "encoder.layers.{i}.blocks.{j}.attention.self.relative_position_bias_table",
+        "encoder.layers.{i}.blocks.{j}.attn.relative_position_bias_table",
+    ),
+    ("encoder.layers.{i}.blocks.{j}.attention.output.dense.{p}", "encoder.layers.{i}.blocks.{j}.attn.proj.{p}"),
+    ("encoder.layers.{i}.blocks.{j}.layernorm_after.{p}", "encoder.layers.{i}.blocks.{j}.norm2.{p}"),
+    ("encoder.layers.{i}.blocks.{j}.intermediate.dense.{p}", "encoder.layers.{i}.blocks.{j}.mlp.fc1.{p}"),
+    ("encoder.layers.{i}.blocks.{j}.output.dense.{p}", "encoder.layers.{i}.blocks.{j}.mlp.fc2.{p}"),
+    ("encoder.layers.{i}.downsample.reduction.{p}", "encoder.layers.{i}.downsample.reduction.{p}"),
+    ("encoder.layers.{i}.downsample.norm.{p}", "encoder.layers.{i}.downsample.norm.{p}"),
+    ("layernorm.{p}", "encoder.norm.{p}"),
+]
+SWIN_QKV = ("encoder.layers.{i}.blocks.{j}.attention.self.{qkv}.{p}", "encoder.layers.{i}.blocks.{j}.attn.qkv.{p}")
+# The heads, outside the base models, under the same names on both sides.
+DECODER_KEYS = [("decoder.0.{p}", "decoder.0.{p}")]
+CLASSIFIER_KEYS = [("classifier.{p}", "classifier.{p}")]
 _GROUPS = {"i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "p": r"(?P<p>weight|bias)", "qkv": r"(?P<qkv>query|key|value)"}
+
+
+def prefixed(pairs, theirs, ours):
+    """Key pairs of the base models -> the same pairs inside heads (`theirs` e.g. "vit.", `ours` "simmim.")."""
+    return [(theirs + a, ours + b) for a, b in pairs]
 
 
 def _pattern(template):
@@ -60,7 +79,7 @@ def _pattern(template):
     return re.compile("^" + regex + "$")
 
 
-def _rename(state_dict, pairs, qkv_pair, forward):
+def rename_keys(state_dict, pairs, qkv_pair, forward):
     """Rename keys by template pairs (forward: transformers -> ours); fuse or split q/k/v."""
     rules = [(_pattern(a if forward else b), b if forward else a) for a, b in pairs]
     out, unmatched = {}, []
@@ -172,13 +191,16 @@ def load_transformers_checkpoint(model_dir):
 
 
 def convert_transformers_state_dict(state_dict, model_type, num_patches=None):
-    pairs, qkv = (_VIT_KEYS, _VIT_QKV) if model_type == "vit" else (_SWIN_KEYS, _SWIN_QKV)
+    """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` state dict -> ours."""
+    base, qkv = (VIT_KEYS, VIT_QKV) if model_type == "vit" else (SWIN_KEYS, SWIN_QKV)
+    prefix = model_type + "."
+    pairs = prefixed(base, prefix, "simmim.") + DECODER_KEYS
     sd = dict(state_dict)
-    if model_type == "swin" and "swin.embeddings.position_embeddings" in sd:
+    position_key = "swin.embeddings.position_embeddings"
+    if model_type == "swin" and position_key in sd:
         # Checkpoints of older transformers versions hold one extra (unused) position; ours one per patch.
-        sd["simmim_abs"] = sd.pop("swin.embeddings.position_embeddings")[:, :num_patches]
-        pairs = pairs + [("simmim_abs", "simmim.encoder.absolute_pos_embed")]
-    return _rename(sd, pairs, qkv, forward=True)
+        sd[position_key] = sd[position_key][:, :num_patches]
+    return rename_keys(sd, pairs, prefixed([qkv], prefix, "simmim.")[0], forward=True)
 
 
 def convert_transformers_checkpoint(model_dir, output_dir=None, **overrides):
@@ -199,88 +221,3 @@ def convert_transformers_checkpoint(model_dir, output_dir=None, **overrides):
     if output_dir is not None:
         save_with_processor(model, output_dir)
     return model
-
-
-def transformers_config_from_simmim(config):
-    """Our config -> transformers `ViTConfig` / `SwinConfig`, or a clear error where transformers has no
-    equivalent architecture."""
-    from transformers import SwinConfig, ViTConfig
-
-    if config.backbone == "vit":
-        unsupported = [
-            name
-            for name, bad in [
-                ("use_shared_relative_position_bias", config.use_shared_relative_position_bias),
-                ("use_relative_position_bias", config.use_relative_position_bias),
-                ("layer_scale_init_value", config.layer_scale_init_value),
-                ("use_absolute_position_embeddings=False", not config.use_absolute_position_embeddings),
-                ("use_mean_pooling", config.use_mean_pooling),
-            ]
-            if bad
-        ]
-        if unsupported:
-            raise ValueError(
-                "transformers' ViT has no equivalent of " + ", ".join(unsupported) + ": only a plain ViT "
-                "(use_absolute_position_embeddings=True, no relative position bias, layer_scale_init_value=0) "
-                "exports to ViTForMaskedImageModeling."
-            )
-        return ViTConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            intermediate_size=int(config.hidden_size * config.mlp_ratio),
-            hidden_act=config.hidden_act,
-            layer_norm_eps=config.layer_norm_eps,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            num_channels=config.num_channels,
-            qkv_bias=config.qkv_bias,
-            encoder_stride=config.encoder_stride,
-        )
-    if not config.patch_norm:
-        raise ValueError("transformers' Swin always normalises the patch embedding: patch_norm=False does not export.")
-    if config.layer_norm_eps != 1e-5:
-        raise ValueError(
-            f"layer_norm_eps={config.layer_norm_eps}: transformers' Swin keeps eps 1e-5 in its patch-embedding norm "
-            "whatever its config says, so only layer_norm_eps=1e-5 exports exactly."
-        )
-    return SwinConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        embed_dim=config.embed_dim,
-        depths=list(config.depths),
-        num_heads=list(config.num_heads),
-        window_size=config.window_size,
-        mlp_ratio=config.mlp_ratio,
-        qkv_bias=config.qkv_bias,
-        hidden_act=config.hidden_act,
-        layer_norm_eps=config.layer_norm_eps,
-        use_absolute_embeddings=config.use_absolute_position_embeddings,
-        encoder_stride=config.encoder_stride,
-    )
-
-
-def export_to_transformers(model, output_dir):
-    """Save our ViT/Swin MIM model as a transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling`
-    checkpoint (the hub layout) and return it loaded through transformers' own `from_pretrained`."""
-    from transformers import SwinForMaskedImageModeling, ViTForMaskedImageModeling
-
-    config = model.config
-    hf_config = transformers_config_from_simmim(config)
-    ours = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if "simmim.encoder.mask_token" not in ours:
-        raise ValueError("Only a model with a learned mask token (mask_token_type='learned') exports.")
-    if config.backbone == "vit":
-        sd = _rename(ours, _VIT_KEYS, _VIT_QKV, forward=False)
-        model_class = ViTForMaskedImageModeling
-    else:
-        # transformers' Swin holds exactly one absolute position per patch, as ours does.
-        pairs = _SWIN_KEYS + [("swin.embeddings.position_embeddings", "simmim.encoder.absolute_pos_embed")]
-        sd = _rename(ours, pairs, _SWIN_QKV, forward=False)
-        model_class = SwinForMaskedImageModeling
-    hf_config.architectures = [model_class.__name__]
-    os.makedirs(output_dir, exist_ok=True)
-    hf_config.save_pretrained(output_dir)
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
-    return model_class.from_pretrained(output_dir)

@@ -1,9 +1,11 @@
 """Pictures of a SimMIM run, drawn with PIL only (no matplotlib).
 
 - `reconstruction_grid`: one row per image: original | masked input | reconstruction | reconstruction pasted
-  into the visible pixels (what the model predicts where it could not see, the real pixels elsewhere);
+  into the visible pixels (what the model predicts where it could not see, the real pixels elsewhere), captioned
+  `RECONSTRUCTION_CAPTION`; `panel_grid` lays out any such table of images;
 - `loss_curve`: training (and evaluation) loss against the optimizer step, with axes and labels;
-- `reconstruct_images`: the grid for image files and a checkpoint (`hf-simmim reconstruct`).
+- `reconstruct_images`: the grid for image files and a checkpoint (`hf-simmim reconstruct`); `load_images` reads
+  and preprocesses them (`hf-simmim attention` too).
 """
 
 import math
@@ -20,6 +22,9 @@ MASK_GREY = 128
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 MIN_CELL = 96  # small images (CIFAR's 32 px) are enlarged, pixel by pixel, to at least this size
+# The loss sees only the masked pixels, so the reconstruction of visible patches is untrained: readers mistake it for
+# a failure unless the picture says so.
+RECONSTRUCTION_CAPTION = "reconstruction: only masked patches are trained (visible ones may look like noise)"
 
 
 def _font():
@@ -96,33 +101,25 @@ def reconstruction_panels(
     return original, masked_input, predicted, pasted
 
 
-def reconstruction_grid(
-    pixel_values,
-    bool_masked_pos,
-    reconstruction,
-    patch_size,
-    image_mean=IMAGENET_DEFAULT_MEAN,
-    image_std=IMAGENET_DEFAULT_STD,
-    title=None,
-    min_cell=MIN_CELL,
-):
-    """The picture: a row per image, the four `COLUMNS`, a header (and `title`) on top. Returns a PIL image."""
-    panels = reconstruction_panels(pixel_values, bool_masked_pos, reconstruction, patch_size, image_mean, image_std)
-    original = panels[0]
-    batch_size = original.shape[0]
-    height, width = original.shape[1:3]
+def panel_grid(panels, columns, title=None, caption=None, min_cell=MIN_CELL):
+    """Uint8 `(B, H, W, 3)` arrays, one per column, as a PIL picture: a row per image, the `columns` names above
+    them, and on top `title` and `caption` lines (each where given). Small images are enlarged pixel by pixel."""
+    batch_size, height, width = panels[0].shape[:3]
     scale = max(1, math.ceil(min_cell / max(height, width)))
     cell_w, cell_h, gap = width * scale, height * scale, 4
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_h = max(_text_size(probe, name, font)[1] for name in COLUMNS) + 6
-    cell_w = max(cell_w, max(_text_size(probe, name, font)[0] for name in COLUMNS) + 4)
-    top = text_h + (text_h if title else 0) + gap
-    canvas = Image.new("RGB", (len(COLUMNS) * (cell_w + gap) + gap, top + batch_size * (cell_h + gap)), BACKGROUND)
+    text_h = max(_text_size(probe, name, font)[1] for name in columns) + 6
+    cell_w = max(cell_w, max(_text_size(probe, name, font)[0] for name in columns) + 4)
+    lines = [line for line in (title, caption) if line]
+    top = text_h * (1 + len(lines)) + gap
+    grid_w = len(columns) * (cell_w + gap) + gap
+    canvas_w = max([grid_w] + [_text_size(probe, line, font)[0] + 2 * gap for line in lines])
+    canvas = Image.new("RGB", (canvas_w, top + batch_size * (cell_h + gap)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((gap, 2), title, fill=TEXT, font=font)
-    for column, name in enumerate(COLUMNS):
+    for index, line in enumerate(lines):
+        draw.text((gap, 2 + index * text_h), line, fill=TEXT, font=font)
+    for column, name in enumerate(columns):
         x = gap + column * (cell_w + gap)
         text_w = _text_size(draw, name, font)[0]
         draw.text((x + (cell_w - text_w) // 2, top - text_h), name, fill=TEXT, font=font)
@@ -133,6 +130,22 @@ def reconstruction_grid(
             x = gap + column * (cell_w + gap) + (cell_w - width * scale) // 2
             canvas.paste(tile, (x, y))
     return canvas
+
+
+def reconstruction_grid(
+    pixel_values,
+    bool_masked_pos,
+    reconstruction,
+    patch_size,
+    image_mean=IMAGENET_DEFAULT_MEAN,
+    image_std=IMAGENET_DEFAULT_STD,
+    title=None,
+    min_cell=MIN_CELL,
+    caption=RECONSTRUCTION_CAPTION,
+):
+    """The picture: a row per image, the four `COLUMNS`, a header (`title`, `caption`) on top. Returns a PIL image."""
+    panels = reconstruction_panels(pixel_values, bool_masked_pos, reconstruction, patch_size, image_mean, image_std)
+    return panel_grid(panels, COLUMNS, title=title, caption=caption, min_cell=min_cell)
 
 
 # ---------------------------------------------------------------------------------------------- the loss curve
@@ -244,28 +257,41 @@ def save_loss_curve(log_history, path, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- from files
+def check_image_files(image_paths):
+    if not image_paths:
+        raise ValueError("No image given: pass at least one image file.")
+    missing = [path for path in image_paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"Image file(s) not found: {', '.join(map(str, missing))}.")
+
+
+def load_images(checkpoint, config, image_paths, **processor_kwargs):
+    """`(processor, batch)`: image files preprocessed by the checkpoint's image processor (one built from `config`
+    where it has none), called with `processor_kwargs`."""
+    from ..data.image_ops import decode_image
+    from ..models.image_processing_simmim import SimMIMImageProcessor
+
+    check_image_files(image_paths)
+    if os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
+        processor = SimMIMImageProcessor.from_pretrained(checkpoint)
+    else:
+        processor = SimMIMImageProcessor.from_model_config(config)
+    images = [decode_image(str(path)) for path in image_paths]
+    return processor, processor(images, return_tensors="pt", **processor_kwargs)
+
+
 def reconstruct_images(checkpoint, image_paths, output_path, mask_seed=0):
     """Reconstruct image files with a SimMIM checkpoint and save the grid as `output_path` (returned).
 
     Masks are drawn with `mask_seed`, so the same call gives the same picture. The checkpoint's image processor
     is used if it has one, otherwise one built from its config.
     """
-    from ..data.image_ops import decode_image
-    from ..models.image_processing_simmim import SimMIMImageProcessor
     from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 
-    if not image_paths:
-        raise ValueError("No image given: pass at least one image file.")
-    missing = [path for path in image_paths if not os.path.isfile(path)]
-    if missing:
-        raise FileNotFoundError(f"Image file(s) not found: {', '.join(map(str, missing))}.")
     model = SimMIMForMaskedImageModeling.from_pretrained(checkpoint)
-    if os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
-        processor = SimMIMImageProcessor.from_pretrained(checkpoint)
-    else:
-        processor = SimMIMImageProcessor.from_model_config(model.config)
-    images = [decode_image(str(path)) for path in image_paths]
-    batch = processor(images, return_bool_masked_pos=True, mask_seed=mask_seed)
+    processor, batch = load_images(
+        checkpoint, model.config, image_paths, return_bool_masked_pos=True, mask_seed=mask_seed
+    )
     reconstruction = reconstruct(model, batch["pixel_values"], batch["bool_masked_pos"])
     grid = reconstruction_grid(
         batch["pixel_values"],
