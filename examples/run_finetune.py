@@ -38,7 +38,7 @@ logger = logging.getLogger("run_finetune")
 
 
 def main(argv=None):
-    model_args, data_args, recipe_args, training_args, given = parse_finetune_arguments(argv)
+    model_args, data_args, recipe_args, training_args, given = parse_finetune_arguments(argv, description=__doc__)
     start_run(training_args)
     resume_from = prepare_output_dir(training_args, recipe_args, model_args, given)
 

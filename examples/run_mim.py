@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SimMIM pretraining in one command, on `transformers.Trainer`.
+r"""SimMIM pretraining in one command, on `transformers.Trainer`.
 
     python examples/run_mim.py                                   # tiny model, bundled sample, ~30 s on 2 CPUs
     python examples/run_mim.py --recipe simmim-swin-base-100ep --dataset_name path/or/hub-name \
@@ -52,15 +52,15 @@ logger = logging.getLogger("run_mim")
 
 
 def main(argv=None):
-    model_args, data_args, recipe_args, training_args, given = parse_run_arguments(argv)
+    model_args, data_args, recipe_args, training_args, given = parse_run_arguments(argv, description=__doc__)
     start_run(training_args)
     resume_from = prepare_output_dir(training_args, recipe_args, model_args, given)
 
-    # ---------------------------------------------------------------- data and model, checked before training
-    train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir)
-    image_column = detect_image_column(train_raw, data_args.image_column_name)
+    # ---------------------------------------------------------------- model and data, checked before training
     model, image_processor = load_pretraining_model(model_args)
     check_recipe_backbone(recipe_args.recipe, model.config)
+    train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir, model_args.token)
+    image_column = detect_image_column(train_raw, data_args.image_column_name)
     check_pretraining_datasets(train_raw, eval_raw, image_column, model.config.mask_patch_size)
     augmentation = pretraining_augmentation(model.config.image_size)
     datasets = pretraining_datasets(

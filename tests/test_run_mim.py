@@ -479,3 +479,20 @@ def test_two_processes_follow_the_loss_trajectory_of_one_with_twice_the_batch(tm
     assert two_lrs == pytest.approx(one_lrs, rel=1e-9)
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     assert_same_weights(weights(one), weights(two), atol=1e-5)
+
+
+def test_a_resumed_run_keeps_its_planned_length_and_schedule(run_mim, tmp_path):
+    # Planned for 8 steps; resumed from step 4 by a command without --max_steps (the default is 30 epochs): it
+    # still ends at step 8 on the same learning rates. Another --max_steps is refused before anything loads.
+    out = tmp_path / "run"
+    argv = TINY + ["--save_steps", "4", "--eval_steps", "4", "--num_reconstruction_images", "0"]
+    assert run_mim.main(argv + ["--output_dir", str(out)]) == 0
+    _, planned_lrs = losses(out)
+    without_length = [token for i, token in enumerate(argv) if "--max_steps" not in argv[max(i - 1, 0) : i + 1]]
+    resume = ["--output_dir", str(out), "--resume_from_checkpoint", str(out / "checkpoint-4")]
+    with pytest.raises(ValueError, match="--max_steps 12 asks for another length"):
+        run_mim.main(without_length + resume + ["--max_steps", "12"])
+    assert run_mim.main(without_length + resume) == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    assert losses(out)[1] == pytest.approx(planned_lrs, rel=1e-9)

@@ -9,6 +9,8 @@ here, not left to the user: `remove_unused_columns=False` (the image column must
 accelerator (otherwise `accelerate launch --multi_gpu` there runs independent, non-distributed copies).
 """
 
+import argparse
+import difflib
 import json
 import logging
 import multiprocessing
@@ -37,6 +39,14 @@ DEFAULT_PRESET = "vit-tiny-test"
 DEFAULT_OUTPUT_DIR = os.path.join("outputs", "simmim-pretraining")
 FINETUNE_OUTPUT_DIR = os.path.join("outputs", "simmim-finetuning")
 MODES = ("finetune", "linear_probe", "knn")
+# --model_type as transformers' run_mim.py means it (a model of that type from scratch): the paper's base model of
+# the backbone. "simmim" names the model type of every SimMIM config, whatever its backbone.
+MODEL_TYPE_PRESETS = {"vit": "vit-base-patch16-224", "swin": "swin-base-window6-192"}
+MODEL_TYPES = ("simmim", *MODEL_TYPE_PRESETS)
+TRAIN_VAL_SPLIT_HELP = (
+    "transformers' name for the held-out share, as a fraction: 0.15 = --validation_split_percentage 15. Give one "
+    "of the two."
+)
 
 
 @dataclass
@@ -49,14 +59,54 @@ class ModelArguments:
     )
     preset: str | None = field(
         default=None,
-        metadata={"help": f"A SimMIMConfig preset: {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET})."},
+        metadata={"help": f"A SimMIMConfig preset: {', '.join(sorted(PRESETS))}. Unset: the --recipe's, else "
+                  f"{DEFAULT_PRESET} when no other model is named."},
     )
     config_file: str | None = field(default=None, metadata={"help": "A SimMIMConfig JSON file (config.json)."})
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "As in transformers' run_mim.py, a model of this type from scratch: vit or swin builds the "
+                  f"paper's base model ({', '.join(MODEL_TYPE_PRESETS.values())}); simmim names any SimMIM "
+                  "model. With a preset, config file or checkpoint it must name that model's backbone."},
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Config fields to override, e.g. 'mask_ratio=0.5,drop_path_rate=0.0' (JSON values)."},
     )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input resolution. Unset: the model's. A checkpoint continues at another size with its "
+                  "position tables interpolated."},
+    )
+    patch_size: int | None = field(
+        default=None,
+        metadata={"help": "Encoder patch size. Unset: the model's; a checkpoint's is fixed by its weights."},
+    )
+    mask_patch_size: int | None = field(
+        default=None, metadata={"help": "Side of each masked square in pixels (official 32). Unset: the model's."}
+    )
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "Share of the squares masked (official 0.6). Unset: the model's."}
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={"help": "Folder or hub id of the image processor whose normalisation to use (sizes and masks "
+                  "follow the model). Unset: the checkpoint's, else ImageNet's mean and std."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+    model_revision: str = field(
+        default="main", metadata={"help": "Revision (branch, tag or commit) of a hub checkpoint and processor."}
+    )
+    token: str | None = field(
+        default=None,
+        metadata={"help": "Hugging Face token for private hub checkpoints and datasets. Unset: the one saved by "
+                  "`hf auth login`."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Accepted as in transformers' scripts; changes nothing here: the model is built from the "
+                  "installed hf_simmim classes and datasets runs no loading scripts."},
+    )
 
 
 @dataclass
@@ -76,8 +126,10 @@ class DataArguments:
         default=None, metadata={"help": "The column holding images (default: detected)."}
     )
     validation_split_percentage: float = field(
-        default=5.0, metadata={"help": "Share of train held out for validation when the data has no validation split."}
+        default=5.0,
+        metadata={"help": "Percentage of train held out for validation when the data has no validation split."},
     )
+    train_val_split: float | None = field(default=None, metadata={"help": TRAIN_VAL_SPLIT_HELP})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
     num_reconstruction_images: int = field(
@@ -134,7 +186,7 @@ class RecipeArguments:
     no_weight_decay_names: str = field(
         default="",
         metadata={"help": "Comma-separated substrings of parameter names also exempt from weight decay, beyond the "
-                  "official code's (e.g. 'relative_position_bias_table,mask_token'). Default: the official exemptions."},
+                  "official code's (e.g. 'relative_position_bias_table,mask_token'). Unset: only the official ones."},
     )
 
 
@@ -152,6 +204,12 @@ class FineTuneModelArguments:
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": "Config fields to change, e.g. 'window_size=7,image_size=224' (tables are interpolated)."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Re-initialise the checkpoint's weights whose shape the config changes (e.g. a classifier "
+                  "head for another number of classes) instead of refusing them; position tables are interpolated "
+                  "in any case."},
     )
     mode: str = field(default="finetune", metadata={"help": f"One of {MODES}."})
     drop_path_rate: float = field(
@@ -193,7 +251,11 @@ class FineTuneDataArguments:
     image_column_name: str | None = field(default=None, metadata={"help": "Column of images (default: detected)."})
     label_column_name: str = field(default="label", metadata={"help": "Column of integer class labels."})
     validation_split_percentage: float = field(
-        default=10.0, metadata={"help": "Share of train held out when the data has no evaluation split."}
+        default=10.0, metadata={"help": "Percentage of train held out when the data has no evaluation split."}
+    )
+    train_val_split: float | None = field(default=None, metadata={"help": TRAIN_VAL_SPLIT_HELP})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training images (before any per-class selection)."}
     )
     samples_per_class: int | None = field(
         default=None, metadata={"help": "Low-label runs: keep this many training images per class (seeded)."}
@@ -245,7 +307,7 @@ class FineTuneRecipeArguments:
     no_weight_decay_names: str = field(
         default="",
         metadata={"help": "Comma-separated substrings of parameter names also exempt from weight decay, beyond the "
-                  "official code's (e.g. 'relative_position_bias_table'). Default: the official exemptions."},
+                  "official code's (e.g. 'relative_position_bias_table'). Unset: only the official ones."},
     )
 
 
@@ -343,13 +405,53 @@ def finetune_training_defaults():
     return defaults
 
 
-def _given_flags(argv):
-    names = set()
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with the script's description as written and argparse's "(default: X)" after each flag, except an
+    unset one (None or empty): its help says what happens then."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
+def argument_parser(dataclass_types, description=None):
+    """`HfArgumentParser` that takes no abbreviation (`--max_step` for `--max_steps` would also hide the flag from
+    `given`), with `HelpFormatter`."""
+    return HfArgumentParser(
+        dataclass_types,
+        usage="%(prog)s [--flag value ...]  or  %(prog)s args.json",  # not the hundreds of flags: the help has them
+        description=description,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
+
+
+def _describe_negated_flags(parser):
+    """HfArgumentParser gives `--no_X` the help of `--X` and a printed default of False; say what it does."""
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
+            state = "on" if parser.get_default(action.dest) else "off"
+            action.help = f"Turn --{action.dest} off (it is {state} by default)."
+            action.default = argparse.SUPPRESS  # the value comes from --X's default
+
+
+def _check_flags_exist(parser, argv):
+    """Refuse a flag the parser does not know, naming the closest ones (abbreviations are not taken)."""
+    options = parser._option_string_actions
+    names = [name for name in options if name.startswith("--") and "-" not in name[2:]]  # not the -h, --max-steps
     for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=", 1)[0].replace("-", "_")
-            names.add(name[3:] if name.startswith("no_") else name)
-    return names
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag != "--" and flag not in options:
+            close = difflib.get_close_matches(flag, names, n=2)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the flags."
+            raise ValueError(f"Unknown flag {flag}: {hint} Flags are not abbreviated.")
+
+
+def _given_flags(parser, argv):
+    """The fields `argv` sets, by the parser's own reading of each flag (`--no_x` sets `x`)."""
+    options = parser._option_string_actions
+    return {options[token.split("=", 1)[0]].dest for token in argv if token.split("=", 1)[0] in options}
 
 
 def _named_recipe(argv, values, stage):
@@ -378,22 +480,60 @@ def parse_with_defaults(parser, defaults, argv=None, stage="pretraining"):
         parsed, given = parser.parse_dict({**defaults, **values}), set(values)
     else:
         parser.set_defaults(**defaults)
-        parsed, given = parser.parse_args_into_dataclasses(args=argv), _given_flags(argv)
+        _describe_negated_flags(parser)
+        _check_flags_exist(parser, argv)
+        parsed, given = parser.parse_args_into_dataclasses(args=argv), _given_flags(parser, argv)
     if recipe and recipe.config_overrides and "config_overrides" in given:
         model_args = parsed[0]  # the user's overrides add to the recipe's (and win where both name a field)
         model_args.config_overrides = f"{recipe.config_overrides},{model_args.config_overrides}"
     return parsed, given
 
 
-def parse_run_arguments(argv=None):
+def apply_train_val_split(data_args, given):
+    """transformers' `--train_val_split` (a fraction) as `--validation_split_percentage`."""
+    if data_args.train_val_split is None:
+        return
+    if "validation_split_percentage" in given:
+        raise ValueError(
+            "Give --train_val_split (a fraction, transformers' name) or --validation_split_percentage (a "
+            "percentage), not both."
+        )
+    if not 0.0 <= data_args.train_val_split < 1.0:
+        raise ValueError(
+            f"--train_val_split={data_args.train_val_split} is a fraction of the training images: give a value in "
+            "[0, 1), e.g. 0.15, or a percentage with --validation_split_percentage."
+        )
+    data_args.validation_split_percentage = data_args.train_val_split * 100.0
+
+
+def apply_model_type(model_args):
+    """`--model_type vit|swin` with no model named: the paper's base model of that backbone (whether a named model
+    has that backbone is checked when it is loaded)."""
+    if model_args.model_type is None:
+        return
+    if model_args.model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"--model_type {model_args.model_type} is not a SimMIM model type: use one of {', '.join(MODEL_TYPES)}, "
+            "or name a model with --preset, --config_file or --model_name_or_path."
+        )
+    named = model_args.model_name_or_path or model_args.preset or model_args.config_file
+    if not named and model_args.model_type in MODEL_TYPE_PRESETS:
+        model_args.preset = MODEL_TYPE_PRESETS[model_args.model_type]
+
+
+def parse_run_arguments(argv=None, description=None):
     """Parse a run's arguments (a list like `sys.argv[1:]`, or one `.json` file) into
     `(ModelArguments, DataArguments, RecipeArguments, TrainingArguments, given)`, `given` being the names set
-    explicitly (so SimMIM defaults and rules apply only to the others)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
+    explicitly (so SimMIM defaults and rules apply only to the others). `description` opens `--help`."""
+    parser = argument_parser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments), description)
     parsed, given = parse_with_defaults(parser, simmim_training_defaults(), argv)
     model_args, data_args, recipe_args, training_args = parsed
     if "preset" not in given and (model_args.model_name_or_path or model_args.config_file):
         model_args.preset = None  # a recipe's model preset applies only when no model is named
+    apply_model_type(model_args)
+    apply_train_val_split(data_args, given)
+    if model_args.trust_remote_code:
+        logger.warning("--trust_remote_code changes nothing here: no checkpoint or dataset code is run.")
     for name, value in FORCED_TRAINING_ARGUMENTS.items():
         if name in given and getattr(training_args, name) != value:
             logger.warning(
@@ -405,13 +545,15 @@ def parse_run_arguments(argv=None):
     return model_args, data_args, recipe_args, training_args, given
 
 
-def parse_finetune_arguments(argv=None):
-    """`(model_args, data_args, recipe_args, training_args, given)`; `given` holds the flags set explicitly."""
-    parser = HfArgumentParser(
-        (FineTuneModelArguments, FineTuneDataArguments, FineTuneRecipeArguments, TrainingArguments)
+def parse_finetune_arguments(argv=None, description=None):
+    """`(model_args, data_args, recipe_args, training_args, given)`; `given` holds the flags set explicitly.
+    `description` opens `--help`."""
+    parser = argument_parser(
+        (FineTuneModelArguments, FineTuneDataArguments, FineTuneRecipeArguments, TrainingArguments), description
     )
     parsed, given = parse_with_defaults(parser, finetune_training_defaults(), argv, stage="fine-tuning")
     model_args, data_args, recipe_args, training_args = parsed
+    apply_train_val_split(data_args, given)
     training_args.remove_unused_columns = False  # the image column must reach the transform
     if model_args.from_scratch and "layer_decay" not in given:
         model_args.layer_decay = None  # a recipe's layer decay protects pretrained layers; a baseline has none

@@ -93,7 +93,8 @@ def load_classification_model(model_args, num_labels, id2label=None):
         model = SimMIMForImageClassification(config)
     else:
         model = SimMIMForImageClassification.from_pretrained(
-            source, cache_dir=model_args.cache_dir, **overrides, **labels
+            source, cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            **overrides, **labels,
         )
     processor = SimMIMImageProcessor.from_model_config(model.config, crop_pct=eval_crop_pct(model.config.image_size))
     if source:  # keep the normalisation the encoder was pretrained with

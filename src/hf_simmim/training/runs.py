@@ -4,6 +4,7 @@ the model to train."""
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 
@@ -36,10 +37,10 @@ def start_run(training_args):
     set_seed(training_args.seed)
 
 
-def load_run_datasets(data_args, training_args, cache_dir=None):
+def load_run_datasets(data_args, training_args, cache_dir=None, token=None):
     """`(train, validation)` of a run from its data arguments (the main process loads first; the others reuse
-    its cache), cut to `max_eval_samples` (and `max_train_samples` where the run has it). An empty training
-    split is refused; an empty validation split becomes None, with a warning."""
+    its cache), cut to `max_train_samples` and `max_eval_samples`. An empty training split is refused; an empty
+    validation split becomes None, with a warning. `token` reaches a hub dataset."""
     with training_args.main_process_first(desc="loading the dataset"):
         train, validation = load_image_datasets(
             data_args.dataset_name,
@@ -49,10 +50,10 @@ def load_run_datasets(data_args, training_args, cache_dir=None):
             data_args.validation_split_percentage,
             seed=training_args.seed,
             cache_dir=cache_dir,
+            token=token,
         )
-    max_train = getattr(data_args, "max_train_samples", None)
-    if max_train is not None:
-        train = train.select(range(min(max_train, len(train))))
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
     if validation is not None and data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
     check_not_empty(train, "train")
@@ -139,11 +140,38 @@ def _inside(path, folder):
     return path == folder or path.startswith(folder + os.sep)
 
 
+def keep_the_resumed_run_length(training_args, checkpoint, given):
+    """Train a resumed run for the steps its checkpoint was planned for (`--max_steps` from its
+    `trainer_state.json`): the learning-rate schedule restored with it (warmup, decay, milestones) counts those
+    steps. A `--max_steps` or `--num_train_epochs` that asks for another length is refused."""
+    state_path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        return
+    with open(state_path, encoding="utf-8") as handle:
+        state = json.load(handle)
+    planned_steps, planned_epochs = state.get("max_steps"), state.get("num_train_epochs")
+    if not planned_steps:
+        return
+    asked = None
+    if "max_steps" in given and training_args.max_steps > 0:
+        asked = "--max_steps" if training_args.max_steps != planned_steps else None
+    elif "num_train_epochs" in given and math.ceil(training_args.num_train_epochs) != planned_epochs:
+        asked = "--num_train_epochs"
+    if asked:
+        raise ValueError(
+            f"{asked} {getattr(training_args, asked[2:]):g} asks for another length than the run being resumed "
+            f"({checkpoint}: {planned_steps} steps, {planned_epochs} epochs), whose learning-rate schedule is "
+            f"restored for {planned_steps} steps. Resume without {asked} (or with its value then), or start a new "
+            f"run from its weights: --model_name_or_path {checkpoint} --output_dir NEW_DIR."
+        )
+    training_args.max_steps = planned_steps
+
+
 def prepare_output_dir(training_args, recipe_args, model_args, given):
     """Decide what happens to a previous run in the output folder; return the checkpoint to resume from (or None).
 
     - `--resume_from_checkpoint PATH` resumes from PATH; `--resume_from_checkpoint last` (or `true`) from the
-      newest `checkpoint-*` of the output folder.
+      newest `checkpoint-*` of the output folder, for the steps it was planned for (`keep_the_resumed_run_length`).
     - Otherwise a previous run is replaced when the output folder is the default one or with
       `--overwrite_output_dir`; else the run is refused with what to do. A folder holding the checkpoint being
       continued from is never deleted.
@@ -160,6 +188,7 @@ def prepare_output_dir(training_args, recipe_args, model_args, given):
                 )
         elif not os.path.isdir(resume):
             raise ValueError(f"--resume_from_checkpoint {resume!r} is not a folder: pass a checkpoint-* folder.")
+        keep_the_resumed_run_length(training_args, str(resume), given)
         return str(resume)
     if not _holds_a_run(output_dir):
         return None
@@ -216,40 +245,89 @@ def parse_config_overrides(text):
     return overrides
 
 
+# The config fields an image processor shares with its model (input size and masks); transformers' run_mim.py
+# takes them as flags.
+MASKING_GEOMETRY = ("image_size", "patch_size", "mask_patch_size", "mask_ratio")
+
+
+def model_config_overrides(model_args):
+    """`--config_overrides` plus `--image_size`, `--patch_size`, `--mask_patch_size` and `--mask_ratio`; a field
+    given both ways with two values is refused."""
+    overrides = parse_config_overrides(model_args.config_overrides)
+    for name in MASKING_GEOMETRY:
+        value = getattr(model_args, name)
+        if value is not None and overrides.get(name, value) != value:
+            raise ValueError(
+                f"--{name} {value} and --config_overrides {name}={overrides[name]} disagree: give {name} once."
+            )
+        if value is not None:
+            overrides[name] = value
+    return overrides
+
+
+def check_model_flags(config, model_args, overrides):
+    """Refuse what the model cannot be: another backbone than `--model_type` names; for a checkpoint, another patch
+    size (its patch embedding weights fix it). `config`: the checkpoint's own, or the one built."""
+    source = model_args.model_name_or_path or model_args.config_file or f"preset {model_args.preset or DEFAULT_PRESET}"
+    if model_args.model_type not in (None, "simmim", config.backbone):
+        raise ValueError(
+            f"--model_type {model_args.model_type} but {source} is a {config.backbone} model: drop --model_type or "
+            f"name a {model_args.model_type} model."
+        )
+    patch_size = overrides.get("patch_size", config.patch_size)
+    if model_args.model_name_or_path and patch_size != config.patch_size:
+        flag = f"--patch_size {patch_size}"
+        if model_args.patch_size is None:
+            flag = f"--config_overrides patch_size={patch_size}"
+        raise ValueError(
+            f"{flag} disagrees with the checkpoint {source}, whose patch embedding is for patch_size "
+            f"{config.patch_size}: drop it to continue the checkpoint, or pretrain a new model (--preset or "
+            f"--config_file) with {flag}."
+        )
+
+
+def load_image_processor(model_args, config, hub_kwargs):
+    """The run's image processor: from `--image_processor_name`, else the checkpoint's, else built from `config`.
+    Its input size and masks follow `config`; a loaded one keeps the rest (normalisation, resampling, crop)."""
+    source = model_args.image_processor_name or model_args.model_name_or_path
+    if source is None:
+        return SimMIMImageProcessor.from_model_config(config)
+    try:
+        loaded = SimMIMImageProcessor.from_pretrained(source, **hub_kwargs)
+    except OSError as error:
+        if model_args.image_processor_name:
+            raise OSError(f"--image_processor_name {source}: {error}") from error
+        return SimMIMImageProcessor.from_model_config(config)  # a checkpoint saved without its processor
+    changed = [name for name in MASKING_GEOMETRY if getattr(loaded, name) != getattr(config, name)]
+    if changed:
+        logger.info("The image processor of %s takes the model's %s.", source, ", ".join(changed))
+    for name in changed:
+        setattr(loaded, name, getattr(config, name))
+    return loaded
+
+
 def load_pretraining_model(model_args):
-    """`(SimMIMForMaskedImageModeling, SimMIMImageProcessor)` from a checkpoint, a config file or a preset."""
+    """`(SimMIMForMaskedImageModeling, SimMIMImageProcessor)` from a checkpoint, a config file or a preset, with
+    the model flags applied (`model_config_overrides`); `--model_revision` and `--token` reach the hub."""
     sources = [s for s in (model_args.model_name_or_path, model_args.preset, model_args.config_file) if s]
     if len(sources) > 1:
         raise ValueError("Give only one of --model_name_or_path, --preset and --config_file.")
-    overrides = parse_config_overrides(model_args.config_overrides)
+    overrides = model_config_overrides(model_args)
+    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     if model_args.model_name_or_path:
-        model = SimMIMForMaskedImageModeling.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, **overrides
-        )
-        try:
-            processor = SimMIMImageProcessor.from_pretrained(
-                model_args.model_name_or_path, cache_dir=model_args.cache_dir
-            )
-        except OSError:
-            processor = SimMIMImageProcessor.from_model_config(model.config)
-        if (processor.image_size, processor.patch_size, processor.mask_patch_size, processor.mask_ratio) != (
-            model.config.image_size,
-            model.config.patch_size,
-            model.config.mask_patch_size,
-            model.config.mask_ratio,
-        ):
-            logger.warning(
-                "The checkpoint's image processor does not match its config; rebuilding it from the config."
-            )
-            processor = SimMIMImageProcessor.from_model_config(model.config)
-        return model, processor
-    if model_args.config_file:
-        config_dict = SimMIMConfig.get_config_dict(model_args.config_file)[0]
-        config_dict.update(overrides)
-        config = SimMIMConfig.from_dict(config_dict)
+        checkpoint_config = SimMIMConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+        check_model_flags(checkpoint_config, model_args, overrides)
+        model = SimMIMForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, **hub_kwargs, **overrides)
     else:
-        config = SimMIMConfig.from_preset(model_args.preset or DEFAULT_PRESET, **overrides)
-    return SimMIMForMaskedImageModeling(config), SimMIMImageProcessor.from_model_config(config)
+        if model_args.config_file:
+            config_dict = SimMIMConfig.get_config_dict(model_args.config_file, **hub_kwargs)[0]
+            config_dict.pop("encoder_stride", None)  # derived from the patch size and stages, which may be overridden
+            config = SimMIMConfig.from_dict({**config_dict, **overrides})
+        else:
+            config = SimMIMConfig.from_preset(model_args.preset or DEFAULT_PRESET, **overrides)
+        check_model_flags(config, model_args, overrides)
+        model = SimMIMForMaskedImageModeling(config)
+    return model, load_image_processor(model_args, model.config, hub_kwargs)
 
 
 def skipped_image_counts(train_dataset, eval_dataset=None, trainer=None):
