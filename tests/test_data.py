@@ -250,7 +250,7 @@ def test_training_crop_uses_the_processors_resampling_filter():
     assert not np.array_equal(expected(Image.BICUBIC), expected(Image.BILINEAR))
     nearest = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"), resample=0)
     np.testing.assert_array_equal(
-        nearest(image)["pixel_values"][0].numpy(),
+        nearest(image)["pixel_values"][0],
         to_normalized_array(resize_center_crop(image, 32, resample=Image.NEAREST)),
     )
     with pytest.raises(ValueError, match="resample='lanczos' is not supported"):
@@ -264,7 +264,7 @@ def test_image_processor_normalises_a_constant_image_exactly():
     processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
     colour = (10, 200, 77)
     image = Image.new("RGB", (50, 40), colour)
-    pixel_values = processor(image)["pixel_values"]
+    pixel_values = processor(image, return_tensors="pt")["pixel_values"]
     assert pixel_values.shape == (1, 3, 32, 32) and pixel_values.dtype == torch.float32
     expected = (np.array(colour) / 255 - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)
     for channel in range(3):
@@ -272,7 +272,8 @@ def test_image_processor_normalises_a_constant_image_exactly():
             pixel_values[0, channel], torch.full((32, 32), expected[channel], dtype=torch.float32), rtol=0, atol=1e-6
         )
     # Grayscale input comes out as three equal channels; a batch of two gives two rows.
-    gray = processor([Image.new("L", (40, 40), 128), Image.new("L", (33, 60), 128)])["pixel_values"]
+    grays = [Image.new("L", (40, 40), 128), Image.new("L", (33, 60), 128)]
+    gray = processor(grays, return_tensors="pt")["pixel_values"]
     assert gray.shape == (2, 3, 32, 32)
     expected_gray = (128 / 255 - np.array(IMAGENET_DEFAULT_MEAN)) / np.array(IMAGENET_DEFAULT_STD)
     torch.testing.assert_close(gray.mean(dim=(0, 2, 3)), torch.tensor(expected_gray, dtype=torch.float32))
@@ -282,10 +283,10 @@ def test_image_processor_masks():
     config = SimMIMConfig.from_preset("vit-tiny-test")
     processor = SimMIMImageProcessor.from_model_config(config)
     image = Image.new("RGB", (32, 32), (1, 2, 3))
-    out = processor([image] * 3, return_bool_masked_pos=True, mask_seed=0)
+    out = processor([image] * 3, return_bool_masked_pos=True, mask_seed=0, return_tensors="pt")
     assert out["bool_masked_pos"].shape == (3, 8, 8) and out["bool_masked_pos"].dtype == torch.bool
     assert (out["bool_masked_pos"].sum(dim=(1, 2)) == 10 * 4).all()  # ceil(0.6 * 16) squares of 2x2 patches
-    again = processor([image] * 3, return_bool_masked_pos=True, mask_seed=0)
+    again = processor([image] * 3, return_bool_masked_pos=True, mask_seed=0, return_tensors="pt")
     assert torch.equal(out["bool_masked_pos"], again["bool_masked_pos"])
     with pytest.raises(ValueError, match="crop_pct"):
         SimMIMImageProcessor(crop_pct=1.5)
@@ -359,7 +360,7 @@ def test_map_with_mask_seed_gives_fixed_masks_independent_of_batch_size(processo
     assert not np.array_equal(masks(2, seed=1)[0], reference)
     # Evaluation preprocessing: a 36x40 image is resized so its short side is 32, then centre-cropped.
     expected = processor(dataset[0]["image"])["pixel_values"][0]
-    np.testing.assert_allclose(pixels[0], expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(pixels[0], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("train", [True, False])

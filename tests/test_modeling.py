@@ -125,8 +125,8 @@ def test_image_processor_round_trip(preset, tmp_path):
     assert (loaded.image_size, loaded.patch_size, loaded.mask_patch_size) == (32, config.patch_size, 8)
     assert loaded.crop_pct == 0.875
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (45, 60, 3), dtype=np.uint8))
-    expected = processor(image, return_bool_masked_pos=True, mask_seed=3)
-    actual = loaded(image, return_bool_masked_pos=True, mask_seed=3)
+    expected = processor(image, return_bool_masked_pos=True, mask_seed=3, return_tensors="pt")
+    actual = loaded(image, return_bool_masked_pos=True, mask_seed=3, return_tensors="pt")
     assert torch.equal(expected["pixel_values"], actual["pixel_values"])
     assert torch.equal(expected["bool_masked_pos"], actual["bool_masked_pos"])
     assert actual["pixel_values"].shape == (1, 3, 32, 32)
@@ -568,7 +568,7 @@ def test_trust_remote_code_without_hf_simmim(tmp_path):
     with torch.no_grad():
         expected_loss = model(pixel_values, bool_masked_pos=grid).loss.item()
         expected_hidden = model.simmim(pixel_values, bool_masked_pos=grid).last_hidden_state.double().sum().item()
-    expected_pixels = processor(Image.open(tmp_path / "image.png"))["pixel_values"].flatten()
+    expected_pixels = processor(Image.open(tmp_path / "image.png"), return_tensors="pt")["pixel_values"].flatten()
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")

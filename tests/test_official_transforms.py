@@ -171,7 +171,7 @@ def test_evaluation_resizes_to_256_of_224_then_centre_crops(oracle):
     # CenterCrop(224) -> left int(round(32 / 2)) = 16, top int(round(151 / 2)) = int(round(75.5)) = 76
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (442, 301, 3), dtype=np.uint8))
     expected = image.resize((256, 375), Image.BICUBIC).crop((16, 76, 240, 300))
-    np.testing.assert_array_equal(processor(image)["pixel_values"][0].numpy(), to_normalized_array(expected))
+    np.testing.assert_array_equal(processor(image)["pixel_values"][0], to_normalized_array(expected))
 
 
 def test_evaluation_at_32_px_only_normalises(oracle):
@@ -181,7 +181,7 @@ def test_evaluation_at_32_px_only_normalises(oracle):
     array = np.random.RandomState(1).randint(0, 256, (32, 32, 3), dtype=np.uint8)
     mean, std = (np.asarray(official["Normalize"][k])[:, None, None] for k in ("mean", "std"))
     expected = (array.transpose(2, 0, 1) / 255.0 - mean) / std  # ToTensor then Normalize
-    np.testing.assert_allclose(processor(Image.fromarray(array))["pixel_values"][0].numpy(), expected, atol=2e-6)
+    np.testing.assert_allclose(processor(Image.fromarray(array))["pixel_values"][0], expected, atol=2e-6)
 
 
 def test_centre_crop_offsets_round_half_to_even_as_torchvision():
@@ -189,7 +189,7 @@ def test_centre_crop_offsets_round_half_to_even_as_torchvision():
     int(32 * 35 / 32) = 35), then torchvision's top offset int(round(3 / 2)) = 2, not 3 // 2 = 1."""
     array = np.random.RandomState(2).randint(0, 256, (35, 32, 3), dtype=np.uint8)
     out = SimMIMImageProcessor(image_size=32, resample=Image.NEAREST)(Image.fromarray(array))["pixel_values"][0]
-    np.testing.assert_array_equal(out.numpy(), to_normalized_array(Image.fromarray(array[2:34])))
+    np.testing.assert_array_equal(out, to_normalized_array(Image.fromarray(array[2:34])))
 
 
 # ---------------------------------------------------------------------------------------------- pixels

@@ -106,7 +106,7 @@ def test_run_writes_a_loadable_checkpoint_card_and_pictures(run_mim, tmp_path, c
     mim = AutoModelForMaskedImageModeling.from_pretrained(str(out))
     processor = AutoImageProcessor.from_pretrained(str(out))
     assert processor.image_size == mim.config.image_size == 32  # the checkpoint consumes its own preprocessing
-    batch = processor([Image.new("RGB", (50, 40), (10, 200, 30))], return_bool_masked_pos=True)
+    batch = processor([Image.new("RGB", (50, 40), (10, 200, 30))], return_bool_masked_pos=True, return_tensors="pt")
     assert torch.isfinite(mim(**batch).loss)
 
     card = ModelCard.load(str(out / "README.md"))

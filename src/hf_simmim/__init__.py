@@ -38,8 +38,8 @@ AutoConfig.register(SimMIMConfig.model_type, SimMIMConfig, exist_ok=True)
 AutoModel.register(SimMIMConfig, SimMIMModel, exist_ok=True)
 AutoModelForMaskedImageModeling.register(SimMIMConfig, SimMIMForMaskedImageModeling, exist_ok=True)
 AutoModelForImageClassification.register(SimMIMConfig, SimMIMForImageClassification, exist_ok=True)
-try:
-    AutoImageProcessor.register(SimMIMConfig, slow_image_processor_class=SimMIMImageProcessor, exist_ok=True)
+try:  # the processor is on the PIL backend: there is no torchvision one
+    AutoImageProcessor.register(SimMIMConfig, image_processor_classes={"pil": SimMIMImageProcessor}, exist_ok=True)
 except Exception as error:  # e.g. transformers releases whose AutoImageProcessor needs torchvision
     logging.getLogger(__name__).warning(
         "AutoImageProcessor registration skipped (%s); use SimMIMImageProcessor.from_pretrained directly.", error

@@ -1,19 +1,36 @@
 """SimMIMImageProcessor: the preprocessing a checkpoint carries (`preprocessor_config.json`).
 
-Evaluation preprocessing (RGB, resize + centre crop to the model's image size, normalise) and, on request, a
-SimMIM mask per image, so `processor(images, return_bool_masked_pos=True)` feeds `SimMIMForMaskedImageModeling`
-directly. Relative imports only: a checkpoint saved with its code (`trust_remote_code`) carries this file.
+Evaluation preprocessing (RGB, resize + centre crop to the model's image size, rescale and normalise) and, on
+request, a SimMIM mask per image, so `processor(images, return_bool_masked_pos=True, return_tensors="pt")` feeds
+`SimMIMForMaskedImageModeling` directly. A transformers image processor on the PIL backend (`PilBackend`, as
+transformers' `*ImageProcessorPil` classes): it takes what they take (PIL, NumPy and torch images, channels first or
+last, uint8 or floats, single images, lists and 4-D batches), honours their per-call keywords, and returns NumPy
+arrays unless `return_tensors` asks for tensors. There is no torchvision backend: torchvision is not a dependency.
+
+Relative imports only: a checkpoint saved with its code (`trust_remote_code`) carries this file.
 """
 
 import numpy as np
-import torch
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, is_scaled_image
+from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
 
-from .image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_center_crop, to_normalized_array, to_rgb
+from .image_transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    center_crop,
+    map_channels,
+    rescale_and_normalize,
+    resize_shorter_side,
+    to_rgb,
+    to_rgb_array,
+)
 from .masking import SimMIMMaskGenerator
 
+logger = logging.get_logger(__name__)
 
 RESAMPLING_FILTERS = {int(f): f.name.lower() for f in Image.Resampling}
 
@@ -28,84 +45,223 @@ def resampling_filter(name, value):
     raise ValueError(f"{name}={value!r} is not a PIL resampling filter: use one of {choices}.")
 
 
-class SimMIMImageProcessor(BaseImageProcessor):
-    """Inference preprocessing of a SimMIM checkpoint: RGB, resize the shorter side to `image_size / crop_pct`,
-    centre crop `image_size`, normalise; and on request a SimMIM mask per image (`return_bool_masked_pos=True`).
+def check_crop_pct(crop_pct):
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1] (e.g. 0.875 for resize 256 / crop 224).")
+
+
+def square_side(size):
+    """The side of the square `size` asks for: an int, or transformers' `{"height": s, "width": s}`."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    sides = {key: size[key] for key in ("height", "width") if size.get(key) is not None} if size else {}
+    if len(sides) == 2 and sides["height"] == sides["width"] and len(dict(size)) == 2:
+        return sides["height"]
+    raise ValueError(
+        f"size={dict(size) if size else size} is not a square: SimMIM crops the model's square input, so pass "
+        "size as an int or {'height': s, 'width': s}."
+    )
+
+
+def channels_first(image, input_data_format, num_channels):
+    """An HW, HWC or CHW NumPy array -> CHW (channels inferred among 1, 3, 4 and `num_channels` unless given)."""
+    if image.ndim == 2:
+        return image[None]
+    if image.ndim != 3:
+        raise ValueError(f"An image must be 2-D (HW) or 3-D (HWC or CHW), got an array of shape {image.shape}.")
+    if input_data_format is None:
+        counts = tuple(sorted({1, 3, 4, num_channels}))
+        try:
+            input_data_format = infer_channel_dimension_format(image, num_channels=counts)
+        except ValueError:
+            raise ValueError(
+                f"Cannot tell the channel axis of an image of shape {image.shape} (neither end is one of {counts} "
+                "channels): pass input_data_format='channels_first' or 'channels_last'."
+            ) from None
+    return image if ChannelDimension(input_data_format) == ChannelDimension.FIRST else np.moveaxis(image, -1, 0)
+
+
+class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    image_size (`int`, *optional*, defaults to `self.image_size`):
+        Side of the square the model takes (the model config's `image_size`); `size` is transformers' name for it.
+    crop_pct (`float`, *optional*, defaults to `self.crop_pct`):
+        The resize makes the shorter side `int(image_size / crop_pct)` before the centre crop to `image_size`.
+    num_channels (`int`, *optional*, defaults to `self.num_channels`):
+        Channels the model takes (the config's `num_channels`); only a 3-channel model converts images to RGB.
+    patch_size (`int`), mask_patch_size (`int`), mask_ratio (`float`):
+        The mask geometry of `return_bool_masked_pos` (the model config's values).
+    return_bool_masked_pos (`bool`, *optional*, defaults to `False`):
+        Also return `bool_masked_pos`, a SimMIM mask per image.
+    mask_seed (`int`, *optional*):
+        Seed of this call's masks (reproducible masks); by default they come from torch's global RNG.
+    """
+
+    image_size: int
+    crop_pct: float | int
+    num_channels: int
+    patch_size: int
+    mask_patch_size: int
+    mask_ratio: float
+    return_bool_masked_pos: bool
+    mask_seed: int | None
+
+
+class SimMIMImageProcessor(PilBackend):
+    """Inference preprocessing of a SimMIM checkpoint: RGB (a 3-channel model, `do_convert_rgb`), resize the
+    shorter side to `image_size / crop_pct`, centre crop `image_size`, rescale by `rescale_factor`, normalise with
+    `image_mean` / `image_std`; and on request a SimMIM mask per image (`return_bool_masked_pos=True`).
+
+    A model with another `num_channels` needs `image_mean` and `image_std` of that many values (ImageNet's are
+    RGB's). Every attribute is also a per-call keyword (`size` for `image_size`); an unknown keyword is refused.
 
     Training augmentation is not held here: it is a named preset of `hf_simmim.data.augmentation`, derived from the
     model config by each run and recorded in its model card.
     """
 
+    valid_kwargs = SimMIMImageProcessorKwargs
     model_input_names = ["pixel_values"]
+    resample = Image.Resampling.BICUBIC  # as timm and the official evaluation
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    image_size = 224
+    crop_pct = 1.0
+    num_channels = 3
+    patch_size = 16
+    mask_patch_size = 32
+    mask_ratio = 0.6
+    do_convert_rgb = True
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
     # Training settings that processors of hf_simmim 0.1 saved; they are read and dropped (see the class docstring).
     LEGACY_TRAINING_KEYS = ("crop_scale", "crop_ratio", "hflip_prob", "train_resample", "rand_augment", "random_erasing")
 
-    def __init__(
-        self,
-        image_size=224,
-        crop_pct=1.0,
-        image_mean=IMAGENET_DEFAULT_MEAN,
-        image_std=IMAGENET_DEFAULT_STD,
-        patch_size=16,
-        mask_patch_size=32,
-        mask_ratio=0.6,
-        resample=Image.BICUBIC,
-        **kwargs,
-    ):
+    def __init__(self, **kwargs):
         for key in self.LEGACY_TRAINING_KEYS:
             kwargs.pop(key, None)
+        if kwargs.get("size") is not None:
+            kwargs["image_size"] = square_side(kwargs.pop("size"))
+        num_channels = kwargs.get("num_channels") or self.num_channels
+        missing = [key for key in ("image_mean", "image_std") if kwargs.get(key) is None]
+        if num_channels != 3 and missing:
+            raise ValueError(
+                f"num_channels={num_channels} needs image_mean and image_std of {num_channels} values (the defaults "
+                f"are ImageNet's RGB statistics): pass {' and '.join(missing)}."
+            )
         super().__init__(**kwargs)
-        if not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1] (e.g. 0.875 for resize 256 / crop 224).")
-        self.image_size = image_size
-        self.crop_pct = crop_pct
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-        self.patch_size = patch_size
-        self.mask_patch_size = mask_patch_size
-        self.mask_ratio = mask_ratio
-        # bicubic, as timm and the official evaluation
-        self.resample = resampling_filter("resample", resample)
+        self.resample = resampling_filter("resample", self.resample)
+        check_crop_pct(self.crop_pct)
+        for key in ("image_mean", "image_std"):
+            if np.size(getattr(self, key)) not in (1, num_channels):
+                raise ValueError(
+                    f"{key}={getattr(self, key)} has {np.size(getattr(self, key))} values for num_channels="
+                    f"{num_channels}: give one value per channel."
+                )
 
     @classmethod
     def from_model_config(cls, config, **kwargs):
-        """The processor that matches a `SimMIMConfig` (image size, patch and mask settings)."""
-        return cls(
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            mask_patch_size=config.mask_patch_size,
-            mask_ratio=config.mask_ratio,
-            **kwargs,
-        )
+        """The processor that matches a `SimMIMConfig` (image size, channels, patch and mask settings)."""
+        geometry = ("image_size", "num_channels", "patch_size", "mask_patch_size", "mask_ratio")
+        return cls(**{**{key: getattr(config, key) for key in geometry}, **kwargs})
 
     def mask_generator(self, seed=None):
         return SimMIMMaskGenerator(self.image_size, self.mask_patch_size, self.patch_size, self.mask_ratio, seed=seed)
 
-    def preprocess_image(self, image):
-        """One image (any PIL mode or HWC array) -> normalised float32 CHW array of the model's size."""
-        image = resize_center_crop(to_rgb(image), self.image_size, self.crop_pct, self.resample)
-        return to_normalized_array(image, self.image_mean, self.image_std)
+    def preprocess(self, images, **kwargs):
+        """Images -> `BatchFeature` with `pixel_values` (and `bool_masked_pos`): NumPy arrays, one per image, unless
+        `return_tensors` is "pt" or "np" (stacked). Keywords: the attributes, and transformers' `size`,
+        `return_tensors`, `data_format`, `input_data_format`, `do_pad`, `pad_size`."""
+        unknown = sorted(set(kwargs) - set(self.valid_kwargs.__annotations__))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} got unknown keyword argument(s) {', '.join(unknown)}: it takes "
+                f"{', '.join(sorted(self.valid_kwargs.__annotations__))}."
+            )
+        return super().preprocess(images, **kwargs)
 
-    def __call__(self, images, **kwargs):
-        return self.preprocess(images, **kwargs)
+    def _validate_preprocess_kwargs(
+        self, do_rescale=None, rescale_factor=None, do_normalize=None, image_mean=None, image_std=None,
+        crop_pct=None, crop_size=None, resample=None, **kwargs,
+    ):
+        # transformers' own checks would ask for a crop_size: SimMIM crops a square of side size (image_size)
+        if do_rescale and rescale_factor is None:
+            raise ValueError("do_rescale=True needs a rescale_factor (1 / 255 for 8-bit images).")
+        if do_normalize and (image_mean is None or image_std is None):
+            raise ValueError("do_normalize=True needs image_mean and image_std.")
+        if crop_size is not None:
+            raise ValueError(
+                "crop_size is not used: SimMIMImageProcessor crops a square of side size (image_size) after "
+                "resizing the shorter side to size / crop_pct; pass size and crop_pct instead."
+            )
+        check_crop_pct(crop_pct)
+        resampling_filter("resample", resample)
 
-    def preprocess(self, images, return_tensors="pt", return_bool_masked_pos=False, mask_seed=None, **kwargs):
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+    def _prepare_images_structure(self, images, expected_ndims=3):
+        # transformers takes no HW (grey) arrays or tensors; with a channel axis (1HW) they are images like others
+        def with_channel_axis(image):
+            return image[None] if getattr(image, "ndim", None) == 2 else image
+
+        if isinstance(images, (list, tuple)):
+            images = [with_channel_axis(image) for image in images]
+        return super()._prepare_images_structure(with_channel_axis(images), expected_ndims)
+
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, num_channels=None, **kwargs):
+        """One PIL, NumPy or torch image -> CHW NumPy array; converted to RGB when `do_convert_rgb` and the model
+        takes 3 channels (any PIL mode, grey and grey + alpha, RGBA composited on white)."""
+        convert = bool(do_convert_rgb) and num_channels == 3
+        if isinstance(image, Image.Image):
+            array = np.asarray(to_rgb(image) if convert else image)
+            return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if not isinstance(image, np.ndarray):  # a torch tensor (`fetch_images` let only valid images through)
+            image = image.detach().cpu().numpy()
+        array = channels_first(image, input_data_format, num_channels)
+        return to_rgb_array(array) if convert else array
+
+    def _preprocess(
+        self, images, size=None, image_size=None, do_pad=None, pad_size=None, data_format=None, return_tensors=None,
+        return_bool_masked_pos=None, mask_seed=None, patch_size=None, mask_patch_size=None, mask_ratio=None, **kwargs,
+    ):
         if not images:
             raise ValueError("images is empty: pass at least one image.")
-        pixel_values = np.stack([self.preprocess_image(image) for image in images])
+        side = image_size if size is None else square_side(size)
+        if kwargs["do_rescale"] and any(is_scaled_image(image) for image in images):
+            logger.warning_once(
+                "It looks like you are trying to rescale already rescaled images (values in [0, 1]): pass "
+                "do_rescale=False for images that are already floats in [0, 1]."
+            )
+        pixel_values = [self.resize_crop_normalize(image, side, **kwargs) for image in images]
+        if do_pad:
+            pixel_values = self.pad(pixel_values, pad_size=pad_size)
         data = {"pixel_values": pixel_values}
         if return_bool_masked_pos:
-            generator = self.mask_generator(seed=mask_seed)
-            data["bool_masked_pos"] = np.stack([generator() for _ in images])
-        if return_tensors in ("pt", None):
-            data = {k: torch.from_numpy(v) for k, v in data.items()}
-            return BatchFeature(data=data)
+            if {image.shape[-2:] for image in pixel_values} != {(side, side)}:
+                raise ValueError(
+                    f"return_bool_masked_pos=True draws masks for {side} x {side} images: keep do_resize and "
+                    "do_center_crop on (or do_center_crop alone), without padding."
+                )
+            generator = SimMIMMaskGenerator(side, mask_patch_size, patch_size, mask_ratio, seed=mask_seed)
+            data["bool_masked_pos"] = [generator() for _ in pixel_values]
+        if data_format is not None and ChannelDimension(data_format) == ChannelDimension.LAST:
+            data["pixel_values"] = [np.moveaxis(image, 0, -1) for image in pixel_values]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def to_dict(self):
-        output = super().to_dict()
-        for key in ("_valid_kwargs_names", "_valid_processor_keys"):
-            output.pop(key, None)
-        return output
+    def resize_crop_normalize(
+        self, image, side, do_resize, crop_pct, resample, do_center_crop, do_rescale, rescale_factor, do_normalize,
+        image_mean, image_std, **kwargs,
+    ):
+        """One CHW array -> resized (shorter side `int(side / crop_pct)`), centre-cropped (`side`), rescaled and
+        normalised, each step as its flag says; uint8 stays uint8 when neither rescaled nor normalised."""
+
+        def resize_and_crop(channel):
+            if do_resize:
+                channel = resize_shorter_side(channel, int(side / crop_pct), resample)
+            return center_crop(channel, side) if do_center_crop else channel
+
+        if do_resize or do_center_crop:
+            image = map_channels(image, resize_and_crop)
+        if do_rescale or do_normalize:
+            mean, std = (image_mean, image_std) if do_normalize else (None, None)
+            image = rescale_and_normalize(image, rescale_factor if do_rescale else None, mean, std)
+        return image

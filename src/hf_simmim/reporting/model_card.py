@@ -125,6 +125,21 @@ def describe_schedule(recipe, args, state):
     return f"transformers '{args.lr_scheduler_type}' with {warmup} warmup steps"
 
 
+WEIGHT_PRECISIONS = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+
+
+def training_precision(trainer, model):
+    """The precision training ran in: the autocast of the run's accelerator when it had one ("bf16 mixed
+    precision"), else the dtype of the model's weights. The accelerator, not `args.bf16` / `args.fp16`, is what
+    ran: it also takes `accelerate launch --mixed_precision` and ACCELERATE_MIXED_PRECISION, which leave those flags
+    False, and autocasts bf16 on the CPU as well (`use_cpu=True` with `bf16=True`)."""
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None and accelerator.native_amp:
+        return f"{accelerator.mixed_precision} mixed precision"
+    dtype = next((str(p.dtype) for p in model.parameters() if p.is_floating_point()), "torch.float32")
+    return WEIGHT_PRECISIONS.get(dtype, dtype.removeprefix("torch."))
+
+
 def trainer_card_values(trainer, run_info):
     """Everything the template needs, from a `SimMIMTrainer` after training and the run's `run_info` dict
     (`data_description`, `learning_rate_rule`, `skipped_images` (`training.runs.skipped_image_counts`), optional
@@ -138,7 +153,7 @@ def trainer_card_values(trainer, run_info):
     recipe = trainer.recipe
     mask_squares = (config.image_size // config.mask_patch_size) ** 2
     architecture, schedule = describe_architecture(config), describe_schedule(recipe, args, state)
-    precision = "bf16 mixed precision" if args.bf16 else "fp16 mixed precision" if args.fp16 else "fp32"
+    precision = training_precision(trainer, model)
     output_dir = args.output_dir
     model_id = run_info.get("model_id") or (trainer.hub_model_id if args.push_to_hub else None) or output_dir
     return {
