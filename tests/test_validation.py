@@ -229,5 +229,3 @@ def test_misspelt_forward_arguments_are_refused(model_class):
     pixel_values = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match="unexpected arguments \\['bool_mask_pos'\\]"):
         model(pixel_values, bool_mask_pos=torch.zeros(1, 64, dtype=torch.bool))
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(pixel_values, output_attentions=True)

@@ -21,6 +21,9 @@ BACKBONE_FIELDS = {
     ),
     "swin": ("embed_dim", "depths", "num_heads", "window_size", "patch_norm"),
 }
+# Geometry a field left unset (None) takes for each backbone: the paper's ViT-B/16 at 224 px and Swin at 192 px
+# (with Swin's window 6). Saved configs always carry the resolved values, so these never change a checkpoint.
+BACKBONE_DEFAULTS = {"vit": dict(image_size=224, patch_size=16), "swin": dict(image_size=192, patch_size=4)}
 LOSS_TYPES = ("l1", "l2", "smooth_l1")
 MASK_TOKEN_TYPES = ("learned", "zeros", "noise")
 
@@ -36,7 +39,9 @@ class SimMIMConfig(PreTrainedConfig):
     Args:
         backbone (`str`, defaults to `"vit"`): `"vit"` (plain ViT or the official SimMIM ViT variant) or `"swin"`
             (Swin Transformer v1).
-        image_size (`int`), patch_size (`int`), num_channels (`int`): input geometry.
+        image_size (`int`, *optional*), patch_size (`int`, *optional*): input geometry; unset, the backbone's
+            (ViT: 224 and 16; Swin: 192 and 4, the paper's).
+        num_channels (`int`): input channels.
         hidden_size, num_hidden_layers, num_attention_heads: ViT width, depth and heads.
         embed_dim, depths, num_heads, window_size: Swin stage-0 width, blocks and heads per stage, window size.
             For Swin, `hidden_size` is derived: `embed_dim * 2 ** (len(depths) - 1)`.
@@ -70,8 +75,8 @@ class SimMIMConfig(PreTrainedConfig):
     def __init__(
         self,
         backbone="vit",
-        image_size=224,
-        patch_size=16,
+        image_size=None,
+        patch_size=None,
         num_channels=3,
         hidden_size=768,
         num_hidden_layers=12,
@@ -102,9 +107,12 @@ class SimMIMConfig(PreTrainedConfig):
         initializer_range=0.02,
         **kwargs,
     ):
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone={backbone!r} is not supported: use one of {BACKBONES}.")
         self.backbone = backbone
-        self.image_size = image_size
-        self.patch_size = patch_size
+        defaults = BACKBONE_DEFAULTS[backbone]
+        self.image_size = defaults["image_size"] if image_size is None else image_size
+        self.patch_size = defaults["patch_size"] if patch_size is None else patch_size
         self.num_channels = num_channels
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -174,8 +182,6 @@ class SimMIMConfig(PreTrainedConfig):
 
     # ------------------------------------------------------------------ validation
     def _validate_choices(self):
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r} is not supported: use one of {BACKBONES}.")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not supported: use one of {LOSS_TYPES}.")
         if self.mask_token_type not in MASK_TOKEN_TYPES:

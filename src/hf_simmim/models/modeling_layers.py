@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 def drop_path(x, drop_prob, training):
@@ -44,25 +45,45 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out, returning its weights: transformers' ViT/Swin `eager_attention_forward`.
+
+    query/key/value: `(B, heads, N, head_dim)`; `attention_mask` is added to the logits. Returns the output
+    `(B, N, heads, head_dim)` and the weights `(B, heads, N, N)`, as the functions of `ALL_ATTENTION_FUNCTIONS`.
+    """
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection and `F.scaled_dot_product_attention`.
+    """Multi-head self-attention with one fused qkv projection, run by the kernel `config._attn_implementation` names
+    (`"sdpa"`, the default, or `"eager"`), as transformers' attention layers.
 
     `x` is `(*batch, N, C)`; `attn_bias` (relative position bias, Swin shift mask) is added to the logits and must
     broadcast to `(*batch, heads, N, N)`. The batch dimensions are flattened into one before attention: SDPA's
     fused CUDA kernels (memory-efficient, cuDNN) take 4-D inputs only and fall back to the slow math kernel
-    otherwise.
+    otherwise. With `output_attentions`, the eager kernel runs (SDPA returns no weights) and the weights
+    `(prod(batch), heads, N, N)` come back with the output.
     """
 
-    def __init__(self, dim, num_heads, qkv_bias, attn_drop, proj_drop):
+    def __init__(self, config, dim, num_heads):
         super().__init__()
+        # Read at every call, so `model.set_attn_implementation(...)` switches every layer at once.
+        self.config = config
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn_drop = attn_drop
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # read by transformers' sdpa kernel
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
+        self.attn_drop = config.attention_probs_dropout_prob
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, attn_bias=None):
+    def forward(self, x, attn_bias=None, output_attentions=False):
         *batch, n, c = x.shape
         qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (prod(batch), heads, N, head_dim)
@@ -70,11 +91,13 @@ class Attention(nn.Module):
             attn_bias = attn_bias.to(q.dtype)
             if attn_bias.ndim > 3:  # per-batch-entry bias, e.g. Swin's (nW, heads, N, N) shift mask
                 attn_bias = attn_bias.expand(*batch, self.num_heads, n, n).reshape(-1, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        out, weights = attention(
+            self, q, k, v, attn_bias, dropout=self.attn_drop if self.training else 0.0, scaling=self.scaling
         )
-        out = out.transpose(1, 2).reshape(*batch, n, c)
-        return self.proj_drop(self.proj(out))
+        out = self.proj_drop(self.proj(out.reshape(*batch, n, c)))
+        return out, weights
 
 
 def fill_masked_tokens(embeddings, mask, mask_token, mask_token_type):

@@ -8,25 +8,45 @@ with a cubic spline over source offsets spaced in a geometric progression and ev
 only when a table is resized. Absolute position embeddings (`pos_embed`, `absolute_pos_embed`) are interpolated
 bicubically, as BEiT and timm do: the official fine-tuning never resizes them. As the official ViT fine-tuning, a model
 built with per-block tables (`use_relative_position_bias=True, use_shared_relative_position_bias=False`) starts every
-block from a checkpoint's shared table (`load_shared_table_into_blocks`)."""
+block from a checkpoint's shared table.
 
-import json
+`plan_position_tables` decides this from the checkpoint's shapes (file headers only) before any weight is loaded, so a
+weight of another shape that no interpolation fits is refused before loading; `fill_position_tables` writes the planned
+tables once transformers has loaded the rest."""
+
 import math
-import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-RESIZABLE_SUFFIXES = ("relative_position_bias_table", "pos_embed", "absolute_pos_embed")
 SHARED_TABLE = re.compile(r"(^|\.)encoder\.rel_pos_bias\.relative_position_bias_table$")
 PER_BLOCK_TABLE = re.compile(r"(^|\.)encoder\.blocks\.\d+\.rel_pos_bias\.relative_position_bias_table$")
 
 
-def is_resizable(key):
-    return key.endswith(RESIZABLE_SUFFIXES)
+def _non_grid_rows(key):
+    """Rows of a position table that are not on the patch grid: a ViT relative table's 3 CLS rows (last, as BEiT), a
+    ViT absolute embedding's CLS position (first); Swin's tables have none."""
+    if key.endswith("relative_position_bias_table"):
+        return 3 if "rel_pos_bias." in key else 0
+    return 0 if key.endswith("absolute_pos_embed") else 1
+
+
+def can_resize(key, checkpoint_shape, model_shape):
+    """Whether `resize_position_table` fits a checkpoint tensor of `checkpoint_shape` to `model_shape`: a position
+    table whose grid part is square in both and whose other sizes (heads, channels) agree."""
+    if key.endswith("relative_position_bias_table") and len(checkpoint_shape) == len(model_shape) == 2:
+        rows, other = 0, slice(1, None)
+    elif key.endswith("pos_embed") and len(checkpoint_shape) == len(model_shape) == 3:
+        rows, other = 1, slice(2, None)
+    else:
+        return False
+    extra = _non_grid_rows(key)
+    grids = (checkpoint_shape[rows] - extra, model_shape[rows] - extra)
+    return checkpoint_shape[other] == model_shape[other] and all(g > 0 and math.isqrt(g) ** 2 == g for g in grids)
 
 
 def _grid_side(grid_values):
@@ -83,63 +103,106 @@ def fit_table_geometric(grid_values, new_side):
 
 def resize_position_table(key, value, target_shape):
     """Resize `value` (as saved under `key`) to `target_shape`."""
+    extra = _non_grid_rows(key)
     if key.endswith("relative_position_bias_table"):
         rows, _ = target_shape
-        extra = 3 if "rel_pos_bias." in key else 0  # ViT tables end with the CLS rows; Swin tables have none
         grid = value[: value.shape[0] - extra]
         resized = fit_table_geometric(grid, math.isqrt(rows - extra))
         return torch.cat([resized, value[value.shape[0] - extra :]], dim=0) if extra else resized
     # absolute position embeddings: (1, [CLS] + N, C)
     _, tokens, _ = target_shape
-    extra = tokens - math.isqrt(tokens) ** 2  # 1 for ViT's CLS position, 0 for Swin
     resized = _resize_grid_bicubic(value[0, extra:], math.isqrt(tokens - extra))
     return torch.cat([value[0, :extra], resized], dim=0).unsqueeze(0)
 
 
-def checkpoint_files(path, **hub_kwargs):
-    """The safetensors file(s) of a local folder or hub repository."""
-    from transformers.utils import cached_file
+def checkpoint_shapes(state_dict, checkpoint_files):
+    """{key: (shape, file)} of the tensors a checkpoint holds, from the file headers (no tensor is read): `file` is
+    the safetensors or .bin file holding the key, None for an in-memory `state_dict`."""
+    if state_dict is not None:
+        return {key: (tuple(value.shape), None) for key, value in state_dict.items()}
+    shapes = {}
+    for file in checkpoint_files or ():
+        if file.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as reader:
+                shapes.update({key: (tuple(reader.get_slice(key).get_shape()), file) for key in reader.keys()})
+        else:
+            tensors = torch.load(file, map_location="meta", weights_only=True)
+            shapes.update({key: (tuple(value.shape), file) for key, value in tensors.items()})
+    return shapes
 
-    index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    if index is not None:
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [cached_file(path, name, **hub_kwargs) for name in names]
-    return [cached_file(path, "model.safetensors", **hub_kwargs)]
 
-
-def read_tensors(files, wanted_suffixes):
-    """Tensors whose key ends with one of `wanted_suffixes` -> {suffix: tensor}."""
-    found = {}
-    for file in files:
+def read_checkpoint_tensor(state_dict, key, file):
+    """The tensor `key` of a checkpoint, from `file` (as `checkpoint_shapes` gives it) or the in-memory `state_dict`."""
+    if file is None:
+        return state_dict[key]
+    if file.endswith(".safetensors"):
         with safe_open(file, framework="pt") as reader:
-            for key in reader.keys():
-                for suffix in wanted_suffixes:
-                    if key == suffix or key.endswith("." + suffix):
-                        found[suffix] = reader.get_tensor(key)
-    return found
+            return reader.get_tensor(key)
+    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)[key]
 
 
-def load_resized_position_tables(model, mismatched, path, **hub_kwargs):
-    """Fill the model's mismatched position tables from the checkpoint at `path`, interpolated to size."""
-    prefix = model.base_model_prefix + "."
-    suffixes = {key: key[len(prefix) :] if key.startswith(prefix) else key for key in mismatched}
-    tensors = read_tensors(checkpoint_files(os.fspath(path), **hub_kwargs), set(suffixes.values()))
+def _model_key(checkpoint_key, model_shapes, prefix):
+    """The model key a checkpoint key loads into, with the base-model prefix added or dropped as transformers does
+    (a `SimMIMForMaskedImageModeling` checkpoint loads into a `SimMIMModel`, and back); None if there is none."""
+    for key in (checkpoint_key, checkpoint_key.removeprefix(prefix + "."), f"{prefix}.{checkpoint_key}"):
+        if key in model_shapes:
+            return key
+    return None
+
+
+@dataclass
+class PositionTablePlan:
+    """What loading a checkpoint into a model built with other sizes takes beyond transformers' plain load.
+
+    resized: {model key: checkpoint key}: position tables interpolated to the model's size.
+    copied: {model key: checkpoint key}: per-block ViT tables started from the checkpoint's shared table.
+    refused: [(model key, checkpoint shape, model shape)]: weights of another shape that nothing fits.
+    """
+
+    resized: dict
+    copied: dict
+    refused: list
+
+
+def plan_position_tables(model, shapes):
+    """The `PositionTablePlan` for loading a checkpoint of `shapes` (as `checkpoint_shapes` gives them) into `model`
+    (its parameters may still be on the meta device: only their shapes are read)."""
+    model_shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    prefix = model.base_model_prefix
+    resized, refused, loaded, unused = {}, [], set(), []
+    for checkpoint_key, (shape, _) in shapes.items():
+        key = _model_key(checkpoint_key, model_shapes, prefix)
+        if key is None:
+            unused.append(checkpoint_key)
+            continue
+        loaded.add(key)
+        if shape == model_shapes[key]:
+            continue
+        if can_resize(key, shape, model_shapes[key]):
+            resized[key] = checkpoint_key
+        else:
+            refused.append((key, shape, model_shapes[key]))
+    shared = next((key for key in unused if SHARED_TABLE.search(key)), None)
+    copied = {}
+    if shared is not None:
+        shared_shape = shapes[shared][0]
+        copied = {
+            key: shared
+            for key, shape in model_shapes.items()
+            if PER_BLOCK_TABLE.search(key)
+            and key not in loaded
+            and (shape == shared_shape or can_resize(key, shared_shape, shape))
+        }
+    return PositionTablePlan(resized, copied, refused)
+
+
+def fill_position_tables(model, plan, checkpoint_tensors):
+    """Write the tables `plan` resizes or copies into the model's (materialised) parameters, from
+    `checkpoint_tensors` {checkpoint key: tensor}."""
     parameters = dict(model.named_parameters())
-    for key, suffix in suffixes.items():
-        target = parameters[key]
-        with torch.no_grad():
-            target.copy_(resize_position_table(key, tensors[suffix], tuple(target.shape)))
-
-
-def load_shared_table_into_blocks(model, per_block_keys, path, **hub_kwargs):
-    """Copy a checkpoint's shared ViT relative position table into each block's own table (resized if the
-    image size differs), as the official fine-tuning does (`remap_pretrained_keys_vit`)."""
-    suffix = "encoder.rel_pos_bias.relative_position_bias_table"
-    shared = read_tensors(checkpoint_files(os.fspath(path), **hub_kwargs), {suffix})[suffix]
-    parameters = dict(model.named_parameters())
-    for key in per_block_keys:
-        target = parameters[key]
-        value = shared if shared.shape == target.shape else resize_position_table(key, shared, tuple(target.shape))
-        with torch.no_grad():
+    with torch.no_grad():
+        for key, checkpoint_key in {**plan.resized, **plan.copied}.items():
+            target, value = parameters[key], checkpoint_tensors[checkpoint_key]
+            if tuple(value.shape) != tuple(target.shape):
+                value = resize_position_table(key, value, tuple(target.shape))
             target.copy_(value)

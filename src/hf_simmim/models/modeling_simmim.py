@@ -20,14 +20,16 @@ from transformers.modeling_outputs import (
     ImageClassifierOutput,
     MaskedImageModelingOutput,
 )
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_simmim import SimMIMConfig
 from .modeling_resize import (
-    PER_BLOCK_TABLE,
     SHARED_TABLE,
-    is_resizable,
-    load_resized_position_tables,
-    load_shared_table_into_blocks,
+    checkpoint_shapes,
+    fill_position_tables,
+    plan_position_tables,
+    read_checkpoint_tensor,
 )
 from .modeling_swin import (
     SwinBlock,
@@ -38,6 +40,7 @@ from .modeling_swin import (
 )
 from .modeling_vit import RelativePositionBias, ViTBlock, VisionTransformer, vit_relative_position_index
 
+logger = logging.get_logger(__name__)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_simmim.SimMIMConfig",
@@ -94,6 +97,20 @@ def mask_to_grid(bool_masked_pos, config, batch_size):
     return bool_masked_pos.reshape(batch_size, g, g)
 
 
+def mismatched_weights_error(checkpoint, refused):
+    """The `RuntimeError` for checkpoint weights of another shape than the config gives (`refused`: model key,
+    checkpoint shape, model shape), naming the first few and the fix."""
+    listed = ", ".join(
+        f"{key} (checkpoint {tuple(saved)}, model {tuple(built)})" for key, saved, built in sorted(refused)[:4]
+    )
+    more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+    return RuntimeError(
+        f"{checkpoint}: weights of another shape than this config gives: {listed}{more}. Fix the config overrides "
+        "(the checkpoint's config.json gives the shapes it was saved with), or pass ignore_mismatched_sizes=True to "
+        "re-initialise them."
+    )
+
+
 # ---------------------------------------------------------------------------------------------- loss
 def normalize_per_patch(images, patch_size, eps=1e-6):
     """Zero mean, unit variance per channel inside each non-overlapping `patch_size` patch."""
@@ -142,7 +159,14 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
+    # Attention runs SDPA (the default) or the eager kernel (`attn_implementation="eager"`, and for any call that
+    # asks for the weights). Flash and flex kernels take no additive float bias, which the relative position bias
+    # and Swin's shift mask are. No serving backend either (vLLM's Transformers backend): those hand their own
+    # arguments to the attention functions through `forward(**kwargs)`, which these models refuse.
     _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
     # The loss is a per-batch mean: Trainer must average it over accumulation steps, not rescale it by a count.
     accepts_loss_kwargs = False
     # The official pretraining ViT (`VisionTransformerForSimMIM`) truncates its normal init at +-1 std; the official
@@ -201,41 +225,47 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SwinBlock) and module.attn_mask is not None:
             init.copy_(module.attn_mask, swin_shift_attention_mask(module.resolution, module.window, module.shift))
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As transformers' `from_pretrained`, plus: position tables saved at another window or image size
-        (e.g. `window_size=7` for a checkpoint pretrained with 6) are interpolated instead of refused, and a ViT
-        built with per-block relative position bias starts each block from a checkpoint's shared table."""
-        want_info = kwargs.pop("output_loading_info", False)
-        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path,
-            *model_args,
-            output_loading_info=True,
-            ignore_mismatched_sizes=True,
-            **kwargs,
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        """transformers' loading, plus position tables at another size (e.g. a checkpoint pretrained with window 6
+        loaded with `window_size=7`) interpolated instead of refused, and a ViT built with per-block relative
+        position bias starting every block from a checkpoint's shared table, as the official fine-tuning does.
+
+        Planned from the checkpoint's file headers before any weight is read, so weights of another shape that
+        nothing fits raise `RuntimeError` here, as transformers does after loading (`ignore_mismatched_sizes=True`
+        re-initialises them, as transformers)."""
+        shapes = checkpoint_shapes(state_dict, checkpoint_files)
+        plan = plan_position_tables(model, shapes)
+        if plan.refused and not load_config.ignore_mismatched_sizes:
+            raise mismatched_weights_error(load_config.pretrained_model_name_or_path, plan.refused)
+        loading = PreTrainedModel._load_pretrained_model(
+            model, state_dict, checkpoint_files, load_config, *args, **kwargs
         )
-        mismatched = {entry[0]: entry for entry in info.get("mismatched_keys", ())}
-        resizable = [key for key in mismatched if is_resizable(key)]
-        others = [mismatched[key] for key in mismatched if key not in resizable]
-        if others and not ignore_mismatched:
-            raise ValueError(
-                f"{pretrained_model_name_or_path}: weights of another shape than this config gives: "
-                + ", ".join(f"{k} (checkpoint {tuple(a)}, model {tuple(b)})" for k, a, b in sorted(others)[:4])
-                + (f" and {len(others) - 4} more" if len(others) > 4 else "")
-                + ". Fix the config overrides, or pass ignore_mismatched_sizes=True to re-initialise them."
+        sources = set(plan.resized.values()) | set(plan.copied.values())
+        if sources:  # written by `_adjust_missing_and_unexpected_keys`, once transformers has placed the parameters
+            model._position_table_fill = (
+                plan,
+                {key: read_checkpoint_tensor(state_dict, key, shapes[key][1]) for key in sources},
             )
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        if resizable:
-            load_resized_position_tables(model, resizable, pretrained_model_name_or_path, **hub_kwargs)
-            info["mismatched_keys"] = set(others)
-        per_block = sorted(key for key in info["missing_keys"] if PER_BLOCK_TABLE.search(key))
-        if per_block and any(SHARED_TABLE.search(key) for key in info["unexpected_keys"]):
-            # As the official ViT fine-tuning: every block starts from the pretrained shared table.
-            load_shared_table_into_blocks(model, per_block, pretrained_model_name_or_path, **hub_kwargs)
-            info["missing_keys"] -= set(per_block)
-            info["unexpected_keys"] = {key for key in info["unexpected_keys"] if not SHARED_TABLE.search(key)}
-        return (model, info) if want_info else model
+        return loading
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info):
+        """transformers' adjustment, plus the tables `_load_pretrained_model` planned: written now, and kept out of
+        the load report and loading info (they are neither missing, nor unexpected, nor re-initialised)."""
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        plan, checkpoint_tensors = self.__dict__.pop("_position_table_fill", (None, None))
+        if plan is None:
+            return
+        fill_position_tables(self, plan, checkpoint_tensors)
+        filled = set(plan.resized) | set(plan.copied)
+        loading_info.mismatched_keys = {entry for entry in loading_info.mismatched_keys if entry[0] not in filled}
+        loading_info.missing_keys -= filled
+        if plan.copied:
+            loading_info.unexpected_keys = {key for key in loading_info.unexpected_keys if not SHARED_TABLE.search(key)}
+        done = [f"interpolated to this config's size: {', '.join(sorted(plan.resized))}"] if plan.resized else []
+        if plan.copied:
+            done.append(f"started {len(plan.copied)} per-block relative position tables from the shared one")
+        logger.info(f"{type(self).__name__} position tables {'; '.join(done)}.")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Record every Auto class, so `trust_remote_code=True` loads this checkpoint as any of them.
@@ -245,17 +275,12 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
     def _check_extra_arguments(self, kwargs, ignored=()):
         """Refuse misspelt or unsupported forward arguments instead of silently ignoring them."""
-        if kwargs.pop("output_attentions", None):
-            raise ValueError(
-                "output_attentions=True is not supported: attention runs through scaled_dot_product_attention, "
-                "which does not return attention weights."
-            )
         unknown = sorted(name for name in kwargs if name not in ignored)
         if unknown:
             raise ValueError(
                 f"{type(self).__name__}.forward got unexpected arguments {unknown}: it takes pixel_values"
                 + (", bool_masked_pos" if not isinstance(self, SimMIMForImageClassification) else ", labels")
-                + ", output_hidden_states and return_dict."
+                + ", output_attentions, output_hidden_states and return_dict."
             )
 
     def _check_inputs(self, pixel_values, bool_masked_pos):
@@ -282,8 +307,9 @@ class SimMIMModel(SimMIMPreTrainedModel):
     """The SimMIM encoder (ViT or Swin) as a vision backbone.
 
     `forward(pixel_values, bool_masked_pos=None)` returns `last_hidden_state` (ViT: `(B, 1 + L, C)` with CLS
-    first; Swin: `(B, L_last, C)`), `pooler_output` `(B, C)` and, with `output_hidden_states=True`, the input of
-    every ViT block / Swin stage and the final output.
+    first; Swin: `(B, L_last, C)`), `pooler_output` `(B, C)`, with `output_hidden_states=True` the input of every
+    ViT block / Swin stage and the final output, and with `output_attentions=True` every block's attention weights
+    (ViT: `(B, heads, 1 + L, 1 + L)`; Swin: per window, `(B * windows, heads, N, N)`, as transformers' Swin).
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
@@ -301,26 +327,40 @@ class SimMIMModel(SimMIMPreTrainedModel):
     def get_input_embeddings(self):
         return self.encoder.patch_embed
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values=None,
         bool_masked_pos=None,
+        output_attentions=None,
         output_hidden_states=None,
-        return_dict=None,
         **kwargs,
     ):
         self._check_extra_arguments(kwargs)
         mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"output_attentions=True with attn_implementation={self.config._attn_implementation!r}, which returns "
+                "no attention weights: these calls run the eager attention instead. Load the model with "
+                'attn_implementation="eager" to run it always.'
+            )
         # Float32 images (what the image processor gives) also feed a model loaded in bf16/fp16, as in transformers.
         pixel_values = pixel_values.to(self.encoder.patch_embed.proj.weight.dtype)
-        sequence, hidden_states = self.encoder(pixel_values, mask_grid, output_hidden_states=output_hidden_states)
-        pooled = self.pooler(self.encoder.patch_tokens(sequence)) if self.pooler is not None else None
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=sequence, pooler_output=pooled, hidden_states=hidden_states
+        encoded = self.encoder(
+            pixel_values, mask_grid, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
-        return output if return_dict is not False else output.to_tuple()
+        sequence = encoded.last_hidden_state
+        pooled = self.pooler(self.encoder.patch_tokens(sequence)) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence,
+            pooler_output=pooled,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
 
 
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
@@ -341,19 +381,24 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values=None,
         bool_masked_pos=None,
+        output_attentions=None,
         output_hidden_states=None,
-        return_dict=None,
         **kwargs,
     ):
         # `labels` may come along in batches built from labelled datasets; pretraining has no use for them.
         self._check_extra_arguments(kwargs, ignored=("labels",))
         mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
         outputs = self.simmim(
-            pixel_values, bool_masked_pos=mask_grid, output_hidden_states=output_hidden_states, return_dict=True
+            pixel_values,
+            bool_masked_pos=mask_grid,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         features = self.simmim.encoder.feature_map(outputs.last_hidden_state)
         reconstruction = self.decoder(features)
@@ -367,15 +412,15 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
                 self.config.loss_type,
                 self.config.norm_target,
             )
-        output = MaskedImageModelingOutput(
-            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states
+        return MaskedImageModelingOutput(
+            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 class SimMIMForImageClassification(SimMIMPreTrainedModel):
     """The encoder with the official fine-tuning head: ViT averages the patch tokens and applies `fc_norm`; Swin
-    averages the normalised final tokens. `labels` give a cross-entropy (or MSE for one label) loss.
+    averages the normalised final tokens. `labels` give the loss `config.problem_type` names (see
+    `classification_loss`).
 
     Loading a pretraining checkpoint drops the decoder and the mask token (and, for ViT, the final norm that mean
     pooling replaces).
@@ -395,21 +440,41 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
             self.classifier.init_scale = 1e-3  # the official ViT head's `init_scale`; Swin's is drawn as any Linear
         self.post_init()
 
-    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, **kwargs):
+    @can_return_tuple
+    def forward(self, pixel_values=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
         self._check_extra_arguments(kwargs)
-        outputs = self.simmim(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.simmim(
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
         logits = self.classifier(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-            elif labels.ndim == logits.ndim and labels.is_floating_point():  # soft targets (mixup / cutmix)
-                loss = torch.sum(-labels * F.log_softmax(logits, dim=-1), dim=-1).mean()
-            else:
-                loss = F.cross_entropy(logits, labels.view(-1))
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        loss = self.classification_loss(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def classification_loss(self, logits, labels):
+        """The loss of transformers' image classifiers for `config.problem_type`: `"regression"` MSE,
+        `"single_label_classification"` cross-entropy, `"multi_label_classification"` BCE with logits; when None,
+        inferred and recorded in the config as they do (one label: regression; integer labels: single-label; float
+        labels: multi-label).
+
+        Beyond them, soft targets (mixup / cutmix): under `"single_label_classification"`, float labels of shape
+        (batch, num_labels) give the cross-entropy against those class probabilities. Float labels alone infer
+        multi-label, so training with soft targets sets `problem_type="single_label_classification"`.
+        """
+        soft_targets = self.num_labels > 1 and labels.is_floating_point() and labels.shape == logits.shape
+        if soft_targets and self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits, labels.to(logits.device, logits.dtype))
+        if soft_targets and self.config.problem_type is None:
+            logger.warning_once(
+                "Float labels of shape (batch, num_labels) with config.problem_type=None: inferring "
+                "multi_label_classification (binary cross-entropy per class), as transformers does. For soft targets "
+                '(mixup / cutmix) set config.problem_type="single_label_classification".'
+            )
+        return self.loss_function(labels, logits, self.config)
 
 
 __all__ = [

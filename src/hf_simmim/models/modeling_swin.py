@@ -8,6 +8,7 @@ config, so checkpoints hold only learned weights.
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
 
 from .modeling_layers import Attention, DropPath, Mlp, fill_masked_tokens
 
@@ -50,9 +51,7 @@ class WindowAttention(Attention):
     """Attention inside each window with a learned relative position bias; the shift mask comes from the block."""
 
     def __init__(self, dim, window, num_heads, config):
-        super().__init__(
-            dim, num_heads, config.qkv_bias, config.attention_probs_dropout_prob, config.hidden_dropout_prob
-        )
+        super().__init__(config, dim, num_heads)
         self.window = window
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", swin_relative_position_index(window), persistent=False)
@@ -62,12 +61,13 @@ class WindowAttention(Attention):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # (heads, N, N)
 
-    def forward(self, windows, shift_mask=None):
-        """windows: `(B, nW, N, C)`; shift_mask: `(nW, N, N)` or None."""
+    def forward(self, windows, shift_mask=None, output_attentions=False):
+        """windows: `(B, nW, N, C)`; shift_mask: `(nW, N, N)` or None. Attention weights come back per window,
+        `(B * nW, heads, N, N)`, as transformers' Swin returns them."""
         bias = self.relative_position_bias()
         if shift_mask is not None:
             bias = bias.unsqueeze(0) + shift_mask.unsqueeze(1)  # (nW, heads, N, N)
-        return super().forward(windows, bias)
+        return super().forward(windows, bias, output_attentions=output_attentions)
 
 
 class SwinBlock(GradientCheckpointingLayer):
@@ -85,18 +85,19 @@ class SwinBlock(GradientCheckpointingLayer):
         mask = swin_shift_attention_mask(resolution, window, shift) if shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, output_attentions=False):
+        """Returns the block's output and its attention weights (None unless `output_attentions`)."""
         b, _, c = x.shape
         h, w = self.resolution
         y = self.norm1(x).view(b, h, w, c)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = self.attn(window_partition(y, self.window), self.attn_mask)
+        y, attention_weights = self.attn(window_partition(y, self.window), self.attn_mask, output_attentions)
         y = window_reverse(y, self.window, h, w)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
         x = x + self.drop_path(y.reshape(b, h * w, c))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x))), attention_weights
 
 
 class PatchMerging(nn.Module):
@@ -138,10 +139,13 @@ class SwinStage(nn.Module):
         last = stage == len(config.depths) - 1
         self.downsample = None if last else PatchMerging(resolution, dim, config.layer_norm_eps)
 
-    def forward(self, x):
+    def forward(self, x, output_attentions=False):
+        """Returns the stage's output and the attention weights of each of its blocks."""
+        attentions = []
         for block in self.blocks:
-            x = block(x)
-        return x if self.downsample is None else self.downsample(x)
+            x, attention_weights = block(x, output_attentions=output_attentions)
+            attentions.append(attention_weights)
+        return (x if self.downsample is None else self.downsample(x)), attentions
 
 
 class PatchEmbed(nn.Module):
@@ -158,7 +162,8 @@ class PatchEmbed(nn.Module):
 class SwinTransformer(nn.Module):
     """Patch embedding (+ norm) -> mask-token fill -> (absolute position) -> stages -> final norm.
 
-    Returns the final tokens `(B, L_last, C_last)` and, on request, the input of each stage plus the output.
+    Returns a `BaseModelOutput`: the final tokens `(B, L_last, C_last)` and, on request, the input of each stage plus
+    the final output (`hidden_states`) and every block's attention weights, per window (`attentions`).
     """
 
     def __init__(self, config, use_mask_token=True):
@@ -187,22 +192,25 @@ class SwinTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values, bool_masked_pos=None, output_hidden_states=False):
+    def forward(self, pixel_values, bool_masked_pos=None, output_hidden_states=False, output_attentions=False):
         x = self.patch_embed(pixel_values)
         if bool_masked_pos is not None:
             x = fill_masked_tokens(x, bool_masked_pos, self.mask_token, self.config.mask_token_type)
         if self.absolute_pos_embed is not None:
             x = x + self.absolute_pos_embed
         x = self.pos_drop(x)
-        hidden_states = []
+        hidden_states, attentions = [], []
         for stage in self.layers:
-            if output_hidden_states:
-                hidden_states.append(x)
-            x = stage(x)
-        x = self.norm(x)
-        if output_hidden_states:
             hidden_states.append(x)
-        return x, (tuple(hidden_states) if output_hidden_states else None)
+            x, stage_attentions = stage(x, output_attentions=output_attentions)
+            attentions.extend(stage_attentions)
+        x = self.norm(x)
+        hidden_states.append(x)
+        return BaseModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
     def feature_map(self, sequence):
         """`(B, L, C)` final tokens -> `(B, C, h, w)` map for the decoder."""

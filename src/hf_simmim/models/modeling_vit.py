@@ -8,6 +8,7 @@ so an official checkpoint maps onto this encoder key for key.
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
 
 from .modeling_layers import Attention, DropPath, Mlp, fill_masked_tokens
 
@@ -57,13 +58,7 @@ class ViTBlock(GradientCheckpointingLayer):
         super().__init__()
         dim = config.hidden_size
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.attn = Attention(
-            dim,
-            config.num_attention_heads,
-            config.qkv_bias,
-            config.attention_probs_dropout_prob,
-            config.hidden_dropout_prob,
-        )
+        self.attn = Attention(config, dim, config.num_attention_heads)
         self.rel_pos_bias = (
             RelativePositionBias(config.grid_size, config.num_attention_heads)
             if config.use_relative_position_bias
@@ -81,21 +76,23 @@ class ViTBlock(GradientCheckpointingLayer):
         # (`fix_init_weight`); `_init_weights` applies it to the draw and its bounds.
         self.attn.proj.init_scale = self.mlp.fc2.init_scale = (2.0 * (layer_id + 1)) ** -0.5
 
-    def forward(self, x, shared_bias=None):
+    def forward(self, x, shared_bias=None, output_attentions=False):
+        """Returns the block's output and its attention weights (None unless `output_attentions`)."""
         bias = shared_bias
         if self.rel_pos_bias is not None:
             own = self.rel_pos_bias()
             bias = own if bias is None else bias + own
-        y = self.attn(self.norm1(x), bias)
+        y, attention_weights = self.attn(self.norm1(x), bias, output_attentions=output_attentions)
         x = x + self.drop_path(y if self.gamma_1 is None else self.gamma_1 * y)
         y = self.mlp(self.norm2(x))
-        return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y)
+        return x + self.drop_path(y if self.gamma_2 is None else self.gamma_2 * y), attention_weights
 
 
 class VisionTransformer(nn.Module):
     """Patch embedding -> mask-token fill -> [CLS] + position embedding -> blocks -> final norm.
 
-    Returns the token sequence `(B, 1 + L, C)` (CLS first) and, on request, the input of every block.
+    Returns a `BaseModelOutput`: the token sequence `(B, 1 + L, C)` (CLS first) and, on request, the input of every
+    block plus the final output (`hidden_states`) and every block's attention weights `(B, heads, 1 + L, 1 + L)`.
     """
 
     def __init__(self, config, use_mask_token=True):
@@ -123,7 +120,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([ViTBlock(config, rates[i], i) for i in range(depth)])
         self.norm = nn.Identity() if config.use_mean_pooling else nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values, bool_masked_pos=None, output_hidden_states=False):
+    def forward(self, pixel_values, bool_masked_pos=None, output_hidden_states=False, output_attentions=False):
         x = self.patch_embed(pixel_values)
         if bool_masked_pos is not None:
             x = fill_masked_tokens(x, bool_masked_pos, self.mask_token, self.config.mask_token_type)
@@ -132,15 +129,18 @@ class VisionTransformer(nn.Module):
             x = x + self.pos_embed
         x = self.pos_drop(x)
         shared_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
-        hidden_states = []
+        hidden_states, attentions = [], []
         for block in self.blocks:
-            if output_hidden_states:
-                hidden_states.append(x)
-            x = block(x, shared_bias)
-        x = self.norm(x)
-        if output_hidden_states:
             hidden_states.append(x)
-        return x, (tuple(hidden_states) if output_hidden_states else None)
+            x, attention_weights = block(x, shared_bias, output_attentions=output_attentions)
+            attentions.append(attention_weights)
+        x = self.norm(x)
+        hidden_states.append(x)
+        return BaseModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
     def feature_map(self, sequence):
         """`(B, 1 + L, C)` tokens -> `(B, C, g, g)` map of the patch tokens (CLS dropped), for the decoder."""
