@@ -29,9 +29,8 @@ from hf_simmim.data import detect_image_column, pretraining_augmentation
 from hf_simmim.training.arguments import parse_run_arguments
 from hf_simmim.training.pretraining import (
     add_reconstruction_pictures,
-    check_pretraining_datasets,
-    evaluation_dataset,
     finish_pretraining,
+    pictures_dataset,
     pretraining_datasets,
     pretraining_run_info,
     pretraining_trainer,
@@ -61,7 +60,6 @@ def main(argv=None):
     check_recipe_backbone(recipe_args.recipe, model.config)
     train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir, model_args.token)
     image_column = detect_image_column(train_raw, data_args.image_column_name)
-    check_pretraining_datasets(train_raw, eval_raw, image_column, model.config.mask_patch_size)
     augmentation = pretraining_augmentation(model.config.image_size)
     datasets = pretraining_datasets(
         train_raw, eval_raw, image_processor, augmentation, image_column, training_args.seed, data_args.eval_mask_seed
@@ -69,7 +67,7 @@ def main(argv=None):
     if datasets[1] is None:
         training_args.eval_strategy = "no"
     # the pictures show validation images, else training images, centre-cropped with fixed masks
-    pictures_source = datasets[1] or evaluation_dataset(train_raw, image_processor, image_column, data_args.eval_mask_seed)
+    pictures_source = pictures_dataset(datasets, image_processor, data_args.eval_mask_seed)
 
     # ---------------------------------------------------------------- recipe and trainer
     resolve_recipe_defaults(recipe_args, model_args)

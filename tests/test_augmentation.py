@@ -140,3 +140,25 @@ def test_transform_applies_them_when_training_only(tmp_path):
         finetuning_augmentation(32, random_erasing=1.5)
     with pytest.raises(ValueError, match="rand_augment='rand-q1'"):
         finetuning_augmentation(32, rand_augment="rand-q1")
+
+
+def test_the_padded_crop_of_a_larger_image_is_a_window_of_its_evaluation_view():
+    """At 32 px the fine-tuning crop is timm's RandomCrop(32, padding=4), made for 32-px images. A 400x300 image is
+    first brought to 32 px as evaluation does (shorter side to 32, centre square), so every training crop is a 32-px
+    window of that view with a 4-px black border around it, not a raw 32-px window of the photo."""
+    photo = gradient_image(400, 300)
+    processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"), crop_pct=1.0)
+    evaluation = SimMIMTransform(processor, train=False, with_mask=False, uint8=True)
+    view = evaluation.image_to_array(photo).transpose(1, 2, 0)
+    assert view.shape == (32, 32, 3)
+    padded = np.pad(view, ((4, 4), (4, 4), (0, 0)))  # 40 x 40, the view in the middle
+    crop = finetuning_augmentation(32, rand_augment=None, random_erasing=0.0)
+    crop = augmentation.AugmentationPreset(**{**crop.to_dict(), "hflip_prob": 0.0})
+    offsets = set()
+    for seed in range(40):
+        out = np.asarray(crop.augment(photo, random.Random(seed)))
+        windows = [(top, left) for top in range(9) for left in range(9)
+                   if np.array_equal(padded[top : top + 32, left : left + 32], out)]
+        assert windows, f"seed {seed}: the crop is no window of the padded evaluation view"
+        offsets.add(windows[0])
+    assert len(offsets) > 20  # the window moves: 81 places, 40 draws

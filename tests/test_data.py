@@ -418,20 +418,98 @@ def test_images_that_cannot_be_decoded_are_reported_and_dropped(processor, tmp_p
         collate_fn(rows[2:])
 
 
+def noise_png(seed):
+    return png_bytes(np.random.RandomState(seed).randint(0, 256, (36, 40, 3), dtype=np.uint8))
+
+
+def cut_png(seed):
+    """A PNG whose header reads (the check passes it) but whose pixels stop half way: found only when decoded."""
+    whole = noise_png(seed)
+    return whole[: len(whole) // 2]
+
+
+def skip_reports(caplog):
+    return [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+
+
 @pytest.mark.parametrize("train", [True, False])
-def test_seeded_dataset_reports_each_image_once_and_counts_it(processor, tmp_path, caplog, train):
-    raw = image_dataset(2, decode=False, extra_cells=corrupt_cells(tmp_path))
+def test_each_undecodable_image_is_reported_once_by_the_check_or_the_first_read(processor, caplog, train):
+    cells = [{"bytes": noise_png(i), "path": f"{i}.png"} for i in range(7)]
+    cells[2] = {"bytes": b"garbage", "path": "garbage.png"}  # its header cannot be read: the check finds it
+    cells[5] = {"bytes": cut_png(5), "path": "cut.png"}  # its pixels cannot be decoded: the first read finds it
+    raw = image_dataset(0, decode=False, extra_cells=cells)
     split = "train" if train else "validation"
-    dataset = SeededImageDataset(raw, SimMIMTransform(processor, train=train, keep_columns=()), split=split)
-    with caplog.at_level("WARNING", logger="hf_simmim.data.transforms"):
-        for epoch in range(3):  # every epoch reads every row again
+    with caplog.at_level("WARNING"):
+        unreadable = check_image_dataset(raw, "image", 16, split)
+        dataset = SeededImageDataset(
+            raw, SimMIMTransform(processor, train=train, keep_columns=()), split=split, unreadable_rows=unreadable
+        )
+        assert dataset.unreadable_mask.tolist() == [False, False, True, False, False, False, False]  # before reading
+        assert len(dataset) == 6  # row 2 is left out of every epoch
+        for epoch in range(2):
             dataset.set_epoch(epoch)
-            rows = dataset.__getitems__(range(7))
-            assert [row["pixel_values"] is None for row in rows] == [False] * 2 + [True] * 5
-    skips = [r.getMessage() for r in caplog.records]
-    assert len(skips) == 5  # once per image, not per epoch
-    assert f"{split} row 4, photo.jpg" in skips[2] and "truncated" in skips[2]
-    assert dataset.unreadable_mask.tolist() == [False] * 2 + [True] * 5
+            batches = [dataset.batch([0, 1, 2, 3]), dataset.batch([4, 5])]
+            assert [batch["pixel_values"].shape[0] for batch in batches] == [4, 2]
+    reports = skip_reports(caplog)
+    assert len(reports) == 2
+    assert f"{split} row 2 (garbage.png)" in reports[0] and "UnidentifiedImageError" in reports[0]
+    assert f"{split} row 5 (cut.png)" in reports[1] and "truncated" in reports[1]
+    assert dataset.unreadable_mask.tolist() == [False, False, True, False, False, True, False]
+
+
+def test_a_row_that_does_not_decode_is_served_the_next_row_that_does(processor):
+    colours = {0: (200, 0, 0), 2: (0, 200, 0)}
+    cells = [{"bytes": png_bytes(np.full((32, 32, 3), colours[i], dtype=np.uint8)) if i in colours else cut_png(i),
+              "path": None} for i in range(4)]
+    transform = SimMIMTransform(processor, train=False, keep_columns=("label",), uint8=True)
+    dataset = SeededImageDataset(image_dataset(0, decode=False, extra_cells=cells), transform, split="validation")
+    # position -> the row served: a bad row gets the next decodable one, wrapping around at the end
+    for position, served in [(0, 0), (1, 2), (2, 2), (3, 0)]:
+        batch = dataset.batch([position])  # a batch of one
+        assert batch["labels"].tolist() == [served]
+        assert (batch["pixel_values"][0].permute(1, 2, 0) == torch.tensor(colours[served], dtype=torch.uint8)).all()
+    assert dataset.unreadable_mask.tolist() == [False, True, False, True]
+
+
+def test_a_stand_in_row_is_drawn_with_the_seeds_of_the_row_it_replaces(processor):
+    cells = [{"bytes": noise_png(0), "path": None}, {"bytes": cut_png(1), "path": None},
+             {"bytes": noise_png(2), "path": None}]
+    dataset = SeededImageDataset(image_dataset(0, decode=False, extra_cells=cells), SimMIMTransform(processor))
+    stand_in, own = dataset.batch([1]), dataset.batch([2])
+    assert not torch.equal(stand_in["pixel_values"], own["pixel_values"])  # not a second copy of row 2's sample
+    assert not torch.equal(stand_in["bool_masked_pos"], own["bool_masked_pos"])
+    assert torch.equal(dataset.batch([1])["pixel_values"], stand_in["pixel_values"])  # and reproducible
+
+
+def test_a_split_none_of_whose_images_decodes_stops_with_a_message(processor):
+    dataset = SeededImageDataset(
+        image_dataset(0, decode=False, extra_cells=[{"bytes": cut_png(i), "path": None} for i in range(2)]),
+        SimMIMTransform(processor),
+    )
+    with pytest.raises(ValueError, match="No image of the train split can be decoded"):
+        dataset.batch([0])
+
+
+def test_spawned_dataloader_workers_flag_rows_in_the_main_process(processor):
+    """Workers started with spawn (not fork) get the dataset pickled: its epoch and flags must be the shared memory
+    itself, not copies, or the counts would miss what the workers found."""
+    cells = [{"bytes": noise_png(0), "path": None}, {"bytes": cut_png(1), "path": None},
+             {"bytes": noise_png(2), "path": None}, {"bytes": noise_png(3), "path": None}]
+    dataset = SeededImageDataset(image_dataset(0, decode=False, extra_cells=cells), SimMIMTransform(processor))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, num_workers=1, multiprocessing_context="spawn", persistent_workers=True,
+        collate_fn=collate_fn,
+    )
+    dataset.set_epoch(3)
+    from_workers = [batch["pixel_values"] for batch in loader]
+    assert dataset.unreadable_mask.tolist() == [False, True, False, False]
+    dataset.set_epoch(4)  # after the worker started: it must see the new epoch
+    from_workers += [batch["pixel_values"] for batch in loader]
+    dataset.set_epoch(3)
+    expected = [dataset.batch([0, 1])["pixel_values"], dataset.batch([2, 3])["pixel_values"]]
+    dataset.set_epoch(4)
+    expected += [dataset.batch([0, 1])["pixel_values"], dataset.batch([2, 3])["pixel_values"]]
+    assert all(torch.equal(a, b) for a, b in zip(from_workers, expected))
 
 
 def test_a_bug_in_augmentation_is_not_taken_for_a_bad_image(processor, monkeypatch):
@@ -455,9 +533,20 @@ def test_check_reads_every_header_and_names_small_and_unreadable_images(tmp_path
     good = png_bytes(np.zeros((40, 40, 3), dtype=np.uint8))
     cells[9] = {"bytes": good[: len(good) // 2], "path": "cut.png"}  # the header is whole: training will tell
     cells[20] = {"bytes": b"garbage", "path": "garbage.png"}
-    with caplog.at_level("WARNING", logger="hf_simmim.data.checks"):
-        assert check_image_dataset(image_dataset(0, decode=False, extra_cells=cells), "image", 16) == 1
-    assert "row 20 (garbage.png): UnidentifiedImageError" in caplog.text and "cut.png" not in caplog.text
+    cells[25] = {"bytes": b"not an image either", "path": None}
+    with caplog.at_level("WARNING"):
+        assert check_image_dataset(image_dataset(0, decode=False, extra_cells=cells), "image", 16) == [20, 25]
+    reports = skip_reports(caplog)
+    assert len(reports) == 2 and "cut.png" not in caplog.text
+    assert "train row 20 (garbage.png): its image cannot be decoded (UnidentifiedImageError" in reports[0]
+
+
+def test_only_the_main_process_reports_what_the_check_finds(caplog, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it in the second process
+    cells = [{"bytes": noise_png(0), "path": None}, {"bytes": b"garbage", "path": None}]
+    with caplog.at_level("WARNING"):
+        assert check_image_dataset(image_dataset(0, decode=False, extra_cells=cells), "image", 16) == [1]
+    assert skip_reports(caplog) == []
 
 
 def test_missing_image_column_is_named(processor):

@@ -241,7 +241,11 @@ def jpeg_bytes(size=(400, 300)):
     return buffer.getvalue()
 
 
-def test_images_that_cannot_be_decoded_are_skipped_counted_and_reported(run_mim, tmp_path, capsys):
+def skip_reports(caplog):
+    return [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+
+
+def test_images_that_cannot_be_decoded_are_skipped_counted_and_reported(run_mim, tmp_path, capsys, caplog):
     good = [png_bytes(colour=(i * 7 % 255, 90, 160)) for i in range(30)]
     jpeg = jpeg_bytes()
     # garbage, a truncated PNG and a truncated JPEG (its header is whole: the reduced-scale decode of the crop fails)
@@ -253,7 +257,13 @@ def test_images_that_cannot_be_decoded_are_skipped_counted_and_reported(run_mim,
         "--train_dir", data, "--validation_dir", validation, "--max_steps", "8", "--per_device_train_batch_size", "8",
         "--output_dir", str(out), "--num_reconstruction_images", "0",
     ]
-    assert run_mim.main(argv) == 0  # 30 images, batch 8, 8 steps: over two epochs, each through the broken rows
+    with caplog.at_level("WARNING"):
+        assert run_mim.main(argv) == 0  # 29 images after the check, batch 8, 8 steps: two epochs through the rest
+    # each image reported once: by the header check (garbage), or by the first read (truncated pixels)
+    reports = skip_reports(caplog)
+    assert len(reports) == 4
+    for where in ("train row 10", "train row 11", "train row 12", "validation row 7"):
+        assert sum(where in report for report in reports) == 1, where
     captured = capsys.readouterr()
     # distinct images, not skips per epoch or per evaluation
     assert "images skipped (cannot be decoded): 3 training, 1 validation" in captured.out
@@ -262,6 +272,26 @@ def test_images_that_cannot_be_decoded_are_skipped_counted_and_reported(run_mim,
     assert "| Images skipped (could not be decoded) | 3 training, 1 validation |" in (out / "README.md").read_text()
     results = json.loads((out / "all_results.json").read_text())
     assert (results["train_skipped_images"], results["eval_skipped_images"]) == (3, 1) and "eval_loss" in results
+
+
+def test_without_validation_pictures_show_training_rows_and_batches_of_one_train(run_mim, tmp_path, capsys, caplog):
+    good = [png_bytes(colour=(i * 30, 90, 160)) for i in range(6)]
+    jpeg = jpeg_bytes()
+    # row 1: a whole header but truncated pixels, among the pictures' 4 rows; row 4: garbage, left out by the check
+    cells = good[:1] + [jpeg[: len(jpeg) // 2]] + good[1:3] + [b"garbage"] + good[3:]
+    data = write_parquet(tmp_path / "train.parquet", cells)
+    out = tmp_path / "out"
+    argv = TINY + [
+        "--train_dir", data, "--validation_split_percentage", "0", "--per_device_train_batch_size", "1",
+        "--max_steps", "14", "--num_reconstruction_images", "4", "--output_dir", str(out),
+    ]
+    with caplog.at_level("WARNING"):
+        assert run_mim.main(argv) == 0  # 7 rows after the check, one a step: 2 epochs, row 1 in every one
+    reports = skip_reports(caplog)
+    assert len(reports) == 2  # row 1 found by the pictures is not reported again by training
+    assert "train row 4" in reports[0] and "train row 1" in reports[1]
+    assert "images skipped (cannot be decoded): 2 training, 0 validation" in capsys.readouterr().out
+    assert (out / "reconstruction.png").exists()
 
 
 def test_a_bug_in_augmentation_stops_the_run_with_its_error(run_mim, tmp_path, monkeypatch):

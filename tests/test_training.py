@@ -13,9 +13,15 @@ from PIL import Image
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMImageProcessor
-from hf_simmim.training.runs import apply_learning_rate, load_pretraining_model, prepare_output_dir, resolve_recipe_defaults
+from hf_simmim.training.runs import (
+    apply_learning_rate,
+    load_pretraining_model,
+    prepare_output_dir,
+    resolve_recipe_defaults,
+    skipped_image_counts,
+)
 from hf_simmim.training.arguments import parse_run_arguments, simmim_training_defaults
-from hf_simmim.data.transforms import SimMIMPretrainingDataset, SimMIMTransform, collate_fn
+from hf_simmim.data.transforms import SeededImageDataset, SimMIMPretrainingDataset, SimMIMTransform, collate_fn
 from hf_simmim.data.checks import check_image_dataset
 from hf_simmim.data.loading import detect_image_column, load_image_datasets
 from hf_simmim.training.callbacks import EpochCallback, ThroughputCallback, add_callback_first
@@ -317,15 +323,55 @@ def test_epoch_callback_sets_the_epoch_of_each_epoch(tmp_path, sample):
     assert [e for i, e in enumerate(epochs) if i == 0 or epochs[i - 1] != e] == [0, 1, 2]
 
 
-def test_unreadable_rows_are_skipped_and_counted_once(sample):
-    cells = [png(), b"garbage", png(colour=(1, 2, 3)), png()[:30]]
+def cut_png(colour):
+    """A PNG whose header reads (the header check passes it) but whose pixels stop short."""
+    noise = np.random.RandomState(sum(colour)).randint(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()[:400]
+
+
+def test_unreadable_rows_are_stood_in_for_and_counted_once(sample):
+    cells = [png(), b"garbage", png(colour=(1, 2, 3)), cut_png((4, 5, 6))]
     dataset = pretraining_dataset(image_dataset(cells))
-    rows = dataset.__getitems__([0, 1, 2, 3])
-    assert [r["pixel_values"] is None for r in rows] == [False, True, False, True]
-    assert collate_fn(rows)["pixel_values"].shape[0] == 2
+    assert collate_fn(dataset.__getitems__([0, 1, 2, 3]))["pixel_values"].shape[0] == 4  # no row lost
     dataset.set_epoch(1)
     dataset.__getitems__([1, 3])
     assert dataset.unreadable_mask.tolist() == [False, True, False, True]  # each bad image counted once
+    assert skipped_image_counts(dataset) == {"train_skipped_images": 2, "eval_skipped_images": 0}
+
+
+def test_counts_hold_what_the_check_found_before_any_row_is_read():
+    """A run resumed in its last epoch, or shorter than one, may never read a bad row: the check's rows count."""
+    raw = image_dataset([png(), b"garbage", png(colour=(1, 2, 3)), b"more garbage"])
+    processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
+    unreadable = check_image_dataset(raw, "image", 8, "validation")
+    evaluation = SeededImageDataset(raw, SimMIMTransform(processor, train=False), unreadable_rows=unreadable)
+    assert len(evaluation) == 2  # the rows that can be read
+    assert skipped_image_counts(None, evaluation) == {"train_skipped_images": 0, "eval_skipped_images": 2}
+
+
+def test_a_batch_of_one_bad_image_does_not_stop_training_or_evaluation(tmp_path):
+    cells = [png(colour=(i * 30, 60, 90)) for i in range(6)]
+    cells[1], cells[4] = b"garbage", cut_png((7, 8, 9))
+    raw = image_dataset(cells)
+    processor = SimMIMImageProcessor.from_model_config(SimMIMConfig.from_preset("vit-tiny-test"))
+    unreadable = check_image_dataset(raw, "image", 8)
+    train_dataset = SeededImageDataset(raw, SimMIMTransform(processor, keep_columns=()), unreadable_rows=unreadable)
+    # evaluation without the check: both bad images are found when read, in batches of one
+    eval_dataset = SeededImageDataset(raw, SimMIMTransform(processor, train=False, keep_columns=()), split="validation")
+    args = training_args(
+        tmp_path, per_device_train_batch_size=1, per_device_eval_batch_size=1, max_steps=10, eval_strategy="steps",
+        eval_steps=10,
+    )
+    trainer = SimMIMTrainer(
+        model=tiny_model(), args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=collate_fn
+    )
+    trainer.train()  # 2 epochs of the 5 rows the check leaves, one image a step
+    assert trainer.state.global_step == 10 and math.isfinite(trainer.evaluate()["eval_loss"])
+    assert skipped_image_counts(train_dataset, eval_dataset, trainer) == {
+        "train_skipped_images": 2, "eval_skipped_images": 2
+    }
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -520,4 +566,4 @@ def test_image_column_detection_and_refusals():
         check_image_dataset(image_dataset([]), "image", 8, "validation")
     with pytest.raises(ValueError, match="None of the 2 checked images"):
         check_image_dataset(image_dataset([b"x", b"y"]), "image", 8)
-    assert check_image_dataset(image_dataset([png(), b"x"]), "image", 8) == 1
+    assert check_image_dataset(image_dataset([png(), b"x"]), "image", 8) == [1]

@@ -4,8 +4,14 @@ An `AugmentationPreset` says what a training run does to an image before the mas
 fine-tuning RandAugment and random erasing. Two presets reproduce the official code, each derived from the
 model's image size: `pretraining_augmentation` (microsoft/SimMIM `SimMIMTransform`: RandomResizedCrop scale
 0.67-1, bilinear, flip) and `finetuning_augmentation` (timm's `create_transform` as the official fine-tuning
-calls it: RandomResizedCrop 0.08-1 bicubic, flip, RandAugment, random erasing 0.25; for images of 32 px or
+calls it: RandomResizedCrop 0.08-1 bicubic, flip, RandAugment, random erasing 0.25; for a model of 32 px or
 less timm's RandomCrop(32, padding=4) instead of the resized crop).
+
+timm's padded crop assumes images already at the model's size (CIFAR's 32 px): on a larger image it would train
+on a raw 32-px window while evaluation sees the whole image resized. So an image of another size is first brought
+to the model's size as evaluation does (shorter side to the size with the preset's filter, bicubic for fine-tuning
+as for evaluation, then the centre square), and the padded crop is taken from that: 32-px images are cropped
+exactly as timm does, and any other image trains on what it is evaluated on.
 
 RandAugment (Cubuk et al., 2020), as timm implements it and the official fine-tuning configures it: `n` ops (2)
 drawn uniformly with replacement from the "increasing" op set; each is applied with probability 0.5 at a
@@ -26,7 +32,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from .image_ops import random_horizontal_flip, random_padded_crop, random_resized_crop
+from ..models.image_transforms import resize_center_crop, to_rgb
+from .image_ops import load_pixels, random_horizontal_flip, random_padded_crop, random_resized_crop
 
 MAX_MAGNITUDE = 10.0
 FILL = (124, 116, 104)  # the ImageNet mean colour, in 0-255
@@ -195,7 +202,8 @@ SMALL_IMAGE_SIZE = 32
 @dataclass(frozen=True)
 class AugmentationPreset:
     """A training augmentation: `crop` ("random_resized": area `crop_scale`, aspect `crop_ratio`, `resample`;
-    "random_padded": `crop_padding` px of black border, then a random window), a horizontal flip with
+    "random_padded": the image at the model's size (`resample`, as evaluation: shorter side to `image_size`, centre
+    crop; a no-op at that size), `crop_padding` px of black border, then a random window), a horizontal flip with
     `hflip_prob`, then `rand_augment` (timm's notation, or None) on the PIL image and `random_erasing` (a
     probability) on the normalised array."""
 
@@ -235,12 +243,6 @@ class AugmentationPreset:
         parts += [f"random erasing {self.random_erasing}"] * bool(self.random_erasing)
         return f"{self.name}: " + ", ".join(parts)
 
-    @property
-    def min_image_size(self):
-        """The smallest image side the crop accepts: the output size less the padding of a padded crop (a resized
-        crop takes any size)."""
-        return self.image_size - 2 * self.crop_padding if self.crop == "random_padded" else 1
-
     def augment(self, image, rng=random):
         """A PIL image -> RGB PIL image. An image only opened (`image_ops.open_image`) is decoded by the crop (a JPEG
         at reduced scale when the crop allows it); if it cannot be decoded, `UndecodableImage` is raised."""
@@ -249,7 +251,9 @@ class AugmentationPreset:
                 image, self.image_size, self.crop_scale, self.crop_ratio, rng, RESAMPLE[self.resample]
             )
         else:
-            image = random_padded_crop(image, self.image_size, self.crop_padding, rng)
+            image = to_rgb(load_pixels(image))
+            at_model_size = resize_center_crop(image, self.image_size, 1.0, RESAMPLE[self.resample])
+            image = random_padded_crop(at_model_size, self.image_size, self.crop_padding, rng)
         image = random_horizontal_flip(image, self.hflip_prob, rng)
         if self.rand_augment_policy is not None:
             image = self.rand_augment_policy(image, rng)

@@ -1,19 +1,23 @@
-"""Checks before training: a split that cannot train is refused with what to fix, before any model is built."""
+"""Checks before training: a split that cannot train is refused with what to fix, and the images whose header
+cannot be read are found (and reported once) before the first step."""
 
-import logging
+import os
 
-from .image_ops import UndecodableImage, cell_path, image_size
+import torch
+
+from .image_ops import UndecodableImage, image_size, report_skipped_image, row_location
 from .loading import undecoded
-
-logger = logging.getLogger(__name__)
 
 HEADER_BATCH_SIZE = 1024  # rows read from the dataset at a time by `check_image_dataset`
 NAMED_EXAMPLES = 5  # rows named in a message about many images
 
 
-def _row_name(row, cell):
-    path = cell_path(cell)
-    return f"row {row}" + (f" ({path})" if path else "")
+def is_main_process():
+    """Whether this process speaks for the run: rank 0 of torch.distributed once it is set up, else of the RANK that
+    torchrun, accelerate and deepspeed set before the script starts (a single process is the main one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_not_empty(dataset, split="train"):
@@ -42,8 +46,9 @@ def check_image_dataset(dataset, image_column, min_image_size, split="train"):
     """Refuse, before training starts, a split that cannot train: empty, without `image_column`, with any image
     smaller than `min_image_size` (named by row and file), or with no readable image at all.
 
-    Every image is checked, from its header only. Images whose header cannot be read are reported (row, file,
-    reason) and counted: training skips them. Returns that count.
+    Every image is checked, from its header only. Returns the rows whose header cannot be read, in order: give them
+    to `SeededImageDataset(unreadable_rows=...)`, which leaves them out and counts them. Each is reported here (split,
+    row, file, reason), by the main process only: every process runs the check, and a run reports an image once.
     """
     check_not_empty(dataset, split)
     if image_column not in dataset.column_names:
@@ -51,28 +56,27 @@ def check_image_dataset(dataset, image_column, min_image_size, split="train"):
             f"The image column {image_column!r} is not in the {split} split; its columns are "
             f"{list(dataset.column_names)}. Pass the right one with --image_column_name."
         )
-    unreadable, too_small = [], []
+    unreadable, too_small = {}, []
     for row, cell, size in image_header_sizes(dataset, image_column):
         if isinstance(size, UndecodableImage):
-            unreadable.append(f"{_row_name(row, cell)}: {size}")
+            unreadable[row] = row_location(row, cell, split), size
         elif min(size) < min_image_size:
-            too_small.append(f"{_row_name(row, cell)} is {size[0]}x{size[1]}")
+            too_small.append(f"{row_location(row, cell)} is {size[0]}x{size[1]}")
     if too_small:
         raise ValueError(
             f"{len(too_small)} of {len(dataset)} images of the {split} split are smaller than {min_image_size} px "
             f"({'; '.join(too_small[:NAMED_EXAMPLES])}{'; ...' if len(too_small) > NAMED_EXAMPLES else ''}), the "
-            "smallest side the run can use (the mask patch when pretraining, the crop when fine-tuning). Remove or "
-            "upscale them, or use a model whose sizes fit them."
+            "smallest side the run can use (the mask patch when pretraining). Remove or upscale them, or use a "
+            "model whose sizes fit them."
         )
     if len(unreadable) == len(dataset):
+        where, error = next(iter(unreadable.values()))
         raise ValueError(
             f"None of the {len(dataset)} checked images of the {split} split could be read (column "
-            f"{image_column!r}; e.g. {unreadable[0]}): check that the column holds images (PNG/JPEG bytes, paths or "
-            "PIL images)."
+            f"{image_column!r}; e.g. {where}: {error}): check that the column holds images (PNG/JPEG bytes, paths "
+            "or PIL images)."
         )
-    if unreadable:
-        logger.warning(
-            "%d of %d images of the %s split cannot be read; training will skip them:\n  %s", len(unreadable),
-            len(dataset), split, "\n  ".join(unreadable),
-        )
-    return len(unreadable)
+    if is_main_process():
+        for where, error in unreadable.values():
+            report_skipped_image(where, error)
+    return list(unreadable)

@@ -11,6 +11,7 @@ decoded at 1/2, 1/4 or 1/8 scale by libjpeg when the crop still keeps at least t
 
 import contextlib
 import io
+import logging
 import math
 import random
 
@@ -19,6 +20,8 @@ import torch
 from PIL import Image
 
 from ..models.image_transforms import normalization_coefficients, to_rgb
+
+logger = logging.getLogger(__name__)
 
 
 def random_resized_crop_box(width, height, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), rng=random):
@@ -122,6 +125,17 @@ def cell_path(cell):
     if isinstance(cell, dict):
         return cell.get("path") or None
     return cell if isinstance(cell, str) else None
+
+
+def row_location(row, cell, split=None):
+    """How reports name a dataset row: "train row 4 (photo.jpg)" (the split and the file when known)."""
+    path = cell_path(cell)
+    return (f"{split} " if split else "") + f"row {row}" + (f" ({path})" if path else "")
+
+
+def report_skipped_image(where, error):
+    """Log that the image at `where` (a row, a file) is skipped because it cannot be decoded, and why."""
+    logger.warning("Skipping %s: its image cannot be decoded (%s).", where, error)
 
 
 def open_image(cell):

@@ -12,11 +12,10 @@ and `collate_fn` stacks its rows into `pixel_values` / `bool_masked_pos` (/ `lab
 per (seed, epoch, row): exact resumption, and the same batches whatever the number of processes.
 
 Data errors are never silent: an image that cannot be decoded (`image_ops.UndecodableImage`) is skipped, reported
-with its row or file and the reason, and counted; any other error (in augmentation, conversion, masking) is a bug
-and stops the run with its traceback.
+with its row or file and the reason, and counted, and never stops a run (`SeededImageDataset` says how); any other
+error (in augmentation, conversion, masking) is a bug and stops the run with its traceback.
 """
 
-import logging
 import multiprocessing
 import random
 
@@ -25,10 +24,16 @@ import torch
 
 from ..models.image_transforms import resize_center_crop, to_normalized_array, to_rgb
 from .augmentation import pretraining_augmentation, random_erasing
-from .image_ops import UndecodableImage, cell_path, decode_image, open_image, to_uint8_array
+from .image_ops import (
+    UndecodableImage,
+    cell_path,
+    decode_image,
+    open_image,
+    report_skipped_image,
+    row_location,
+    to_uint8_array,
+)
 from .loading import undecoded
-
-logger = logging.getLogger(__name__)
 
 
 class SimMIMTransform:
@@ -140,11 +145,6 @@ class SimMIMTransform:
         return output
 
 
-def report_skipped_image(where, error):
-    """Log that the image at `where` (a row, a file) is skipped because it cannot be decoded, and why."""
-    logger.warning("Skipping an image that cannot be decoded: %s (%s).", where, error)
-
-
 def collate_fn(examples):
     """Rows from `SimMIMTransform` -> a batch of tensors; rows whose image could not be read are dropped.
     `pixel_values` stay uint8 when the transform gave uint8 (`SimMIMTransform(uint8=True)`), else float32."""
@@ -164,54 +164,83 @@ def collate_fn(examples):
 
 class SeededImageDataset(torch.utils.data.Dataset):
     """A `datasets.Dataset` served to the `Trainer` through `SimMIMTransform` (pretraining or fine-tuning, training
-    or evaluation), with the random crop, flip and mask of each row drawn from `(seed, epoch, row index)` instead
-    of a global random stream.
+    or evaluation), with the random crop, flip and mask of each row drawn from `(seed, epoch, row)` instead of a
+    global random stream.
 
     So a row's sample does not depend on batch size, number of processes, DataLoader workers or prefetching: a
     run resumed from a checkpoint sees exactly the data of an uninterrupted run, and 2 processes x batch b see
     the batches of 1 process x batch 2b. A fresh crop and mask is still drawn every epoch: the Trainer's
-    `EpochCallback` calls `set_epoch` (a shared value, so forked DataLoader workers see it too).
+    `EpochCallback` calls `set_epoch`.
 
-    An image that cannot be decoded is skipped (`collate_fn` drops its row); the first read of it logs a warning
-    naming the split, the row (and file) and the reason, and flags the row, so `unreadable_mask` counts each bad
-    image once however many epochs read it.
+    An image that cannot be decoded never stops the run, and is reported once and counted once:
+    - rows whose image header cannot be read, found by `checks.check_image_dataset` before training (which reports
+      them), are given as `unreadable_rows` and left out: the dataset's length counts the other rows, so an epoch
+      is one pass over them;
+    - a row whose header reads but whose pixels do not decode (a truncated file) is found when first read, which
+      reports it (split, row, file, reason) and flags it. That read and every later one are served the next row
+      (in dataset order, wrapping around) whose image decodes, drawn with the seeds of the row it stands in for: a
+      batch keeps its size, even a batch of one.
+    `unreadable_mask` flags both kinds, one entry per row of `dataset`, from construction on: counts never depend on
+    how much of the data a run read.
+
+    The epoch and the flags live in shared memory, which DataLoader workers use directly, forked or spawned (a
+    spawned worker is handed the shared memory, not a copy). Each process of a distributed run has its own flags:
+    `training.trainer.count_unreadable_images` merges them (an image counts once however many processes flagged
+    it), but an image whose pixels fail at read time is reported by each process that reads it.
 
     Args:
         dataset: a `datasets.Dataset` (its image column is read undecoded, so that a bad image reaches the
             transform instead of failing inside `datasets`).
         transform: a `SimMIMTransform` (train or eval); it is called one row at a time with its own seeds.
         seed: the run's seed.
-        split: the split's name in the warnings ("train", "validation").
+        split: the split's name in the reports ("train", "validation").
+        unreadable_rows: the rows `check_image_dataset` found unreadable (already reported).
     """
 
-    def __init__(self, dataset, transform, seed=0, split="train"):
+    def __init__(self, dataset, transform, seed=0, split="train", unreadable_rows=()):
         transform.require_image_column(dataset.column_names)
         self.dataset = undecoded(dataset, transform.image_column)
         self.transform = transform
         if transform.with_mask and transform.mask_seed is None:
             transform.mask_seed = 0  # masks come from the row seeds below: one seeded generator per row
+        transform.rng = random.Random(0)  # replaced per row below; the `random` module would not pickle to workers
         self.seed = int(seed)
         self.split = split
-        # shared memory: DataLoader workers forked from this process update the same epoch and bad-row flags
-        self._epoch = multiprocessing.Value("i", 0)
+        # shared memory, so that DataLoader workers see the epoch and set the same bad-row flags. No lock: only the
+        # main process sets the epoch, a flag only ever goes from 0 to 1, and a lock would not go to spawned workers
+        self._epoch = multiprocessing.Value("i", 0, lock=False)
         self._unreadable = multiprocessing.Array("b", max(len(self.dataset), 1), lock=False)
+        for row in unreadable_rows:
+            self._unreadable[row] = 1
+        self.rows = np.flatnonzero(~self.unreadable_mask)  # position in this dataset -> row of `dataset`
+
+    def with_transform(self, transform, seed):
+        """The same rows served through `transform` and `seed` (e.g. the training rows as evaluation crops, for
+        pictures), under the same split name and sharing the unreadable flags: a bad image found through either
+        is reported and counted once."""
+        view = SeededImageDataset(self.dataset, transform, seed, self.split)
+        view._unreadable, view.rows = self._unreadable, self.rows  # the flags shared, not the view's fresh ones
+        return view
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_epoch"] = self.epoch
-        state["_unreadable"] = bytes(self._unreadable)
+        if multiprocessing.context.get_spawning_popen() is None:
+            # a copy, not a process being spawned: shared memory can only be handed to the latter
+            state["_epoch"], state["_unreadable"] = self.epoch, bytes(self._unreadable)
         return state
 
     def __setstate__(self, state):
-        epoch, unreadable = state.pop("_epoch"), state.pop("_unreadable")
         self.__dict__.update(state)
-        self._epoch = multiprocessing.Value("i", epoch)
-        self._unreadable = multiprocessing.Array("b", len(unreadable), lock=False)
-        self._unreadable[:] = unreadable
+        if isinstance(self._epoch, int):  # a copy: its own shared memory, holding the copied values
+            self._epoch = multiprocessing.Value("i", self._epoch, lock=False)
+            flags = self._unreadable
+            self._unreadable = multiprocessing.Array("b", len(flags), lock=False)
+            self._unreadable[:] = flags
 
     @property
     def unreadable_mask(self):
-        """A bool array, one entry per row: True where the image could not be decoded (rows read so far)."""
+        """A bool array, one entry per row of `dataset`: True where the image cannot be decoded (found by the
+        header check, or by a read so far)."""
         return np.frombuffer(self._unreadable, dtype=np.int8)[: len(self.dataset)].astype(bool)
 
     @property
@@ -222,35 +251,55 @@ class SeededImageDataset(torch.utils.data.Dataset):
         self._epoch.value = int(epoch)
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.rows)
 
-    def row_seeds(self, index):
-        """`(augmentation seed, mask seed)` of row `index` in the current epoch."""
-        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(2)
+    def row_seeds(self, row):
+        """`(augmentation seed, mask seed)` of row `row` (of `dataset`) in the current epoch."""
+        state = np.random.SeedSequence([self.seed, self.epoch, int(row)]).generate_state(2)
         return int(state[0]), int(state[1])
 
-    def __getitems__(self, indices):
-        indices = [int(i) for i in indices]
-        columns = self.dataset[indices]
-        rows = []
-        for position, index in enumerate(indices):
-            augmentation_seed, mask_seed = self.row_seeds(index)
-            self.transform.rng = random.Random(augmentation_seed)
-            example = {name: values[position] for name, values in columns.items()}
-            row, error = self.transform.transform_row(example, mask_seed)
-            if error is not None and not self._unreadable[index]:
-                self._unreadable[index] = 1
-                path = cell_path(example[self.transform.image_column])
-                report_skipped_image(f"{self.split} row {index}" + (f", {path}" if path else ""), error)
-            rows.append(row)
-        return rows
+    def __getitems__(self, positions):
+        positions = [int(p) for p in positions]
+        rows = [int(self.rows[p]) for p in positions]
+        columns = self.dataset[rows]
+        samples = []
+        for i, (position, row) in enumerate(zip(positions, rows)):
+            sample = None
+            if not self._unreadable[row]:
+                sample = self._sample({name: values[i] for name, values in columns.items()}, row, row)
+            samples.append(sample if sample is not None else self._stand_in(position, row))
+        return samples
 
-    def __getitem__(self, index):
-        return self.__getitems__([index])[0]
+    def _sample(self, example, row, seeds_row):
+        """`example` (row `row`) through the transform with the seeds of row `seeds_row`; None if its image cannot
+        be decoded, which is then reported and flagged."""
+        augmentation_seed, mask_seed = self.row_seeds(seeds_row)
+        self.transform.rng = random.Random(augmentation_seed)
+        sample, error = self.transform.transform_row(example, mask_seed)
+        if error is not None:
+            self._unreadable[row] = 1
+            report_skipped_image(row_location(row, example[self.transform.image_column], self.split), error)
+        return sample if error is None else None
 
-    def batch(self, indices):
-        """Rows `indices` collated into model inputs (rows whose image cannot be decoded dropped)."""
-        return collate_fn(self.__getitems__(indices))
+    def _stand_in(self, position, seeds_row):
+        """The sample of the first row after `position` whose image decodes, drawn with the seeds of `seeds_row`."""
+        for offset in range(1, len(self.rows)):
+            row = int(self.rows[(position + offset) % len(self.rows)])
+            if not self._unreadable[row]:
+                sample = self._sample(self.dataset[row], row, seeds_row)
+                if sample is not None:
+                    return sample
+        raise ValueError(
+            f"No image of the {self.split} split can be decoded (column {self.transform.image_column!r}): check that "
+            "the column holds images (PNG/JPEG bytes, paths or PIL images)."
+        )
+
+    def __getitem__(self, position):
+        return self.__getitems__([position])[0]
+
+    def batch(self, positions):
+        """Rows at `positions` collated into model inputs."""
+        return collate_fn(self.__getitems__(positions))
 
 
 # The name of hf_simmim 0.1, when the class served pretraining only.

@@ -113,12 +113,13 @@ def eval_crop_pct(image_size):
 
 
 def finetuning_datasets(datasets, processor, augmentation, image_column, label_column, seed):
-    """`(train, eval)` `SeededImageDataset`s of labelled images, after checking every image's size. Training rows
-    get `augmentation` (None: the evaluation crop, for frozen-encoder probes); evaluation rows the processor's
-    resize and centre crop."""
+    """`(train, eval)` `SeededImageDataset`s of labelled images, after reading every image's header
+    (`check_image_dataset`: images whose header cannot be read are reported once and left out; both crops take any
+    image size). Training rows get `augmentation` (None: the evaluation crop, for frozen-encoder probes); evaluation
+    rows the processor's resize and centre crop."""
     train, validation = datasets
-    check_image_dataset(train, image_column, augmentation.min_image_size if augmentation else 1, "train")
-    check_image_dataset(validation, image_column, 1, "validation")
+    train_unreadable = check_image_dataset(train, image_column, 1, "train")
+    validation_unreadable = check_image_dataset(validation, image_column, 1, "validation")
     keep = (label_column,)
     train_transform = SimMIMTransform(
         processor, train=augmentation is not None, image_column=image_column, with_mask=False, keep_columns=keep,
@@ -126,8 +127,10 @@ def finetuning_datasets(datasets, processor, augmentation, image_column, label_c
     )
     eval_transform = SimMIMTransform(processor, train=False, image_column=image_column, with_mask=False, keep_columns=keep)
     return (
-        SeededImageDataset(train, train_transform, seed=seed),
-        SeededImageDataset(validation, eval_transform, seed=seed, split="validation"),
+        SeededImageDataset(train, train_transform, seed=seed, unreadable_rows=train_unreadable),
+        SeededImageDataset(
+            validation, eval_transform, seed=seed, split="validation", unreadable_rows=validation_unreadable
+        ),
     )
 
 

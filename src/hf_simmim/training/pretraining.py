@@ -17,30 +17,41 @@ from .trainer import SimMIMTrainer
 logger = logging.getLogger(__name__)
 
 
-def check_pretraining_datasets(train, validation, image_column, mask_patch_size):
-    """Refuse, before training, images smaller than a masked square (every image's header is read)."""
-    check_image_dataset(train, image_column, mask_patch_size, "train")
-    if validation is not None:
-        check_image_dataset(validation, image_column, mask_patch_size, "validation")
-
-
 def pretraining_datasets(train, validation, processor, augmentation, image_column, seed, eval_mask_seed):
-    """`(train, eval)` `SeededImageDataset`s. Training rows are uint8 (the trainer normalises them on the device:
-    4x less to copy from the DataLoader workers); evaluation rows are centre crops with masks fixed by
-    `eval_mask_seed`. `eval` is None without validation images."""
+    """`(train, eval)` `SeededImageDataset`s, after reading every image's header (`check_image_dataset`): images
+    smaller than a masked square are refused, and those whose header cannot be read are reported once and left out.
+    Training rows are uint8 (the trainer normalises them on the device: 4x less to copy from the DataLoader
+    workers); evaluation rows are centre crops with masks fixed by `eval_mask_seed`. `eval` is None without
+    validation images."""
+    train_unreadable = check_image_dataset(train, image_column, processor.mask_patch_size, "train")
     train_transform = SimMIMTransform(
         processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation
     )
-    train_dataset = SeededImageDataset(train, train_transform, seed=seed)
+    train_dataset = SeededImageDataset(train, train_transform, seed=seed, unreadable_rows=train_unreadable)
     if validation is None:
         return train_dataset, None
-    return train_dataset, evaluation_dataset(validation, processor, image_column, eval_mask_seed)
+    validation_unreadable = check_image_dataset(validation, image_column, processor.mask_patch_size, "validation")
+    eval_dataset = SeededImageDataset(
+        validation, evaluation_transform(processor, image_column), seed=eval_mask_seed, split="validation",
+        unreadable_rows=validation_unreadable,
+    )
+    return train_dataset, eval_dataset
 
 
-def evaluation_dataset(dataset, processor, image_column, mask_seed, split="validation"):
-    """`dataset` as evaluation rows: centre crops (the image processor's) with masks fixed by `mask_seed`."""
-    transform = SimMIMTransform(processor, train=False, image_column=image_column, keep_columns=())
-    return SeededImageDataset(dataset, transform, seed=mask_seed, split=split)
+def evaluation_transform(processor, image_column):
+    """Evaluation rows: the image processor's centre crop and a mask (fixed by the dataset's seed)."""
+    return SimMIMTransform(processor, train=False, image_column=image_column, keep_columns=())
+
+
+def pictures_dataset(datasets, processor, mask_seed):
+    """The rows the reconstruction pictures show: the evaluation dataset of `datasets` (`(train, eval)`), else the
+    training rows as evaluation rows (centre crops, masks fixed by `mask_seed`), still reported as "train" rows and
+    sharing the training flags, so that a bad image is reported and counted once."""
+    train_dataset, eval_dataset = datasets
+    if eval_dataset is not None:
+        return eval_dataset
+    transform = evaluation_transform(processor, train_dataset.transform.image_column)
+    return train_dataset.with_transform(transform, mask_seed)
 
 
 def pretraining_run_info(args, datasets, image_column, lr_rule, augmentation):
