@@ -203,6 +203,9 @@ def test_soft_targets_without_problem_type_are_multi_label_as_transformers_and_w
     assert ours.config.problem_type == "multi_label_classification"
     assert out.loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(out.logits, soft).item(), rel=1e-6)
     assert 'problem_type="single_label_classification"' in caplog.text
+    # Class indices later (evaluation) then name the fix, where transformers fails inside BCE on the shapes.
+    with pytest.raises(ValueError, match="problem_type='single_label_classification'"):
+        ours(pixels(ours.config), labels=torch.tensor([0, 2]))
 
 
 # ---------------------------------------------------------------------------------------------- return_dict

@@ -474,6 +474,14 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
                 "multi_label_classification (binary cross-entropy per class), as transformers does. For soft targets "
                 '(mixup / cutmix) set config.problem_type="single_label_classification".'
             )
+        if self.config.problem_type == "multi_label_classification" and labels.shape != logits.shape:
+            # transformers fails here inside BCE with a bare shape error; e.g. class indices at evaluation after
+            # soft targets in training made the inferred type multi-label.
+            raise ValueError(
+                f"config.problem_type='multi_label_classification' takes float labels of shape {tuple(logits.shape)} "
+                f"(batch, num_labels); got {tuple(labels.shape)}. For class indices or soft targets, set "
+                "config.problem_type='single_label_classification'."
+            )
         return self.loss_function(labels, logits, self.config)
 
 
