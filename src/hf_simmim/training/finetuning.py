@@ -81,7 +81,8 @@ def load_classification_model(model_args, num_labels, id2label=None):
         )
         if base.backbone == "vit" and base.use_shared_relative_position_bias:
             overrides.update(use_relative_position_bias=True, use_shared_relative_position_bias=False)
-    labels = {"num_labels": num_labels}
+    # one class per image; the mixup / cutmix soft targets are probabilities over those classes, not multi-label
+    labels = {"num_labels": num_labels, "problem_type": "single_label_classification"}
     if id2label:
         labels.update(id2label=dict(id2label), label2id={name: i for i, name in id2label.items()})
     source = model_args.model_name_or_path
