@@ -332,7 +332,7 @@ def load_pretraining_model(model_args):
 
 def skipped_image_counts(train_dataset, eval_dataset=None, trainer=None):
     """`{"train_skipped_images": n, "eval_skipped_images": m}`: the distinct images of each `SeededImageDataset`
-    that could not be decoded (and were skipped) so far. With a `trainer`, counted over all its processes: then
+    that could not be decoded (and were skipped): found by the header check or by a read so far. With a `trainer`, counted over all its processes: then
     call it on every process."""
 
     def count(dataset):

@@ -133,6 +133,7 @@ class SimMIMFineTuneTrainer(SimMIMTrainer):
 
 
 def count_unreadable_images(trainer, dataset):
-    """Distinct unreadable rows of a `SeededImageDataset` read so far by any process of the run."""
+    """Distinct unreadable rows of a `SeededImageDataset` (found by the header check or by a read so far) over
+    every process of the run."""
     flags = torch.from_numpy(dataset.unreadable_mask.astype("float32")).to(trainer.args.device)
     return int((trainer.accelerator.reduce(flags, reduction="sum") > 0).sum().item())
