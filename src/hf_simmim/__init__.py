@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from . import models
-from .models import (
+from .models import (  # noqa: F401  (the public names: __all__ below)
     PRESETS,
     SimMIMConfig,
     SimMIMImageProcessor,

@@ -105,6 +105,15 @@ def _vit_config(config):
             "pooling) exports to ViT; model_type='beit' holds the others."
         )
     return ViTConfig(
+        **_transformer_fields(config),
+        qkv_bias=config.qkv_bias,
+        encoder_stride=config.encoder_stride,
+    )
+
+
+def _transformer_fields(config):
+    """The fields transformers' ViT and BEiT configs share with ours."""
+    return dict(
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
@@ -116,8 +125,6 @@ def _vit_config(config):
         image_size=config.image_size,
         patch_size=config.patch_size,
         num_channels=config.num_channels,
-        qkv_bias=config.qkv_bias,
-        encoder_stride=config.encoder_stride,
     )
 
 
@@ -125,19 +132,9 @@ def _beit_config(config):
     from transformers import BeitConfig
 
     return BeitConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=int(config.hidden_size * config.mlp_ratio),
-        hidden_act=config.hidden_act,
-        hidden_dropout_prob=config.hidden_dropout_prob,
-        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        **_transformer_fields(config),
         drop_path_rate=config.drop_path_rate,
-        layer_norm_eps=config.layer_norm_eps,
         initializer_range=config.initializer_range,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
         use_mask_token=config.mask_token_type == "learned",
         use_absolute_position_embeddings=config.use_absolute_position_embeddings,
         use_relative_position_bias=config.use_relative_position_bias,
