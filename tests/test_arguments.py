@@ -214,3 +214,15 @@ def test_a_resumed_run_keeps_the_length_its_schedule_was_planned_for(tmp_path):
         resume(tmp_path, "--max_steps", "12")
     with pytest.raises(ValueError, match=r"--num_train_epochs 5 asks for another length.*--model_name_or_path"):
         resume(tmp_path, "--num_train_epochs", "5")
+
+
+def test_each_fine_tuning_mode_has_its_own_default_output_folder():
+    """A k-NN run must not silently replace a linear probe's results (or a fine-tuning run's)."""
+    folders = {
+        mode: parse_finetune_arguments(["--model_name_or_path", "ckpt", "--mode", mode])[3].output_dir
+        for mode in ("finetune", "linear_probe", "knn")
+    }
+    assert len(set(folders.values())) == 3
+    assert folders["knn"].endswith("simmim-knn") and folders["linear_probe"].endswith("simmim-linear-probe")
+    given = parse_finetune_arguments(["--model_name_or_path", "ckpt", "--mode", "knn", "--output_dir", "mine"])[3]
+    assert given.output_dir == "mine"

@@ -46,6 +46,7 @@ def test_finetune_from_pretrained_reports_accuracy_and_card(pretrained, tmp_path
     assert "top1" in card.text and "layer-wise decay 0.65" in card.text
     assert "RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25" in card.text  # the official augmentation
     assert "RandomCrop(32, padding=4)" in card.text  # timm's rule for images of 32 px: no resized crop
+    assert "| Precision | fp32 |" in card.text  # no autocast on this CPU run
     model = SimMIMForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 10 and model.config.id2label[0] == "airplane"
     # the official ViT fine-tuning: per-block relative position tables, each started from the shared one

@@ -281,6 +281,7 @@ def finetuning_card_values(trainer, run_info):
         "augmentation": run_info["augmentation"].describe(),
         "recipe": run_info.get("recipe") or "the package defaults (no --recipe)",
         "weight_decay_rule": describe_weight_decay(trainer, model),
+        "precision": training_precision(trainer, model),
         "total_batch_size": total_train_batch_size(args),
         "steps": state.global_step,
         "epochs": _fmt(float(state.epoch or 0.0), 3),

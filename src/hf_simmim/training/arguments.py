@@ -557,6 +557,8 @@ def parse_finetune_arguments(argv=None, description=None):
     training_args.remove_unused_columns = False  # the image column must reach the transform
     if model_args.from_scratch and "layer_decay" not in given:
         model_args.layer_decay = None  # a recipe's layer decay protects pretrained layers; a baseline has none
+    if "output_dir" not in given and model_args.mode != "finetune":  # a probe must not replace another's results
+        training_args.output_dir = os.path.join("outputs", f"simmim-{model_args.mode.replace('_', '-')}")
     if model_args.mode not in MODES:
         raise ValueError(f"--mode={model_args.mode!r} is not supported: use one of {MODES}.")
     if model_args.model_name_or_path is None and not (model_args.from_scratch and model_args.preset):
