@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 r"""SimMIM pretraining in one command, on `transformers.Trainer`.
 
-    python examples/run_mim.py                                   # tiny model, bundled sample, ~30 s on 2 CPUs
+    python examples/run_mim.py                                   # tiny model, bundled sample, ~35 s on 2 CPUs
     python examples/run_mim.py --recipe simmim-swin-base-100ep --dataset_name path/or/hub-name \
         --per_device_train_batch_size 128 --output_dir outputs/swin-b     # an official configuration
     torchrun --nproc_per_node 8 examples/run_mim.py ...           # or: accelerate launch [--config_file ...] ...
