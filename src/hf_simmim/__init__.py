@@ -21,6 +21,7 @@ from transformers import (
 
 from . import models
 from .models import (  # noqa: F401  (the public names: __all__ below)
+    MASK_STRATEGIES,
     PRESETS,
     SimMIMConfig,
     SimMIMImageProcessor,
@@ -29,6 +30,7 @@ from .models import (  # noqa: F401  (the public names: __all__ below)
     SimMIMForMaskedImageModeling,
     SimMIMModel,
     SimMIMPreTrainedModel,
+    mask_generator_for,
     simmim_loss,
 )
 

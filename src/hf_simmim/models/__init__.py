@@ -3,7 +3,7 @@ image processor. These files import each other only relatively and nothing else 
 
 from .configuration_simmim import PRESETS, SimMIMConfig
 from .image_processing_simmim import SimMIMImageProcessor
-from .masking import SimMIMMaskGenerator
+from .masking import MASK_STRATEGIES, SimMIMMaskGenerator, mask_generator_for
 from .modeling_simmim import (
     SimMIMForImageClassification,
     SimMIMForMaskedImageModeling,
@@ -13,6 +13,7 @@ from .modeling_simmim import (
 )
 
 __all__ = [
+    "MASK_STRATEGIES",
     "PRESETS",
     "SimMIMConfig",
     "SimMIMImageProcessor",
@@ -22,4 +23,5 @@ __all__ = [
     "SimMIMForMaskedImageModeling",
     "SimMIMForImageClassification",
     "simmim_loss",
+    "mask_generator_for",
 ]

@@ -8,6 +8,8 @@ import copy
 
 from transformers import PreTrainedConfig
 
+from .masking import check_mask_strategy
+
 BACKBONES = ("vit", "swin")
 # The fields that only one backbone reads; `to_dict` (and so config.json) keeps those of the config's backbone.
 BACKBONE_FIELDS = {
@@ -60,7 +62,10 @@ class SimMIMConfig(PreTrainedConfig):
             fine-tuning head) instead of the final norm. Image classification always uses it for ViT.
         patch_norm (`bool`): Swin only: LayerNorm after the patch embedding.
         mask_patch_size (`int`): side of the square masked together, in pixels (official: 32).
-        mask_ratio (`float`): fraction of mask patches that are masked (official: 0.6).
+        mask_ratio (`float`): fraction of mask patches that are masked (official: 0.6; `grid` needs 0.5).
+        mask_strategy (`str`): how masks are drawn, one of `MASK_STRATEGIES` (see `models/masking.py`):
+            `"random_block"` (the paper: random `mask_patch_size` squares), `"random_patch"`, `"grid"`,
+            `"block_wise"` or `"center"`.
         encoder_stride (`int`, *optional*): derived: total downsampling of the encoder (ViT: patch_size; Swin:
             patch_size * 2 ** (len(depths) - 1)). The decoder upsamples by exactly this factor.
         mask_token_type (`str`): what replaces masked patch embeddings: `"learned"` (the paper), `"zeros"` or
@@ -100,6 +105,7 @@ class SimMIMConfig(PreTrainedConfig):
         patch_norm=True,
         mask_patch_size=32,
         mask_ratio=0.6,
+        mask_strategy="random_block",
         encoder_stride=None,
         mask_token_type="learned",
         loss_type="l1",
@@ -134,6 +140,7 @@ class SimMIMConfig(PreTrainedConfig):
         self.patch_norm = patch_norm
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
+        self.mask_strategy = mask_strategy
         self.mask_token_type = mask_token_type
         self.loss_type = loss_type
         self.norm_target = norm_target
@@ -188,10 +195,7 @@ class SimMIMConfig(PreTrainedConfig):
             raise ValueError(
                 f"mask_token_type={self.mask_token_type!r} is not supported: use one of {MASK_TOKEN_TYPES}."
             )
-        if not isinstance(self.mask_ratio, (int, float)) or not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(
-                f"mask_ratio={self.mask_ratio!r} must lie strictly between 0 and 1 (the paper uses 0.6)."
-            )
+        check_mask_strategy(self.mask_strategy, self.mask_ratio)
         names = ("image_size", "patch_size", "mask_patch_size", "num_channels")
         if self.backbone == "vit":
             names += ("num_hidden_layers", "num_attention_heads")

@@ -28,7 +28,7 @@ from .image_transforms import (
     to_rgb,
     to_rgb_array,
 )
-from .masking import SimMIMMaskGenerator
+from .masking import mask_generator_for
 
 logger = logging.get_logger(__name__)
 
@@ -89,8 +89,8 @@ class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
         The resize makes the shorter side `int(image_size / crop_pct)` before the centre crop to `image_size`.
     num_channels (`int`, *optional*, defaults to `self.num_channels`):
         Channels the model takes (the config's `num_channels`); only a 3-channel model converts images to RGB.
-    patch_size (`int`), mask_patch_size (`int`), mask_ratio (`float`):
-        The mask geometry of `return_bool_masked_pos` (the model config's values).
+    patch_size (`int`), mask_patch_size (`int`), mask_ratio (`float`), mask_strategy (`str`):
+        The masks of `return_bool_masked_pos` (the model config's values).
     return_bool_masked_pos (`bool`, *optional*, defaults to `False`):
         Also return `bool_masked_pos`, a SimMIM mask per image.
     mask_seed (`int`, *optional*):
@@ -103,6 +103,7 @@ class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
     patch_size: int
     mask_patch_size: int
     mask_ratio: float
+    mask_strategy: str
     return_bool_masked_pos: bool
     mask_seed: int | None
 
@@ -130,6 +131,7 @@ class SimMIMImageProcessor(PilBackend):
     patch_size = 16
     mask_patch_size = 32
     mask_ratio = 0.6
+    mask_strategy = "random_block"
     do_convert_rgb = True
     do_resize = True
     do_center_crop = True
@@ -164,10 +166,11 @@ class SimMIMImageProcessor(PilBackend):
     def from_model_config(cls, config, **kwargs):
         """The processor that matches a `SimMIMConfig` (image size, channels, patch and mask settings)."""
         geometry = ("image_size", "num_channels", "patch_size", "mask_patch_size", "mask_ratio")
+        geometry += ("mask_strategy",)
         return cls(**{**{key: getattr(config, key) for key in geometry}, **kwargs})
 
     def mask_generator(self, seed=None):
-        return SimMIMMaskGenerator(self.image_size, self.mask_patch_size, self.patch_size, self.mask_ratio, seed=seed)
+        return mask_generator_for(self, seed=seed)
 
     def preprocess(self, images, **kwargs):
         """Images -> `BatchFeature` with `pixel_values` (and `bool_masked_pos`): NumPy arrays, one per image, unless
@@ -221,7 +224,8 @@ class SimMIMImageProcessor(PilBackend):
 
     def _preprocess(
         self, images, size=None, image_size=None, do_pad=None, pad_size=None, data_format=None, return_tensors=None,
-        return_bool_masked_pos=None, mask_seed=None, patch_size=None, mask_patch_size=None, mask_ratio=None, **kwargs,
+        return_bool_masked_pos=None, mask_seed=None, patch_size=None, mask_patch_size=None, mask_ratio=None,
+        mask_strategy=None, **kwargs,
     ):
         if not images:
             raise ValueError("images is empty: pass at least one image.")
@@ -241,7 +245,11 @@ class SimMIMImageProcessor(PilBackend):
                     f"return_bool_masked_pos=True draws masks for {side} x {side} images: keep do_resize and "
                     "do_center_crop on (or do_center_crop alone), without padding."
                 )
-            generator = SimMIMMaskGenerator(side, mask_patch_size, patch_size, mask_ratio, seed=mask_seed)
+            fields = dict(
+                image_size=side, mask_patch_size=mask_patch_size, patch_size=patch_size, mask_ratio=mask_ratio,
+                mask_strategy=mask_strategy,
+            )
+            generator = mask_generator_for(fields, seed=mask_seed)
             data["bool_masked_pos"] = [generator() for _ in pixel_values]
         if data_format is not None and ChannelDimension(data_format) == ChannelDimension.LAST:
             data["pixel_values"] = [np.moveaxis(image, 0, -1) for image in pixel_values]

@@ -1,7 +1,19 @@
-"""The SimMIM mask generator, exactly the official algorithm (microsoft/SimMIM `data/data_simmim.py`).
+"""SimMIM mask generators: the official algorithm (microsoft/SimMIM `data/data_simmim.py`) and four alternatives.
 
-Split the image into `mask_patch_size` squares, mask a random `ceil(mask_ratio * count)` of them, and upsample
-that coarse grid to the model's patch grid by repetition. The result has one entry per model patch, 1 = masked.
+A mask has one entry per model patch, 1 = masked. `mask_strategy` chooses how it is drawn:
+
+- `random_block` (the official one, the default): split the image into `mask_patch_size` squares, mask a random
+  `ceil(mask_ratio * squares)` of them, and upsample that coarse grid to the patch grid by repetition.
+- `random_patch` (MAE): mask a random `ceil(mask_ratio * patches)` of the model patches.
+- `grid`: a checkerboard of `mask_patch_size` squares, its phase (which colour is masked) drawn at random.
+  `mask_ratio` must be 0.5; with an odd number of squares per side one colour has one square more.
+- `block_wise` (BEiT, `masking_generator.py`): rectangles of random area and aspect ratio in [0.3, 1 / 0.3] are
+  added until `ceil(mask_ratio * patches)` patches are masked. A block is kept only if it masks at least one new
+  patch and no more than the count still missing, so the mask never exceeds the target; after 10 failed
+  placements in a row the mask is returned as it is, so the achieved ratio is at most `mask_ratio` and on
+  average slightly below it (tests/test_masking.py measures it).
+- `center`: a centred box of `ceil(mask_ratio * patches)` patches, as square as possible: `ceil(sqrt(count))`
+  columns, full rows, and the remainder centred in one last row. The same mask every draw.
 """
 
 import math
@@ -9,20 +21,62 @@ import math
 import numpy as np
 import torch
 
+MASK_STRATEGIES = ("random_block", "random_patch", "grid", "block_wise", "center")
+# BEiT's block-wise masking: blocks cover at least 16 patches (fewer when the target itself is smaller), aspect
+# ratios lie in [0.3, 1 / 0.3], and a mask is finished after this many placements in a row add nothing.
+BLOCK_MIN_PATCHES = 16
+BLOCK_MIN_ASPECT = 0.3
+BLOCK_ATTEMPTS = 10
+
+
+def check_mask_strategy(mask_strategy, mask_ratio):
+    """Refuse an unknown `mask_strategy`, or a `mask_ratio` it cannot draw."""
+    if mask_strategy not in MASK_STRATEGIES:
+        raise ValueError(f"mask_strategy={mask_strategy!r} is not supported: use one of {MASK_STRATEGIES}.")
+    if not isinstance(mask_ratio, (int, float)) or isinstance(mask_ratio, bool) or not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio={mask_ratio!r} must lie strictly between 0 and 1 (the paper uses 0.6).")
+    if mask_strategy == "grid" and mask_ratio != 0.5:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} with mask_strategy='grid': a checkerboard masks half of the squares; set "
+            "mask_ratio=0.5 or choose another mask_strategy."
+        )
+
+
+def mask_generator_for(source, seed=None):
+    """The `SimMIMMaskGenerator` of a `SimMIMConfig`, a `SimMIMImageProcessor` or a dict of their fields
+    (`image_size`, `mask_patch_size`, `patch_size`, `mask_ratio`, optional `mask_strategy`)."""
+
+    def read(name, default=None):
+        return source.get(name, default) if isinstance(source, dict) else getattr(source, name, default)
+
+    return SimMIMMaskGenerator(
+        read("image_size"),
+        read("mask_patch_size"),
+        read("patch_size"),
+        read("mask_ratio"),
+        # configs and processors saved before mask strategies existed drew the official masks
+        mask_strategy=read("mask_strategy") or "random_block",
+        seed=seed,
+    )
+
 
 class SimMIMMaskGenerator:
-    """Draws SimMIM masks of shape `(image_size / patch_size,) * 2`.
+    """Draws masks of shape `(image_size / patch_size,) * 2` with one of `MASK_STRATEGIES` (module docstring).
 
     Args:
         input_size: image side in pixels.
         mask_patch_size: side of a masked square in pixels (must divide `input_size`).
         model_patch_size: the encoder's patch size (must divide `mask_patch_size`).
-        mask_ratio: fraction of squares to mask, in (0, 1).
+        mask_ratio: fraction to mask, in (0, 1) (exactly 0.5 for `grid`).
+        mask_strategy: one of `MASK_STRATEGIES`; `random_block`, the official algorithm, by default.
         seed: if given, masks come from a private `torch.Generator` seeded with it (reproducible evaluation
             masks); otherwise from torch's global RNG, which `Trainer`/`set_seed` and every DataLoader worker seed.
     """
 
-    def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6, seed=None):
+    def __init__(
+        self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6, mask_strategy="random_block",
+        seed=None,
+    ):
         if input_size % mask_patch_size:
             raise ValueError(
                 f"image size {input_size} is not a multiple of mask_patch_size={mask_patch_size}: choose a "
@@ -33,12 +87,13 @@ class SimMIMMaskGenerator:
                 f"mask_patch_size={mask_patch_size} is not a multiple of patch_size={model_patch_size}: a masked "
                 "square must cover whole patches."
             )
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio={mask_ratio} must lie strictly between 0 and 1.")
+        check_mask_strategy(mask_strategy, mask_ratio)
         self.input_size = input_size
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size
         self.mask_ratio = mask_ratio
+        self.mask_strategy = mask_strategy
+        # the official generator's attributes: squares per side, patches per square side, squares, masked squares
         self.rand_size = input_size // mask_patch_size
         self.scale = mask_patch_size // model_patch_size
         self.token_count = self.rand_size**2
@@ -47,31 +102,113 @@ class SimMIMMaskGenerator:
 
     @classmethod
     def from_config(cls, config, seed=None):
-        return cls(config.image_size, config.mask_patch_size, config.patch_size, config.mask_ratio, seed=seed)
+        return mask_generator_for(config, seed=seed)
 
     @property
     def grid_size(self):
         return self.rand_size * self.scale
 
+    @property
+    def patch_count(self):
+        """How many model patches a mask of the patch-level strategies (`random_patch`, `block_wise`, `center`)
+        aims at: `ceil(mask_ratio * patches)`."""
+        return int(math.ceil(self.grid_size**2 * self.mask_ratio))
+
     def __call__(self, rng=None, generator=None):
         """One mask, a `(grid, grid)` bool numpy array.
 
-        `rng` may be a `numpy.random.RandomState`/`Generator` (e.g. to replay the official code's numpy draws);
-        `generator` a `torch.Generator`; by default the mask generator's own RNG is used.
+        `rng` may be a `numpy.random.RandomState`/`Generator` to replay the official code's numpy draws
+        (`random_block` only); `generator` a `torch.Generator`; by default the mask generator's own RNG is used.
         """
         if rng is not None:
-            chosen = np.asarray(rng.permutation(self.token_count)[: self.mask_count])
-        else:
-            generator = generator if generator is not None else self.generator
-            chosen = torch.randperm(self.token_count, generator=generator)[: self.mask_count].numpy()
+            if self.mask_strategy != "random_block":
+                raise ValueError(
+                    f"rng replays the official numpy draws of mask_strategy='random_block'; mask_strategy="
+                    f"{self.mask_strategy!r} draws from a torch.Generator: pass generator= instead."
+                )
+            return self._upsample(np.asarray(rng.permutation(self.token_count)[: self.mask_count]))
+        generator = generator if generator is not None else self.generator
+        draw = {
+            "random_block": self._random_block,
+            "random_patch": self._random_patch,
+            "grid": self._grid,
+            "block_wise": self._block_wise,
+            "center": self._center,
+        }[self.mask_strategy]
+        return draw(generator)
+
+    def _upsample(self, chosen_squares):
+        """Flat indices of masked squares -> the `(grid, grid)` patch mask."""
         mask = np.zeros(self.token_count, dtype=bool)
-        mask[chosen] = True
+        mask[chosen_squares] = True
         mask = mask.reshape(self.rand_size, self.rand_size)
         return mask.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
 
+    def _random_block(self, generator):
+        return self._upsample(torch.randperm(self.token_count, generator=generator)[: self.mask_count].numpy())
+
+    def _random_patch(self, generator):
+        chosen = torch.randperm(self.grid_size**2, generator=generator)[: self.patch_count].numpy()
+        mask = np.zeros(self.grid_size**2, dtype=bool)
+        mask[chosen] = True
+        return mask.reshape(self.grid_size, self.grid_size)
+
+    def _grid(self, generator):
+        phase = int(torch.randint(2, (1,), generator=generator))
+        rows, columns = np.indices((self.rand_size, self.rand_size))
+        return self._upsample(np.flatnonzero((rows + columns) % 2 == phase))
+
+    def _center(self, generator):
+        count, grid = self.patch_count, self.grid_size
+        columns = math.ceil(math.sqrt(count))
+        full_rows, remainder = divmod(count, columns)
+        top, left = (grid - full_rows - (remainder > 0)) // 2, (grid - columns) // 2
+        mask = np.zeros((grid, grid), dtype=bool)
+        mask[top : top + full_rows, left : left + columns] = True
+        if remainder:
+            start = left + (columns - remainder) // 2
+            mask[top + full_rows, start : start + remainder] = True
+        return mask
+
+    def _block_wise(self, generator):
+        mask = np.zeros((self.grid_size, self.grid_size), dtype=bool)
+        masked = 0
+        while masked < self.patch_count:
+            added = self._add_block(mask, self.patch_count - masked, generator)
+            if added == 0:
+                break
+            masked += added
+        return mask
+
+    def _add_block(self, mask, missing, generator):
+        """BEiT's `_mask`: up to `BLOCK_ATTEMPTS` tries to mask one rectangle that adds between 1 and `missing`
+        patches; returns how many it added (0: no try succeeded)."""
+        grid = self.grid_size
+        min_area = min(BLOCK_MIN_PATCHES, self.patch_count)
+        log_aspect = (math.log(BLOCK_MIN_ASPECT), -math.log(BLOCK_MIN_ASPECT))
+        for _ in range(BLOCK_ATTEMPTS):
+            area_draw, aspect_draw = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+            area = min_area + (missing - min_area) * area_draw  # uniform between the two, either way round
+            aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * aspect_draw)
+            height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if not (width < grid and height < grid):  # BEiT keeps blocks strictly inside the grid
+                continue
+            top = int(torch.randint(grid - height + 1, (1,), generator=generator))
+            left = int(torch.randint(grid - width + 1, (1,), generator=generator))
+            block = mask[top : top + height, left : left + width]
+            added = block.size - int(block.sum())
+            if 0 < added <= missing:
+                block[...] = True
+                return added
+        return 0
+
     def __repr__(self):
+        if self.mask_strategy == "random_block":
+            masked = f"{self.mask_count} of {self.token_count} squares"
+        else:
+            masked = f"{self.patch_count} of {self.grid_size**2} patches"
         return (
             f"{type(self).__name__}(input_size={self.input_size}, mask_patch_size={self.mask_patch_size}, "
-            f"model_patch_size={self.model_patch_size}, mask_ratio={self.mask_ratio}: {self.mask_count} of "
-            f"{self.token_count} squares)"
+            f"model_patch_size={self.model_patch_size}, mask_ratio={self.mask_ratio}, mask_strategy="
+            f"{self.mask_strategy!r}: {masked})"
         )

@@ -13,6 +13,8 @@ from importlib import resources
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..models.masking import mask_generator_for
+
 
 TEMPLATE = "simmim_pretraining.md"
 TAGS = ["simmim", "masked-image-modeling", "self-supervised-learning", "vision", "hf_simmim"]
@@ -101,6 +103,38 @@ def describe_architecture(config):
     )
 
 
+def describe_masking(config):
+    """`(what is masked, the Masking row)` of the card for the config's `mask_strategy`, e.g. `("randomly
+    masked 32-pixel squares", "random_block: 0.6 of the 32 x 32 px squares (30 of 49)")`."""
+    masks = mask_generator_for(config)
+    square = f"{config.mask_patch_size} x {config.mask_patch_size} px"
+    patch = f"{config.patch_size} x {config.patch_size} px"
+    patches = f"{masks.patch_count} of {masks.grid_size**2}"
+    regions, row = {
+        "random_block": (
+            f"randomly masked {config.mask_patch_size}-pixel squares",
+            f"{config.mask_ratio} of the {square} squares ({masks.mask_count} of {masks.token_count})",
+        ),
+        "random_patch": (
+            f"randomly masked {config.patch_size}-pixel patches",
+            f"{config.mask_ratio} of the {patch} patches, chosen at random ({patches})",
+        ),
+        "grid": (
+            f"a checkerboard of masked {config.mask_patch_size}-pixel squares",
+            f"a checkerboard of the {square} squares, either colour at random (half of them)",
+        ),
+        "block_wise": (
+            f"randomly placed masked rectangles of {config.patch_size}-pixel patches",
+            f"BEiT's rectangles of {patch} patches up to {config.mask_ratio} of them ({patches} at most)",
+        ),
+        "center": (
+            "a masked centred box",
+            f"a centred box of {config.mask_ratio} of the {patch} patches ({patches})",
+        ),
+    }[masks.mask_strategy]
+    return regions, f"{masks.mask_strategy}: {row}"
+
+
 def describe_weight_decay(trainer, model):
     """Which parameters the run's optimizer did not decay, beyond 1-D parameters and biases (by the last part of
     their names, e.g. `cls_token`, `classifier.weight`), read from the trainer's own decay list."""
@@ -151,7 +185,7 @@ def trainer_card_values(trainer, run_info):
     config = model.config
     augmentation = run_info["augmentation"]
     recipe = trainer.recipe
-    mask_squares = (config.image_size // config.mask_patch_size) ** 2
+    masked_regions, masking = describe_masking(config)
     architecture, schedule = describe_architecture(config), describe_schedule(recipe, args, state)
     precision = training_precision(trainer, model)
     output_dir = args.output_dir
@@ -164,10 +198,8 @@ def trainer_card_values(trainer, run_info):
         "image_size": config.image_size,
         "patch_size": config.patch_size,
         "encoder_stride": config.encoder_stride,
-        "mask_ratio": config.mask_ratio,
-        "mask_patch_size": config.mask_patch_size,
-        "mask_count": math.ceil(mask_squares * config.mask_ratio),
-        "mask_squares": mask_squares,
+        "masked_regions": masked_regions,
+        "masking": masking,
         "loss_type": config.loss_type.upper(),
         "data_description": _sentence(run_info.get("data_description") or "not recorded"),
         "adam_beta1": args.adam_beta1,

@@ -300,7 +300,7 @@ def reconstruct_images(checkpoint, image_paths, output_path, mask_seed=0):
         model.config.patch_size,
         processor.image_mean,
         processor.image_std,
-        title=os.path.basename(os.path.normpath(str(checkpoint))),
+        title=f"{os.path.basename(os.path.normpath(str(checkpoint)))}, {processor.mask_strategy} masks",
     )
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.augmentation import parse_rand_augment
 from ..models.configuration_simmim import PRESETS
+from ..models.masking import MASK_STRATEGIES
 from .recipes import (
     FINETUNING_DEFAULTS,
     OPTIMIZER_DEFAULTS,
@@ -87,6 +88,11 @@ class ModelArguments:
     )
     mask_ratio: float | None = field(
         default=None, metadata={"help": "Share of the squares masked (official 0.6). Unset: the model's."}
+    )
+    mask_strategy: str | None = field(
+        default=None,
+        metadata={"help": f"How masks are drawn: {', '.join(MASK_STRATEGIES)} (official random_block; grid needs "
+                  "--mask_ratio 0.5). Unset: the model's.", "choices": list(MASK_STRATEGIES)},
     )
     image_processor_name: str | None = field(
         default=None,

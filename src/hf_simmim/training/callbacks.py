@@ -115,7 +115,7 @@ class ReconstructionCallback(TrainerCallback):
             patch_size=unwrapped.config.patch_size,
             image_mean=self.image_mean,
             image_std=self.image_std,
-            title=f"step {state.global_step}",
+            title=f"step {state.global_step}, {unwrapped.config.mask_strategy} masks",
         )
         output_dir = self.output_dir or args.output_dir
         os.makedirs(os.path.join(output_dir, "reconstructions"), exist_ok=True)

@@ -245,14 +245,14 @@ def parse_config_overrides(text):
     return overrides
 
 
-# The config fields an image processor shares with its model (input size and masks); transformers' run_mim.py
-# takes them as flags.
-MASKING_GEOMETRY = ("image_size", "patch_size", "mask_patch_size", "mask_ratio")
+# The config fields an image processor shares with its model (input size and masks); each is a flag, as the
+# first four are in transformers' run_mim.py.
+MASKING_GEOMETRY = ("image_size", "patch_size", "mask_patch_size", "mask_ratio", "mask_strategy")
 
 
 def model_config_overrides(model_args):
-    """`--config_overrides` plus `--image_size`, `--patch_size`, `--mask_patch_size` and `--mask_ratio`; a field
-    given both ways with two values is refused."""
+    """`--config_overrides` plus `--image_size`, `--patch_size`, `--mask_patch_size`, `--mask_ratio` and
+    `--mask_strategy`; a field given both ways with two values is refused."""
     overrides = parse_config_overrides(model_args.config_overrides)
     for name in MASKING_GEOMETRY:
         value = getattr(model_args, name)
