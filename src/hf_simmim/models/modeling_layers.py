@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 def drop_path(x, drop_prob, training):
@@ -49,7 +48,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     """Attention written out, returning its weights: transformers' ViT/Swin `eager_attention_forward`.
 
     query/key/value: `(B, heads, N, head_dim)`; `attention_mask` is added to the logits. Returns the output
-    `(B, N, heads, head_dim)` and the weights `(B, heads, N, N)`, as the functions of `ALL_ATTENTION_FUNCTIONS`.
+    `(B, N, heads, head_dim)` and the weights `(B, heads, N, N)`, as transformers' attention functions.
     """
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -57,6 +56,17 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def sdpa_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """`F.scaled_dot_product_attention` with the relative position bias / shift mask as an additive float mask,
+    called directly: transformers' own SDPA wrapper turns float masks into boolean ones on some devices (NPU), which
+    would drop the bias. Same signature and output layout as `eager_attention_forward`; no weights."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+ATTENTION_FUNCTIONS = {"eager": eager_attention_forward, "sdpa": sdpa_attention_forward}
 
 
 class Attention(nn.Module):
@@ -77,7 +87,6 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = False  # read by transformers' sdpa kernel
         self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
         self.attn_drop = config.attention_probs_dropout_prob
         self.proj = nn.Linear(dim, dim)
@@ -92,7 +101,7 @@ class Attention(nn.Module):
             if attn_bias.ndim > 3:  # per-batch-entry bias, e.g. Swin's (nW, heads, N, N) shift mask
                 attn_bias = attn_bias.expand(*batch, self.num_heads, n, n).reshape(-1, self.num_heads, n, n)
         implementation = "eager" if output_attentions else self.config._attn_implementation
-        attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        attention = ATTENTION_FUNCTIONS[implementation]
         out, weights = attention(
             self, q, k, v, attn_bias, dropout=self.attn_drop if self.training else 0.0, scaling=self.scaling
         )
