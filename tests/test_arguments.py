@@ -6,6 +6,7 @@ import json
 import datasets
 import pytest
 import torch
+from transformers.image_processing_base import ImageProcessingMixin
 
 from conftest import load_script
 from hf_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling
@@ -129,7 +130,7 @@ def test_image_processor_name_gives_the_normalisation_and_the_model_the_sizes(ch
     _, processor = load_model(["--image_processor_name", str(tmp_path)])
     assert list(processor.image_mean) == [0.1, 0.2, 0.3] and list(processor.image_std) == [0.9, 0.8, 0.7]
     assert processor.image_size == 32  # vit-tiny-test's
-    with pytest.raises(OSError, match="--image_processor_name"):
+    with pytest.raises(ValueError, match="--image_processor_name .*missing: no image processor could be read"):
         load_model(["--image_processor_name", str(tmp_path / "missing")])
 
 
@@ -145,12 +146,16 @@ def test_revision_and_token_reach_every_hub_download(checkpoint, monkeypatch):
 
         return classmethod(record)
 
-    for cls in (SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMImageProcessor):
+    for cls in (SimMIMConfig, SimMIMForMaskedImageModeling):
         monkeypatch.setattr(cls, "from_pretrained", recording(cls.from_pretrained))
+    # the image processor is read as a dict (its normalisation), whatever processor class saved it
+    monkeypatch.setattr(
+        ImageProcessingMixin, "get_image_processor_dict", recording(ImageProcessingMixin.get_image_processor_dict)
+    )
     argv = ["--model_name_or_path", checkpoint, "--model_revision", "v2", "--token", "hf_secret"]
     load_model(argv)
     loaded = {name for name, *_ in calls}
-    assert {"SimMIMConfig", "SimMIMForMaskedImageModeling", "SimMIMImageProcessor"} <= loaded
+    assert {"SimMIMConfig", "SimMIMForMaskedImageModeling", "ImageProcessingMixin"} <= loaded
     assert all((revision, token) == ("v2", "hf_secret") for _, revision, token in calls)
 
 
@@ -226,3 +231,34 @@ def test_each_fine_tuning_mode_has_its_own_default_output_folder():
     assert folders["knn"].endswith("simmim-knn") and folders["linear_probe"].endswith("simmim-linear-probe")
     given = parse_finetune_arguments(["--model_name_or_path", "ckpt", "--mode", "knn", "--output_dir", "mine"])[3]
     assert given.output_dir == "mine"
+
+
+def test_the_scripts_refuse_a_model_that_is_not_rgb_before_any_work(tmp_path):
+    from hf_simmim.training.runs import check_rgb_model
+
+    with pytest.raises(ValueError, match="num_channels=1: run_mim.py and run_finetune.py read RGB images only"):
+        check_rgb_model(SimMIMConfig.from_preset("vit-tiny-test", num_channels=1))
+    check_rgb_model(SimMIMConfig.from_preset("vit-tiny-test"))
+
+
+def test_image_processor_name_takes_the_normalisation_of_any_saved_processor(tmp_path):
+    """A transformers ViT processor (e.g. of an export) lends its mean, std and resampling; sizes follow the model;
+    a folder without a processor is an error naming the flag."""
+    from transformers import ViTImageProcessor
+
+    from hf_simmim.training.runs import load_image_processor
+
+    ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25], resample=2).save_pretrained(tmp_path)
+    config = SimMIMConfig.from_preset("vit-tiny-test")
+    model_args = parse_run_arguments(["--image_processor_name", str(tmp_path)])[0]
+    processor = load_image_processor(model_args, config, {})
+    assert (processor.image_mean, processor.image_std, processor.resample) == ([0.5] * 3, [0.25] * 3, 2)
+    assert processor.image_size == 32 and processor.mask_patch_size == 8
+
+
+def test_config_overrides_cannot_set_what_fine_tuning_takes_from_the_labels():
+    model_args = parse_finetune_arguments(
+        ["--model_name_or_path", "ckpt", "--config_overrides", "problem_type=multi_label_classification"]
+    )[0]
+    with pytest.raises(ValueError, match="sets problem_type, which fine-tuning takes from the labels"):
+        load_classification_model(model_args, 10)

@@ -17,7 +17,7 @@ from ..models.modeling_simmim import SimMIMForImageClassification
 from ..reporting.model_card import write_finetuning_card
 from .callbacks import EpochCallback, ThroughputCallback, add_callback_first
 from .recipes import DEFAULT_LAYER_DECAY, RECIPES
-from .runs import parse_config_overrides, set_learning_rate, skipped_image_counts
+from .runs import check_rgb_model, parse_config_overrides, saved_normalisation, set_learning_rate, skipped_image_counts
 from .schedules import SimMIMRecipe
 from .trainer import SimMIMFineTuneTrainer
 
@@ -71,6 +71,12 @@ def load_classification_model(model_args, num_labels, id2label=None):
     """`(SimMIMForImageClassification, SimMIMImageProcessor)`: pretrained encoder + new head, or (with
     `--from_scratch`) the same architecture with fresh weights."""
     overrides = {"drop_path_rate": model_args.drop_path_rate, **parse_config_overrides(model_args.config_overrides)}
+    set_by_the_data = {"num_labels", "id2label", "label2id", "problem_type"} & set(overrides)
+    if set_by_the_data:
+        raise ValueError(
+            f"--config_overrides sets {', '.join(sorted(set_by_the_data))}, which fine-tuning takes from the labels of "
+            "the data (single-label classification): drop it from --config_overrides."
+        )
     if model_args.per_block_relative_position_bias and not {
         "use_relative_position_bias", "use_shared_relative_position_bias"
     } & set(overrides):
@@ -97,13 +103,12 @@ def load_classification_model(model_args, num_labels, id2label=None):
             source, cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
             **overrides, **labels,
         )
+    check_rgb_model(model.config)
     processor = SimMIMImageProcessor.from_model_config(model.config, crop_pct=eval_crop_pct(model.config.image_size))
     if source:  # keep the normalisation the encoder was pretrained with
-        try:
-            pretrained = SimMIMImageProcessor.from_pretrained(source, cache_dir=model_args.cache_dir)
-            processor.image_mean, processor.image_std = pretrained.image_mean, pretrained.image_std
-        except OSError:
-            pass
+        saved = saved_normalisation(source, {"cache_dir": model_args.cache_dir})
+        processor.image_mean = saved.get("image_mean", processor.image_mean)
+        processor.image_std = saved.get("image_std", processor.image_std)
     return model, processor
 
 

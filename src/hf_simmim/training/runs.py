@@ -9,6 +9,7 @@ import os
 import shutil
 
 import torch
+from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.checks import check_not_empty
@@ -286,24 +287,42 @@ def check_model_flags(config, model_args, overrides):
         )
 
 
-def load_image_processor(model_args, config, hub_kwargs):
-    """The run's image processor: from `--image_processor_name`, else the checkpoint's, else built from `config`.
-    Its input size and masks follow `config`; a loaded one keeps the rest (normalisation, resampling, crop)."""
-    source = model_args.image_processor_name or model_args.model_name_or_path
-    if source is None:
-        return SimMIMImageProcessor.from_model_config(config)
+def check_rgb_model(config):
+    """The scripts' data path reads 8-bit RGB images: refuse another channel count before any work."""
+    if config.num_channels != 3:
+        raise ValueError(
+            f"num_channels={config.num_channels}: run_mim.py and run_finetune.py read RGB images only (3 channels). "
+            "Use a model with num_channels=3, or feed your own pixel_values to the model with a "
+            "SimMIMImageProcessor(num_channels=..., image_mean=..., image_std=...)."
+        )
+
+
+def saved_normalisation(source, hub_kwargs, flag=None):
+    """`{image_mean, image_std, resample}` of the image processor saved at `source` (ours, or transformers' own,
+    e.g. an exported BEiT / ViT one), or `{}` when there is none; with `flag` (the argument that named `source`), a
+    missing or unreadable processor is an error naming it."""
     try:
-        loaded = SimMIMImageProcessor.from_pretrained(source, **hub_kwargs)
-    except OSError as error:
-        if model_args.image_processor_name:
-            raise OSError(f"--image_processor_name {source}: {error}") from error
-        return SimMIMImageProcessor.from_model_config(config)  # a checkpoint saved without its processor
-    changed = [name for name in MASKING_GEOMETRY if getattr(loaded, name) != getattr(config, name)]
-    if changed:
-        logger.info("The image processor of %s takes the model's %s.", source, ", ".join(changed))
-    for name in changed:
-        setattr(loaded, name, getattr(config, name))
-    return loaded
+        saved, _ = ImageProcessingMixin.get_image_processor_dict(source, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        if flag:
+            raise ValueError(f"{flag} {source}: no image processor could be read there ({error}).") from error
+        return {}
+    return {key: saved[key] for key in ("image_mean", "image_std", "resample") if key in saved}
+
+
+def load_image_processor(model_args, config, hub_kwargs):
+    """The run's image processor, built from `config` (input size, masks), with the normalisation and resampling
+    of `--image_processor_name`, else of the checkpoint's own processor when it has one."""
+    processor = SimMIMImageProcessor.from_model_config(config)
+    if model_args.image_processor_name:
+        saved = saved_normalisation(model_args.image_processor_name, hub_kwargs, flag="--image_processor_name")
+    elif model_args.model_name_or_path:
+        saved = saved_normalisation(model_args.model_name_or_path, hub_kwargs)
+    else:
+        saved = {}
+    for key, value in saved.items():
+        setattr(processor, key, value)
+    return processor
 
 
 def load_pretraining_model(model_args):
@@ -317,6 +336,7 @@ def load_pretraining_model(model_args):
     if model_args.model_name_or_path:
         checkpoint_config = SimMIMConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
         check_model_flags(checkpoint_config, model_args, overrides)
+        check_rgb_model(checkpoint_config)
         model = SimMIMForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, **hub_kwargs, **overrides)
     else:
         if model_args.config_file:
@@ -326,6 +346,7 @@ def load_pretraining_model(model_args):
         else:
             config = SimMIMConfig.from_preset(model_args.preset or DEFAULT_PRESET, **overrides)
         check_model_flags(config, model_args, overrides)
+        check_rgb_model(config)
         model = SimMIMForMaskedImageModeling(config)
     return model, load_image_processor(model_args, model.config, hub_kwargs)
 
