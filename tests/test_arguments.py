@@ -262,3 +262,12 @@ def test_config_overrides_cannot_set_what_fine_tuning_takes_from_the_labels():
     )[0]
     with pytest.raises(ValueError, match="sets problem_type, which fine-tuning takes from the labels"):
         load_classification_model(model_args, 10)
+
+
+@pytest.mark.parametrize("parse", [parse_run_arguments, parse_finetune_arguments])
+def test_help_does_not_show_trainer_defaults_the_run_replaces(parse, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 5e-05)" not in text and "the scaling rule" in text
+    assert "(default: linear)" not in text and "(default: trainer_output)" not in text

@@ -106,8 +106,8 @@ def mismatched_weights_error(checkpoint, refused):
     more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
     return RuntimeError(
         f"{checkpoint}: weights of another shape than this config gives: {listed}{more}. Fix the config overrides "
-        "(the checkpoint's config.json gives the shapes it was saved with), or pass ignore_mismatched_sizes=True to "
-        "re-initialise them."
+        "(the checkpoint's config.json gives the shapes it was saved with), or pass ignore_mismatched_sizes=True "
+        "(run_finetune.py: --ignore_mismatched_sizes) to re-initialise them."
     )
 
 

@@ -416,7 +416,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     unset one (None or empty): its help says what happens then."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default == "":
+        if action.default is None or action.default == "" or getattr(action, "decided_by_the_run", False):
             return action.help
         return super()._get_help_string(action)
 
@@ -440,6 +440,28 @@ def _describe_negated_flags(parser):
             state = "on" if parser.get_default(action.dest) else "off"
             action.help = f"Turn --{action.dest} off (it is {state} by default)."
             action.default = argparse.SUPPRESS  # the value comes from --X's default
+
+
+# TrainingArguments flags whose value, when not given, the run decides: their own defaults would mislead in --help.
+DECIDED_BY_THE_RUN = {
+    "learning_rate": "default: --base_learning_rate x total batch / 512, the scaling rule",
+    "lr_scheduler_type": {
+        "pretraining": "used only with --lr_schedule trainer",
+        "fine-tuning": "not used: fine-tuning follows the official warmup + cosine",
+    },
+    "output_dir": {
+        "pretraining": f"default: {DEFAULT_OUTPUT_DIR}",
+        "fine-tuning": f"default: {FINETUNE_OUTPUT_DIR}, or outputs/simmim-linear-probe / outputs/simmim-knn by --mode",
+    },
+}
+
+
+def _describe_flags_decided_by_the_run(parser, stage):
+    for action in parser._actions:
+        if action.dest in DECIDED_BY_THE_RUN:
+            text = DECIDED_BY_THE_RUN[action.dest]
+            action.help = f"{action.help} ({text[stage] if isinstance(text, dict) else text})."
+            action.decided_by_the_run = True
 
 
 def _check_flags_exist(parser, argv):
@@ -487,6 +509,7 @@ def parse_with_defaults(parser, defaults, argv=None, stage="pretraining"):
     else:
         parser.set_defaults(**defaults)
         _describe_negated_flags(parser)
+        _describe_flags_decided_by_the_run(parser, stage)
         _check_flags_exist(parser, argv)
         parsed, given = parser.parse_args_into_dataclasses(args=argv), _given_flags(parser, argv)
     if recipe and recipe.config_overrides and "config_overrides" in given:
