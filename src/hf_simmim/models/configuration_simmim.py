@@ -120,12 +120,11 @@ class SimMIMConfig(PreTrainedConfig):
         self.image_size = defaults["image_size"] if image_size is None else image_size
         self.patch_size = defaults["patch_size"] if patch_size is None else patch_size
         self.num_channels = num_channels
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.embed_dim = embed_dim
-        self.depths = list(depths)
-        self.num_heads = list(num_heads)
-        self.window_size = window_size
+        self._set_vit_fields(
+            num_hidden_layers, num_attention_heads, use_relative_position_bias, use_shared_relative_position_bias,
+            layer_scale_init_value, use_mean_pooling,
+        )
+        self._set_swin_fields(embed_dim, depths, num_heads, window_size, patch_norm)
         self.mlp_ratio = mlp_ratio
         self.qkv_bias = qkv_bias
         self.hidden_act = hidden_act
@@ -133,22 +132,45 @@ class SimMIMConfig(PreTrainedConfig):
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
         self.drop_path_rate = drop_path_rate
         self.use_absolute_position_embeddings = use_absolute_position_embeddings
+        self._set_masked_image_modeling_fields(
+            mask_patch_size, mask_ratio, mask_strategy, mask_token_type, loss_type, norm_target
+        )
+        self.initializer_range = initializer_range
+        self._validate_choices()
+        self._set_derived_fields(hidden_size, layer_norm_eps, encoder_stride)
+        super().__init__(**kwargs)
+        self._validate_geometry()
+
+    def _set_vit_fields(
+        self, num_hidden_layers, num_attention_heads, use_relative_position_bias, use_shared_relative_position_bias,
+        layer_scale_init_value, use_mean_pooling,
+    ):
+        """The fields only the ViT encoder reads (`BACKBONE_FIELDS["vit"]`)."""
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
         self.use_relative_position_bias = use_relative_position_bias
         self.use_shared_relative_position_bias = use_shared_relative_position_bias
         self.layer_scale_init_value = layer_scale_init_value
         self.use_mean_pooling = use_mean_pooling
-        self.patch_norm = patch_norm
+
+    def _set_masked_image_modeling_fields(
+        self, mask_patch_size, mask_ratio, mask_strategy, mask_token_type, loss_type, norm_target
+    ):
+        """What is masked, what fills it, and the loss on it."""
         self.mask_patch_size = mask_patch_size
         self.mask_ratio = mask_ratio
         self.mask_strategy = mask_strategy
         self.mask_token_type = mask_token_type
         self.loss_type = loss_type
         self.norm_target = norm_target
-        self.initializer_range = initializer_range
-        self._validate_choices()
-        self._set_derived_fields(hidden_size, layer_norm_eps, encoder_stride)
-        super().__init__(**kwargs)
-        self._validate_geometry()
+
+    def _set_swin_fields(self, embed_dim, depths, num_heads, window_size, patch_norm):
+        """The fields only the Swin encoder reads (`BACKBONE_FIELDS["swin"]`)."""
+        self.embed_dim = embed_dim
+        self.depths = list(depths)
+        self.num_heads = list(num_heads)
+        self.window_size = window_size
+        self.patch_norm = patch_norm
 
     # ------------------------------------------------------------------ derived values
     @property
