@@ -301,7 +301,4 @@ def export_checkpoint_to_transformers(model_dir, output_dir):
     from ..models.image_processing_simmim import SimMIMImageProcessor
 
     model = load_simmim_checkpoint(model_dir)
-    processor = None
-    if os.path.isfile(os.path.join(model_dir, "preprocessor_config.json")):
-        processor = SimMIMImageProcessor.from_pretrained(model_dir)
-    return export_to_transformers(model, output_dir, processor)
+    return export_to_transformers(model, output_dir, SimMIMImageProcessor.from_checkpoint(model_dir, model.config))

@@ -165,9 +165,17 @@ class SimMIMImageProcessor(PilBackend):
     @classmethod
     def from_model_config(cls, config, **kwargs):
         """The processor that matches a `SimMIMConfig` (image size, channels, patch and mask settings)."""
-        geometry = ("image_size", "num_channels", "patch_size", "mask_patch_size", "mask_ratio")
-        geometry += ("mask_strategy",)
+        geometry = ("image_size", "num_channels", "patch_size", "mask_patch_size", "mask_ratio", "mask_strategy")
         return cls(**{**{key: getattr(config, key) for key in geometry}, **kwargs})
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, config, **hub_kwargs):
+        """The processor saved with `checkpoint` (a folder or hub id), or, for a checkpoint saved without one, the
+        processor of its `config`."""
+        try:
+            return cls.from_pretrained(checkpoint, **hub_kwargs)
+        except OSError:
+            return cls.from_model_config(config)
 
     def mask_generator(self, seed=None):
         return mask_generator_for(self, seed=seed)

@@ -272,10 +272,7 @@ def load_images(checkpoint, config, image_paths, **processor_kwargs):
     from ..models.image_processing_simmim import SimMIMImageProcessor
 
     check_image_files(image_paths)
-    if os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
-        processor = SimMIMImageProcessor.from_pretrained(checkpoint)
-    else:
-        processor = SimMIMImageProcessor.from_model_config(config)
+    processor = SimMIMImageProcessor.from_checkpoint(checkpoint, config)
     images = [decode_image(str(path)) for path in image_paths]
     return processor, processor(images, return_tensors="pt", **processor_kwargs)
 
