@@ -3,7 +3,7 @@
 import re
 
 # Buffers the official and transformers code keep in their state dicts; ours are computed from the config.
-DERIVED_BUFFERS = re.compile(r"(relative_position_index|attn_mask|position_ids)$")
+DERIVED_BUFFERS = re.compile(r"(relative_position_index|relative_coords_table|attn_mask|position_ids)$")
 
 
 def load_strict(model, state_dict, source, allow_missing_decoder=False):

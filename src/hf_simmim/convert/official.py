@@ -1,5 +1,12 @@
-"""Official microsoft/SimMIM `.pth` checkpoints in: the architecture is inferred from the weights (and the pickled
-yacs config when unpickling is allowed); what a checkpoint cannot tell can be overridden by keyword."""
+"""Official SimMIM `.pth` checkpoints in: microsoft/SimMIM's ViT and Swin, and microsoft/Swin-Transformer's SwinV2
+(`SwinTransformerV2ForSimMIM`, with either spelling of its position-bias MLP: `cpb_mlp`, or `rpe_mlp` as in the
+released SimMIM SwinV2 weights). The architecture is inferred from the weights (and the pickled yacs config when
+unpickling is allowed); what a checkpoint cannot tell can be overridden by keyword.
+
+The weights never tell the loss target: the two official SwinV2 settings (`MODEL.SIMMIM.NORM_TARGET.ENABLE` False
+or True) save the same tensors. It comes from the pickled yacs config of a training checkpoint where there is one,
+else from `norm_target="local"` (with `norm_target_patch_size`, official 47; CLI `--norm_target local`); the default
+is the pixels, the official `config.py` default."""
 
 import logging
 import math
@@ -55,24 +62,43 @@ def load_official_checkpoint(path, allow_unsafe_pickle=False):
     return state_dict, official_config
 
 
+def _node(config, name):
+    """`config[name]` of a yacs config (a dict) or any object holding it as an attribute; None where it is absent."""
+    if isinstance(config, dict):
+        return config.get(name)
+    return getattr(config, name, None)
+
+
 def _official_overrides(official_config):
-    """Mask settings from an official yacs config, when the checkpoint carried one."""
-    if official_config is None:
-        return {}
+    """Mask settings and the SwinV2 normalised target from an official yacs config, when the checkpoint carried one."""
+    overrides = {}
+    data = _node(official_config, "DATA")
     try:
-        data = official_config["DATA"] if isinstance(official_config, dict) else official_config.DATA
-        return {"mask_patch_size": int(data["MASK_PATCH_SIZE"]), "mask_ratio": float(data["MASK_RATIO"])}
-    except (KeyError, AttributeError, TypeError):
-        return {}
+        overrides.update(mask_patch_size=int(data["MASK_PATCH_SIZE"]), mask_ratio=float(data["MASK_RATIO"]))
+    except (KeyError, TypeError):
+        pass
+    norm_target = _node(_node(_node(official_config, "MODEL"), "SIMMIM"), "NORM_TARGET")
+    if norm_target is not None:
+        enabled = bool(_node(norm_target, "ENABLE"))
+        overrides.update(norm_target="local" if enabled else None)
+        if enabled:
+            overrides.update(norm_target_patch_size=int(_node(norm_target, "PATCH_SIZE")))
+    return overrides
+
+
+def current_key_spelling(state_dict):
+    """The state dict with the SwinV2 position-bias MLP under its current name: the released SimMIM SwinV2 weights
+    call it `rpe_mlp`, the code (and this package) `cpb_mlp` (as the official loader renames it)."""
+    return {key.replace(".attn.rpe_mlp.", ".attn.cpb_mlp."): value for key, value in state_dict.items()}
 
 
 def config_from_official_state_dict(state_dict, **overrides):
     """Infer a `SimMIMConfig` from an official state dict (`encoder.*`, `decoder.0.*`)."""
-    sd = state_dict
+    sd = current_key_spelling(state_dict)
     proj = sd["encoder.patch_embed.proj.weight"]
     kwargs = dict(patch_size=proj.shape[-1], num_channels=proj.shape[1])
     if any(k.startswith("encoder.layers.") for k in sd):
-        kwargs.update(_official_swin_architecture(sd, proj))
+        kwargs.update(_official_swin_architecture(sd, proj, overrides.get("window_size")))
     elif any(k.startswith("encoder.blocks.") for k in sd):
         kwargs.update(_official_vit_architecture(sd, proj))
     else:
@@ -134,59 +160,115 @@ def _official_vit_architecture(sd, proj):
     return kwargs
 
 
-def _official_swin_architecture(sd, proj):
+def _official_stage_window(sd, stage, v2):
+    """The window stage `stage` attends in, from its first block's position tensors (Swin: the bias table; SwinV2:
+    the coordinate table or relative position index buffers, None without them)."""
+    attn = f"encoder.layers.{stage}.blocks.0.attn."
+    if not v2:
+        return (math.isqrt(sd[attn + "relative_position_bias_table"].shape[0]) + 1) // 2
+    if attn + "relative_coords_table" in sd:
+        return (sd[attn + "relative_coords_table"].shape[1] + 1) // 2
+    if attn + "relative_position_index" in sd:
+        return math.isqrt(sd[attn + "relative_position_index"].shape[0])
+    return None
+
+
+def _official_swin_grid(sd, window, stage_windows):
+    """The stage-0 token grid: from the absolute position embedding, the stage-0 shift mask (windows per image), or
+    the first stage whose window shrank to its grid; None when nothing tells it."""
+    if "encoder.absolute_pos_embed" in sd:
+        return math.isqrt(sd["encoder.absolute_pos_embed"].shape[1])
+    if "encoder.layers.0.blocks.1.attn_mask" in sd:  # (num_windows, N, N) of stage 0
+        return window * math.isqrt(sd["encoder.layers.0.blocks.1.attn_mask"].shape[0])
+    for i, stage_window in enumerate(stage_windows):
+        if stage_window is not None and stage_window < window:
+            return stage_window * 2**i
+    return None
+
+
+def _official_swin_architecture(sd, proj, window_size=None):
+    """Swin or SwinV2 (which has a logit scale per block) fields; `window_size` stands in where no tensor tells the
+    window (a SwinV2 checkpoint without its buffers)."""
+    v2 = "encoder.layers.0.blocks.0.attn.logit_scale" in sd
     num_stages = _count(sd, r"encoder\.layers\.(\d+)\.")
     depths = [_count(sd, rf"encoder\.layers\.{i}\.blocks\.(\d+)\.") for i in range(num_stages)]
-    tables = [sd[f"encoder.layers.{i}.blocks.0.attn.relative_position_bias_table"] for i in range(num_stages)]
-    window = (math.isqrt(tables[0].shape[0]) + 1) // 2
+    heads_key = "logit_scale" if v2 else "relative_position_bias_table"
+    heads_dim = 0 if v2 else 1
+    stage_windows = [_official_stage_window(sd, i, v2) for i in range(num_stages)]
+    window = stage_windows[0] or window_size
+    if window is None:
+        raise ValueError(
+            "The SwinV2 checkpoint holds no relative_coords_table or relative_position_index buffers, the only "
+            "tensors that tell its window size: pass window_size (and image_size) (--window_size, --image_size)."
+        )
     embed_dim = proj.shape[0]
     kwargs = dict(
-        backbone="swin",
+        backbone="swinv2" if v2 else "swin",
         embed_dim=embed_dim,
         depths=depths,
-        num_heads=[t.shape[1] for t in tables],
+        num_heads=[sd[f"encoder.layers.{i}.blocks.0.attn.{heads_key}"].shape[heads_dim] for i in range(num_stages)],
         window_size=window,
         mlp_ratio=sd["encoder.layers.0.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-        qkv_bias="encoder.layers.0.blocks.0.attn.qkv.bias" in sd,
+        qkv_bias=f"encoder.layers.0.blocks.0.attn.{'q_bias' if v2 else 'qkv.bias'}" in sd,
         use_absolute_position_embeddings="encoder.absolute_pos_embed" in sd,
         patch_norm="encoder.patch_embed.norm.weight" in sd,
-        drop_path_rate=0.0,
+        # the official pretraining configs' stochastic depth (Swin: 0.0; SwinV2: 0.1)
+        drop_path_rate=0.1 if v2 else 0.0,
     )
-    grid = None
-    if "encoder.absolute_pos_embed" in sd:
-        grid = math.isqrt(sd["encoder.absolute_pos_embed"].shape[1])
-    elif "encoder.layers.0.blocks.1.attn_mask" in sd:  # (num_windows, N, N) of stage 0
-        grid = window * math.isqrt(sd["encoder.layers.0.blocks.1.attn_mask"].shape[0])
-    else:  # the first stage whose window shrank to its grid tells that grid
-        for i, table in enumerate(tables):
-            stage_window = (math.isqrt(table.shape[0]) + 1) // 2
-            if stage_window < window:
-                grid = stage_window * 2**i
-                break
+    grid = _official_swin_grid(sd, window, stage_windows)
     if grid is not None:
         kwargs["image_size"] = grid * proj.shape[-1]
     return kwargs
 
 
+_VIT_PER_BLOCK_POSITION = re.compile(
+    r"^(encoder\.blocks\.\d+)\.attn\.(relative_position_bias_table|relative_position_index)$"
+)
+_VIT_QV_BIAS = re.compile(r"^encoder\.blocks\.\d+\.attn\.[qv]_bias$")
+
+
+def _our_key(key):
+    """Our name of an official key: `simmim.` in front of the encoder's, a ViT's per-block position tensors under
+    `rel_pos_bias`, the SwinV2 MLP as `cpb_mlp`."""
+    key = _VIT_PER_BLOCK_POSITION.sub(r"\1.rel_pos_bias.\2", key.replace(".attn.rpe_mlp.", ".attn.cpb_mlp."))
+    return "simmim." + key if key.startswith("encoder.") else key
+
+
 def convert_official_state_dict(state_dict):
     """Official keys -> ours. ViT q/v biases become one qkv bias with a zero key part (softmax ignores a key
-    bias, so the function is unchanged); derived buffers are dropped."""
+    bias, so the function is unchanged); SwinV2 keeps its own q/v biases (its keys are normalised: a key bias would
+    change them); derived buffers are dropped."""
     out = {}
     for key, value in state_dict.items():
         if DERIVED_BUFFERS.search(key) or key.startswith("encoder.head."):
             continue
-        if key.endswith("attn.v_bias"):
-            continue
-        if key.endswith("attn.q_bias"):
+        if _VIT_QV_BIAS.match(key):
+            if key.endswith("v_bias"):
+                continue
             stem = key[: -len("q_bias")]
-            v_bias = state_dict[stem + "v_bias"]
-            value = torch.cat([value, torch.zeros_like(value), v_bias])
+            value = torch.cat([value, torch.zeros_like(value), state_dict[stem + "v_bias"]])
             key = stem + "qkv.bias"
-        key = re.sub(r"^(encoder\.blocks\.\d+)\.attn\.relative_position_bias_table$", r"\1.rel_pos_bias.relative_position_bias_table", key)
-        if key.startswith("encoder."):
-            key = "simmim." + key
-        out[key] = value
+        out[_our_key(key)] = value
     return out
+
+
+def check_derived_buffers(model, state_dict, source):
+    """The buffers an official checkpoint stores (relative position indices, SwinV2 coordinate tables, shift masks)
+    must equal the ones `model` computes from its config: a difference means the config is not the checkpoint's (an
+    image size, window or pretrained window it does not have)."""
+    ours = dict(model.named_buffers())
+    for key, value in state_dict.items():
+        if not DERIVED_BUFFERS.search(key):
+            continue
+        computed = ours.get(_our_key(key))
+        if computed is None or computed.shape != value.shape or not torch.equal(computed.to(value.dtype), value):
+            config = model.config
+            raise ValueError(
+                f"{source}: {key} is not what image_size={config.image_size}"
+                + (f", window_size={config.window_size}" if config.backbone != "vit" else "")
+                + (f", pretrained_window_sizes={config.pretrained_window_sizes}" if config.backbone == "swinv2" else "")
+                + " give: pass the checkpoint's values (--image_size, --window_size)."
+            )
 
 
 def convert_official_checkpoint(checkpoint_path, output_dir=None, allow_unsafe_pickle=False, **overrides):
@@ -197,7 +279,9 @@ def convert_official_checkpoint(checkpoint_path, output_dir=None, allow_unsafe_p
     overrides = {**_official_overrides(official_config), **overrides}
     config = config_from_official_state_dict(state_dict, **overrides)
     model = SimMIMForMaskedImageModeling(config)
-    load_strict(model, convert_official_state_dict(state_dict), "official checkpoint " + str(checkpoint_path))
+    source = "official checkpoint " + str(checkpoint_path)
+    load_strict(model, convert_official_state_dict(state_dict), source)
+    check_derived_buffers(model, state_dict, source)
     if output_dir is not None:
         save_with_processor(model, output_dir)
     return model

@@ -1,4 +1,4 @@
-"""Building blocks shared by the ViT and Swin encoders: attention, MLP, drop path, and the mask-token fill.
+"""Building blocks shared by the ViT, Swin and SwinV2 encoders: attention, MLP, drop path, and the mask-token fill.
 
 Relative imports only: a checkpoint saved with its code (`trust_remote_code`) carries this file too.
 """
@@ -47,8 +47,9 @@ class Mlp(nn.Module):
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Attention written out, returning its weights: transformers' ViT/Swin `eager_attention_forward`.
 
-    query/key/value: `(B, heads, N, head_dim)`; `attention_mask` is added to the logits. Returns the output
-    `(B, N, heads, head_dim)` and the weights `(B, heads, N, N)`, as transformers' attention functions.
+    query/key/value: `(B, heads, N, head_dim)`; `attention_mask` is added to the logits; `scaling` is a float or a
+    per-head `(heads, 1, 1)` tensor (SwinV2's logit scale). Returns the output `(B, N, heads, head_dim)` and the
+    weights `(B, heads, N, N)`, as transformers' attention functions.
     """
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -61,7 +62,10 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 def sdpa_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """`F.scaled_dot_product_attention` with the relative position bias / shift mask as an additive float mask,
     called directly: transformers' own SDPA wrapper turns float masks into boolean ones on some devices (NPU), which
-    would drop the bias. Same signature and output layout as `eager_attention_forward`; no weights."""
+    would drop the bias. Same signature and output layout as `eager_attention_forward`; no weights. SDPA takes one
+    float scale, so a per-head `scaling` tensor multiplies the query instead."""
+    if torch.is_tensor(scaling):
+        query, scaling = query * scaling, 1.0
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -80,22 +84,31 @@ class Attention(nn.Module):
     `(prod(batch), heads, N, N)` come back with the output.
     """
 
-    def __init__(self, config, dim, num_heads):
+    def __init__(self, config, dim, num_heads, qkv_bias=None):
         super().__init__()
         # Read at every call, so `model.set_attn_implementation(...)` switches every layer at once.
         self.config = config
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scaling = self.head_dim**-0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias if qkv_bias is None else qkv_bias)
         self.attn_drop = config.attention_probs_dropout_prob
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
+    def split_heads(self, qkv):
+        """`(*batch, N, 3 * C)` projections -> query, key and value, each `(prod(batch), heads, N, head_dim)`."""
+        n = qkv.shape[-2]
+        return qkv.reshape(-1, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x, attn_bias=None, output_attentions=False):
-        *batch, n, c = x.shape
-        qkv = self.qkv(x).reshape(-1, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (prod(batch), heads, N, head_dim)
+        q, k, v = self.split_heads(self.qkv(x))
+        return self.attend(x.shape, q, k, v, attn_bias, self.scaling, output_attentions)
+
+    def attend(self, shape, q, k, v, attn_bias, scaling, output_attentions):
+        """Attention over heads `q`, `k`, `v` of an input of `shape` `(*batch, N, C)`, then the output projection;
+        returns the output `(*batch, N, C)` and the weights (None unless `output_attentions`)."""
+        *batch, n, c = shape
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
             if attn_bias.ndim > 3:  # per-batch-entry bias, e.g. Swin's (nW, heads, N, N) shift mask
@@ -103,7 +116,7 @@ class Attention(nn.Module):
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention = ATTENTION_FUNCTIONS[implementation]
         out, weights = attention(
-            self, q, k, v, attn_bias, dropout=self.attn_drop if self.training else 0.0, scaling=self.scaling
+            self, q, k, v, attn_bias, dropout=self.attn_drop if self.training else 0.0, scaling=scaling
         )
         out = self.proj_drop(self.proj(out.reshape(*batch, n, c)))
         return out, weights

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_simmim import SimMIMConfig
+from .configuration_simmim import SimMIMConfig, check_norm_target
 from .modeling_resize import (
     SHARED_TABLE,
     checkpoint_shapes,
@@ -38,9 +38,14 @@ from .modeling_swin import (
     swin_relative_position_index,
     swin_shift_attention_mask,
 )
+from .modeling_swinv2 import CosineWindowAttention, SwinV2Block, SwinV2Transformer, swinv2_relative_coords_table
 from .modeling_vit import RelativePositionBias, ViTBlock, VisionTransformer, vit_relative_position_index
 
 logger = logging.get_logger(__name__)
+
+# Each backbone's encoder, and its block (the unit FSDP wraps and gradient checkpointing recomputes).
+ENCODER_CLASSES = {"vit": VisionTransformer, "swin": SwinTransformer, "swinv2": SwinV2Transformer}
+BLOCK_CLASS_NAMES = {"vit": "ViTBlock", "swin": "SwinBlock", "swinv2": "SwinV2Block"}
 
 AUTO_MAP = {
     "AutoConfig": "configuration_simmim.SimMIMConfig",
@@ -121,16 +126,37 @@ def normalize_per_patch(images, patch_size, eps=1e-6):
     return ((patches - mean) / (var + eps).sqrt()).view(b, c, h, w)
 
 
-def simmim_loss(pixel_values, reconstruction, mask_grid, patch_size, loss_type="l1", norm_target=False):
+def normalize_locally(images, patch_size, eps=1e-6):
+    """The official SwinV2 SimMIM normalised target (`norm_targets` of microsoft/Swin-Transformer `models/simmim.py`):
+    each pixel of each channel standardised over the `patch_size` x `patch_size` neighbourhood centred on it, the
+    part inside the image only, with the unbiased variance (clamped at 0). `patch_size` is odd (official: 47)."""
+    pad = patch_size // 2
+    mean = F.avg_pool2d(images, patch_size, stride=1, padding=pad, count_include_pad=False)
+    mean_of_squares = F.avg_pool2d(images**2.0, patch_size, stride=1, padding=pad, count_include_pad=False)
+    # the number of in-image pixels of each neighbourhood, the same for every image and channel
+    ones = images.new_ones((1, 1, *images.shape[-2:]))
+    count = F.avg_pool2d(ones, patch_size, stride=1, padding=pad, count_include_pad=True) * patch_size**2
+    variance = torch.clamp((mean_of_squares - mean**2.0) * (count / (count - 1)), min=0.0)
+    return (images - mean) / (variance + eps) ** 0.5
+
+
+def simmim_loss(
+    pixel_values, reconstruction, mask_grid, patch_size, loss_type="l1", norm_target=None, norm_target_patch_size=47
+):
     """The SimMIM loss: the pixel loss averaged over masked pixels and channels only.
 
     `mask_grid` `(B, g, g)` is upsampled to pixels by repetition; the official formula is
-    `sum(|x - x_rec| * M) / (sum(M) + 1e-5) / C`. Computed in (at least) float32 whatever the model's dtype, as the
-    official code under autocast: a bf16 sum over millions of pixels keeps only about 3 significant digits.
+    `sum(|x - x_rec| * M) / (sum(M) + 1e-5) / C`, where x is the pixels or, with `norm_target` (see `SimMIMConfig`),
+    their `"local"` (`normalize_locally`, official SwinV2) or `"patch"` (`normalize_per_patch`) standardisation.
+    Computed in (at least) float32 whatever the model's dtype, as the official code under autocast: a bf16 sum over
+    millions of pixels keeps only about 3 significant digits.
     """
     dtype = torch.promote_types(reconstruction.dtype, torch.float32)
     target = pixel_values.to(dtype)
-    if norm_target:
+    norm_target = check_norm_target(norm_target)
+    if norm_target == "local":
+        target = normalize_locally(target, norm_target_patch_size)
+    elif norm_target == "patch":
         target = normalize_per_patch(target, patch_size)
     reconstruction = reconstruction.to(dtype)
     mask = mask_grid.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).to(dtype)
@@ -176,7 +202,7 @@ class SimMIMPreTrainedModel(PreTrainedModel):
     def __init__(self, config, *inputs, **kwargs):
         super().__init__(config, *inputs, **kwargs)
         # FSDP wraps these blocks; only the backbone's own block class exists in the model.
-        self._no_split_modules = ["ViTBlock"] if config.backbone == "vit" else ["SwinBlock"]
+        self._no_split_modules = [BLOCK_CLASS_NAMES[config.backbone]]
 
     def _init_normal_(self, tensor, scale=1.0):
         """N(0, (initializer_range * scale)^2), as the official models draw it: truncated at +-1 std where
@@ -200,7 +226,7 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Conv2d):
             init_conv_as_pytorch_default(module)  # what the official decoder and Swin patch embedding keep
         elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
+            init.constant_(module.weight, getattr(module, "init_weight", 1.0))  # SwinV2's post-norms: 0
             init.zeros_(module.bias)
         elif isinstance(module, VisionTransformer):
             # The official ViT draws its patch-embedding conv like its Linear layers (Swin's keeps PyTorch's init).
@@ -222,8 +248,17 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ViTBlock) and module.gamma_1 is not None:
             init.constant_(module.gamma_1, self.config.layer_scale_init_value)
             init.constant_(module.gamma_2, self.config.layer_scale_init_value)
-        elif isinstance(module, SwinBlock) and module.attn_mask is not None:
+        elif isinstance(module, (SwinBlock, SwinV2Block)) and module.attn_mask is not None:
             init.copy_(module.attn_mask, swin_shift_attention_mask(module.resolution, module.window, module.shift))
+        elif isinstance(module, CosineWindowAttention):
+            init.constant_(module.logit_scale, math.log(10.0))
+            for bias in (module.q_bias, module.v_bias):
+                if bias is not None:
+                    init.zeros_(bias)
+            table = swinv2_relative_coords_table(module.window, module.pretrained_window)
+            init.copy_(module.relative_coords_table, table)
+            init.copy_(module.relative_position_index, swin_relative_position_index(module.window))
+
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
@@ -304,20 +339,20 @@ class SimMIMPooler(nn.Module):
 
 
 class SimMIMModel(SimMIMPreTrainedModel):
-    """The SimMIM encoder (ViT or Swin) as a vision backbone.
+    """The SimMIM encoder (ViT, Swin or SwinV2) as a vision backbone.
 
     `forward(pixel_values, bool_masked_pos=None)` returns `last_hidden_state` (ViT: `(B, 1 + L, C)` with CLS
     first; Swin: `(B, L_last, C)`), `pooler_output` `(B, C)`, with `output_hidden_states=True` the input of every
     ViT block / Swin stage and the final output, and with `output_attentions=True` every block's attention weights
-    (ViT: `(B, heads, 1 + L, 1 + L)`; Swin: per window, `(B * windows, heads, N, N)`, as transformers' Swin).
+    (ViT: `(B, heads, 1 + L, 1 + L)`; Swin and SwinV2: per window, `(B * windows, heads, N, N)`, as transformers'
+    Swin).
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config, add_pooling_layer=True, use_mask_token=True):
         super().__init__(config)
-        encoder_class = VisionTransformer if config.backbone == "vit" else SwinTransformer
-        self.encoder = encoder_class(config, use_mask_token=use_mask_token)
+        self.encoder = ENCODER_CLASSES[config.backbone](config, use_mask_token=use_mask_token)
         # The encoder with a mask token stands for the official pretraining encoder, the one without for the
         # fine-tuning one; only the pretraining ViT truncates its init at +-1 std.
         self.truncates_init_at_one_std = config.backbone == "vit" and use_mask_token
@@ -411,6 +446,7 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
                 self.config.patch_size,
                 self.config.loss_type,
                 self.config.norm_target,
+                self.config.norm_target_patch_size,
             )
         return MaskedImageModelingOutput(
             loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions

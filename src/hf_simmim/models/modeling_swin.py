@@ -70,12 +70,34 @@ class WindowAttention(Attention):
         return super().forward(windows, bias, output_attentions=output_attentions)
 
 
+def stage_window_and_shift(resolution, window, shift):
+    """The window and shift a block of a stage of `resolution` uses: as the official code, a stage no larger than the
+    window is one window, unshifted."""
+    if min(resolution) <= window:
+        return min(resolution), 0
+    return window, shift
+
+
+def shifted_window_attention(block, tokens, output_attentions=False):
+    """`block.attn` inside the (shifted) windows of `block.resolution`: `(B, L, C)` tokens -> `(B, L, C)`, and the
+    attention weights per window (None unless `output_attentions`). The block holds `resolution`, `window`, `shift`,
+    `attn` and the shift mask `attn_mask`, as the official Swin blocks (v1 and v2)."""
+    b, _, c = tokens.shape
+    h, w = block.resolution
+    y = tokens.view(b, h, w, c)
+    if block.shift:
+        y = torch.roll(y, shifts=(-block.shift, -block.shift), dims=(1, 2))
+    y, attention_weights = block.attn(window_partition(y, block.window), block.attn_mask, output_attentions)
+    y = window_reverse(y, block.window, h, w)
+    if block.shift:
+        y = torch.roll(y, shifts=(block.shift, block.shift), dims=(1, 2))
+    return y.reshape(b, h * w, c), attention_weights
+
+
 class SwinBlock(GradientCheckpointingLayer):
     def __init__(self, config, dim, resolution, num_heads, shift, drop_path):
         super().__init__()
-        window = config.window_size
-        if min(resolution) <= window:  # as the official code: one window covers the stage, no shift
-            window, shift = min(resolution), 0
+        window, shift = stage_window_and_shift(resolution, config.window_size, shift)
         self.resolution, self.window, self.shift = resolution, window, shift
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attn = WindowAttention(dim, window, num_heads, config)
@@ -87,16 +109,8 @@ class SwinBlock(GradientCheckpointingLayer):
 
     def forward(self, x, output_attentions=False):
         """Returns the block's output and its attention weights (None unless `output_attentions`)."""
-        b, _, c = x.shape
-        h, w = self.resolution
-        y = self.norm1(x).view(b, h, w, c)
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y, attention_weights = self.attn(window_partition(y, self.window), self.attn_mask, output_attentions)
-        y = window_reverse(y, self.window, h, w)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + self.drop_path(y.reshape(b, h * w, c))
+        y, attention_weights = shifted_window_attention(self, self.norm1(x), output_attentions)
+        x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x))), attention_weights
 
 
@@ -118,14 +132,17 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, config, stage, drop_paths):
+    """The blocks of one stage (every second one shifted by half a window), then a patch merging unless it is the
+    last stage. `block_class` and `merging_class` are the encoder's own (Swin v1 or v2)."""
+
+    def __init__(self, config, stage, drop_paths, block_class, merging_class):
         super().__init__()
         dim = config.embed_dim * 2**stage
         side = config.grid_size // 2**stage
         resolution = (side, side)
         self.blocks = nn.ModuleList(
             [
-                SwinBlock(
+                block_class(
                     config,
                     dim,
                     resolution,
@@ -137,7 +154,7 @@ class SwinStage(nn.Module):
             ]
         )
         last = stage == len(config.depths) - 1
-        self.downsample = None if last else PatchMerging(resolution, dim, config.layer_norm_eps)
+        self.downsample = None if last else merging_class(resolution, dim, config.layer_norm_eps)
 
     def forward(self, x, output_attentions=False):
         """Returns the stage's output and the attention weights of each of its blocks."""
@@ -186,11 +203,14 @@ class SwinTransformer(nn.Module):
         starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
         self.layers = nn.ModuleList(
             [
-                SwinStage(config, i, rates[starts[i] : starts[i] + config.depths[i]])
+                self.build_stage(config, i, rates[starts[i] : starts[i] + config.depths[i]])
                 for i in range(len(config.depths))
             ]
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def build_stage(self, config, stage, drop_paths):
+        return SwinStage(config, stage, drop_paths, SwinBlock, PatchMerging)
 
     def forward(self, pixel_values, bool_masked_pos=None, output_hidden_states=False, output_attentions=False):
         x = self.patch_embed(pixel_values)
