@@ -1,9 +1,9 @@
 """Our models out to transformers' own classes, which load wherever transformers does (no hf_simmim, no remote code):
 
-    ours                          plain ViT (below)            any other ViT                Swin
-    SimMIMForMaskedImageModeling  ViTForMaskedImageModeling    BeitModel (encoder only)     SwinForMaskedImageModeling
-    SimMIMModel                   BeitModel                    BeitModel                    SwinModel (no mask token)
-    SimMIMForImageClassification  BeitForImageClassification   BeitForImageClassification   SwinForImageClassification
+    ours                          plain ViT (below)            any other ViT                Swin / SwinV2
+    SimMIMForMaskedImageModeling  ViTForMaskedImageModeling    BeitModel (encoder only)     Swin(v2)ForMaskedImageModeling
+    SimMIMModel                   BeitModel                    BeitModel                    Swin(v2)Model (no mask token)
+    SimMIMForImageClassification  BeitForImageClassification   BeitForImageClassification   Swin(v2)ForImageClassification
 
 A plain ViT has absolute position embeddings and no relative position bias, layer scale or mean pooling: the layout
 of transformers' ViT. transformers' BEiT holds every other ViT we build, the official SimMIM variant included: a
@@ -16,7 +16,13 @@ What does not travel:
 - `pooler_output` of a ViT `SimMIMModel` without `use_mean_pooling`: BEiT's is the CLS token, ours the mean of the
   patch tokens, which is `last_hidden_state[:, 1:].mean(1)` of the export;
 - the official geometric resizing of relative position tables: at another image size, transformers' BEiT
-  interpolates its tables bilinearly (`interpolate_pos_encoding=True`); the export is exact at `config.image_size`.
+  interpolates its tables bilinearly (`interpolate_pos_encoding=True`); the export is exact at `config.image_size`;
+- a pretraining model's normalised target (`norm_target`): transformers' MIM models compute their loss on the pixels
+  (the reconstruction is the same);
+- SwinV2 absolute position embeddings: transformers' Swinv2 cannot add them (it holds num_patches + 1 of them), so
+  such a SwinV2 does not export.
+transformers' Swinv2 adds the shifted-window mask (-100) twice where the official code adds it once: the same
+function wherever the masked logits are negligible already after one (any logit scale below the clamp at 100).
 """
 
 import logging
@@ -30,9 +36,7 @@ from .transformers_checkpoints import (
     BEIT_KEYS,
     CLASSIFIER_KEYS,
     DECODER_KEYS,
-    SWIN_KEYS,
-    SWIN_QKV,
-    VIT_KEYS,
+    KEY_TABLES,
     VIT_QKV,
     prefixed,
     rename_keys,
@@ -41,10 +45,16 @@ from .transformers_checkpoints import (
 logger = logging.getLogger(__name__)
 
 # transformers' class-name stem of each exported model_type, and its key tables.
-_FAMILIES = {"vit": "ViT", "beit": "Beit", "swin": "Swin"}
-_KEYS = {"vit": (VIT_KEYS, VIT_QKV), "beit": (BEIT_KEYS, VIT_QKV), "swin": (SWIN_KEYS, SWIN_QKV)}
+_FAMILIES = {"vit": "ViT", "beit": "Beit", "swin": "Swin", "swinv2": "Swinv2"}
+_KEYS = {**KEY_TABLES, "beit": (BEIT_KEYS, VIT_QKV)}
 # Our weights a transformers base model cannot hold (see the module docstring).
-_NOT_EXPORTED = {"BeitModel": re.compile(r"^decoder\."), "SwinModel": re.compile(r"mask_token$")}
+_NOT_EXPORTED = {
+    "BeitModel": re.compile(r"^decoder\."),
+    "SwinModel": re.compile(r"mask_token$"),
+    "Swinv2Model": re.compile(r"mask_token$"),
+}
+# The hierarchical backbones, exported to transformers' class of the same model_type.
+_SWIN_BACKBONES = ("swin", "swinv2")
 
 
 def _vit_features_beyond_plain(config):
@@ -80,8 +90,8 @@ def _head(model):
 def export_target(model):
     """`(model_type, class_name)`: the transformers architecture and class `model` exports to (the table above)."""
     head = _head(model)
-    if model.config.backbone == "swin":
-        model_type = "swin"
+    if model.config.backbone in _SWIN_BACKBONES:
+        model_type = model.config.backbone
     elif head == "mim" and not _vit_features_beyond_plain(model.config):
         model_type = "vit"
     else:
@@ -145,16 +155,32 @@ def _beit_config(config):
 
 
 def _swin_config(config):
-    from transformers import SwinConfig
+    """transformers' `SwinConfig` or `Swinv2Config` (with the pretrained windows) of our Swin or SwinV2 config."""
+    from transformers import SwinConfig, Swinv2Config
 
+    name = "Swin" if config.backbone == "swin" else "Swinv2"
     if not config.patch_norm:
-        raise ValueError("transformers' Swin always normalises the patch embedding: patch_norm=False does not export.")
+        raise ValueError(
+            f"transformers' {name} always normalises the patch embedding: patch_norm=False does not export."
+        )
     if config.layer_norm_eps != 1e-5:
         raise ValueError(
-            f"layer_norm_eps={config.layer_norm_eps}: transformers' Swin keeps eps 1e-5 in its patch-embedding norm "
+            f"layer_norm_eps={config.layer_norm_eps}: transformers' {name} keeps eps 1e-5 in its patch-embedding norm "
             "whatever its config says, so only layer_norm_eps=1e-5 exports exactly."
         )
-    return SwinConfig(
+    if config.backbone == "swin":
+        return SwinConfig(**_swin_fields(config))
+    if config.use_absolute_position_embeddings:
+        raise ValueError(
+            "use_absolute_position_embeddings=True: transformers' Swinv2 cannot add absolute position embeddings "
+            "(it holds num_patches + 1 of them and fails on num_patches tokens), so this SwinV2 does not export."
+        )
+    return Swinv2Config(**_swin_fields(config), pretrained_window_sizes=list(config.pretrained_window_sizes))
+
+
+def _swin_fields(config):
+    """The fields transformers' Swin and Swinv2 configs share with ours."""
+    return dict(
         image_size=config.image_size,
         patch_size=config.patch_size,
         num_channels=config.num_channels,
@@ -175,15 +201,19 @@ def _swin_config(config):
 
 
 def transformers_config_from_simmim(config, model_type=None):
-    """Our config -> transformers' `ViTConfig`, `BeitConfig` or `SwinConfig` computing the same function, with our
-    labels. `model_type` ("vit", "beit", "swin") defaults to "swin" for Swin, "vit" for a plain ViT and "beit" for
-    any other ViT; a clear error where the chosen architecture cannot hold the config."""
-    default = "swin" if config.backbone == "swin" else ("beit" if _vit_features_beyond_plain(config) else "vit")
+    """Our config -> transformers' `ViTConfig`, `BeitConfig`, `SwinConfig` or `Swinv2Config` computing the same
+    function, with our
+    labels. `model_type` ("vit", "beit", "swin", "swinv2") defaults to the backbone's for Swin and SwinV2, "vit"
+    for a plain ViT and "beit" for any other ViT; a clear error where the chosen architecture cannot hold the config."""
+    if config.backbone in _SWIN_BACKBONES:
+        default, allowed = config.backbone, (config.backbone,)
+    else:
+        default, allowed = ("beit" if _vit_features_beyond_plain(config) else "vit"), ("vit", "beit")
     model_type = model_type or default
-    allowed = ("swin",) if config.backbone == "swin" else ("vit", "beit")
     if model_type not in allowed:
         raise ValueError(f"model_type={model_type!r}: a {config.backbone} config exports as one of {allowed}.")
-    hf_config = {"vit": _vit_config, "beit": _beit_config, "swin": _swin_config}[model_type](config)
+    builders = {"vit": _vit_config, "beit": _beit_config, "swin": _swin_config, "swinv2": _swin_config}
+    hf_config = builders[model_type](config)
     hf_config.id2label = dict(config.id2label)
     hf_config.label2id = dict(config.label2id)
     hf_config.problem_type = config.problem_type
@@ -270,6 +300,11 @@ def export_to_transformers(model, output_dir, image_processor=None):
     if _head(model) == "mim" and model.simmim.encoder.mask_token is None:
         raise ValueError("Only a pretraining model with a learned mask token (mask_token_type='learned') exports.")
     hf_config = transformers_config_from_simmim(model.config, model_type)
+    if _head(model) == "mim" and model.config.norm_target:
+        logger.warning(
+            "%s computes its loss on the pixels: this model's norm_target=%r does not travel (the reconstruction does).",
+            class_name, model.config.norm_target,
+        )
     state_dict = exported_state_dict(model, model_type, class_name)
     if model_type == "beit":
         # A classifier's encoder holds no mask token whatever mask_token_type says.

@@ -1,5 +1,5 @@
-"""transformers' `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` checkpoints in, and the key names both
-directions share (`to_transformers` writes them out)."""
+"""transformers' `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` / `Swinv2ForMaskedImageModeling`
+checkpoints in, and the key names both directions share (`to_transformers` writes them out)."""
 
 import json
 import math
@@ -61,6 +61,20 @@ SWIN_KEYS = [
     ("layernorm.{p}", "encoder.norm.{p}"),
 ]
 SWIN_QKV = ("encoder.layers.{i}.blocks.{j}.attention.self.{qkv}.{p}", "encoder.layers.{i}.blocks.{j}.attn.qkv.{p}")
+# Swinv2 is Swin (the same norm names: transformers' `layernorm_before` / `layernorm_after` are the official post-norms
+# `norm1` / `norm2`) with its cosine attention's parameters; the query and value biases are the official q/v biases
+# (transformers' key has no bias either), so only the q/k/v weights are fused.
+_SWINV2_BLOCK = "encoder.layers.{i}.blocks.{j}."
+SWINV2_KEYS = [pair for pair in SWIN_KEYS if "relative_position_bias_table" not in pair[0]] + [
+    (_SWINV2_BLOCK + "attention.self.logit_scale", _SWINV2_BLOCK + "attn.logit_scale"),
+    (_SWINV2_BLOCK + "attention.self.query.bias", _SWINV2_BLOCK + "attn.q_bias"),
+    (_SWINV2_BLOCK + "attention.self.value.bias", _SWINV2_BLOCK + "attn.v_bias"),
+    (_SWINV2_BLOCK + "attention.self.continuous_position_bias_mlp.0.{p}", _SWINV2_BLOCK + "attn.cpb_mlp.0.{p}"),
+    (_SWINV2_BLOCK + "attention.self.continuous_position_bias_mlp.2.weight", _SWINV2_BLOCK + "attn.cpb_mlp.2.weight"),
+]
+SWINV2_QKV = (_SWINV2_BLOCK + "attention.self.{qkv}.weight", _SWINV2_BLOCK + "attn.qkv.weight")
+# Each transformers architecture's key tables.
+KEY_TABLES = {"vit": (VIT_KEYS, VIT_QKV), "swin": (SWIN_KEYS, SWIN_QKV), "swinv2": (SWINV2_KEYS, SWINV2_QKV)}
 # The heads, outside the base models, under the same names on both sides.
 DECODER_KEYS = [("decoder.0.{p}", "decoder.0.{p}")]
 CLASSIFIER_KEYS = [("classifier.{p}", "classifier.{p}")]
@@ -118,7 +132,7 @@ def _first(value):
 
 
 def config_from_transformers(hf_config, **overrides):
-    """A transformers ViT/Swin config (dict or object) -> `SimMIMConfig` computing the same function."""
+    """A transformers ViT/Swin/Swinv2 config (dict or object) -> `SimMIMConfig` computing the same function."""
     c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
     common = dict(
         image_size=_first(c.get("image_size", 224)),
@@ -146,30 +160,45 @@ def config_from_transformers(hf_config, **overrides):
             layer_scale_init_value=0.0,
             drop_path_rate=0.0,
         )
-    elif c["model_type"] == "swin":
-        if c.get("layer_norm_eps", 1e-5) != 1e-5:
-            raise ValueError(
-                f"layer_norm_eps={c['layer_norm_eps']}: transformers' Swin uses eps 1e-5 in its patch-embedding norm "
-                "and this value elsewhere, which hf_simmim's single layer_norm_eps cannot express."
-            )
-        kwargs = dict(
-            common,
-            backbone="swin",
-            embed_dim=c["embed_dim"],
-            depths=c["depths"],
-            num_heads=c["num_heads"],
-            window_size=c["window_size"],
-            mlp_ratio=c.get("mlp_ratio", 4.0),
-            layer_norm_eps=c.get("layer_norm_eps", 1e-5),
-            use_absolute_position_embeddings=c.get("use_absolute_embeddings", False),
-            drop_path_rate=c.get("drop_path_rate", 0.1),
-        )
+    elif c["model_type"] in ("swin", "swinv2"):
+        kwargs = dict(common, **_swin_fields(c))
     else:
-        raise ValueError(f"model_type={c['model_type']!r}: only transformers 'vit' and 'swin' checkpoints convert.")
+        raise ValueError(
+            f"model_type={c['model_type']!r}: only transformers 'vit', 'swin' and 'swinv2' checkpoints convert."
+        )
     if kwargs["image_size"] % 32 and "mask_patch_size" not in overrides:
         kwargs["mask_patch_size"] = math.gcd(kwargs["image_size"], 32)
     kwargs.update(overrides)
     return SimMIMConfig(**kwargs)
+
+
+def _swin_fields(c):
+    """Our Swin / SwinV2 fields of a transformers Swin / Swinv2 config dict."""
+    name = "Swin" if c["model_type"] == "swin" else "Swinv2"
+    if c.get("layer_norm_eps", 1e-5) != 1e-5:
+        raise ValueError(
+            f"layer_norm_eps={c['layer_norm_eps']}: transformers' {name} uses eps 1e-5 in its patch-embedding norm "
+            "and this value elsewhere, which hf_simmim's single layer_norm_eps cannot express."
+        )
+    if c["model_type"] == "swinv2" and c.get("use_absolute_embeddings"):
+        raise ValueError(
+            "use_absolute_embeddings=True: transformers' Swinv2 holds num_patches + 1 absolute positions and fails "
+            "to add them to its num_patches tokens, so such a checkpoint has no function to convert."
+        )
+    fields = dict(
+        backbone=c["model_type"],
+        embed_dim=c["embed_dim"],
+        depths=c["depths"],
+        num_heads=c["num_heads"],
+        window_size=c["window_size"],
+        mlp_ratio=c.get("mlp_ratio", 4.0),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+        use_absolute_position_embeddings=c.get("use_absolute_embeddings", False),
+        drop_path_rate=c.get("drop_path_rate", 0.1),
+    )
+    if c["model_type"] == "swinv2":
+        fields["pretrained_window_sizes"] = list(c.get("pretrained_window_sizes", [0, 0, 0, 0]))[: len(c["depths"])]
+    return fields
 
 
 def load_transformers_checkpoint(model_dir):
@@ -191,8 +220,9 @@ def load_transformers_checkpoint(model_dir):
 
 
 def convert_transformers_state_dict(state_dict, model_type, num_patches=None):
-    """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` state dict -> ours."""
-    base, qkv = (VIT_KEYS, VIT_QKV) if model_type == "vit" else (SWIN_KEYS, SWIN_QKV)
+    """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` / `Swinv2ForMaskedImageModeling`
+    state dict -> ours."""
+    base, qkv = KEY_TABLES[model_type]
     prefix = model_type + "."
     pairs = prefixed(base, prefix, "simmim.") + DECODER_KEYS
     sd = dict(state_dict)
@@ -204,7 +234,8 @@ def convert_transformers_state_dict(state_dict, model_type, num_patches=None):
 
 
 def convert_transformers_checkpoint(model_dir, output_dir=None, **overrides):
-    """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` folder -> ours."""
+    """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` / `Swinv2ForMaskedImageModeling`
+    folder -> ours."""
     from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 
     hf_config, state_dict = load_transformers_checkpoint(model_dir)
