@@ -1,7 +1,8 @@
 """The named recipes hold the values of the official configurations (`tests/fixtures/official_configs/`, copied
-from microsoft/SimMIM), and a run that names one trains with them."""
+from microsoft/SimMIM and, for SwinV2, microsoft/Swin-Transformer), and a run that names one trains with them."""
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hf_simmim.training.recipes import (
     get_recipe,
 )
 from hf_simmim.training.runs import parse_config_overrides, apply_learning_rate, resolve_recipe_defaults
+from hf_simmim.training.schedules import SimMIMLRLambda
 
 OFFICIAL_CONFIGS = Path(__file__).parent / "fixtures" / "official_configs"
 # The defaults of microsoft/SimMIM config.py that the YAML files leave unset.
@@ -39,10 +41,21 @@ def _yacs_value(value):
         return value
 
 
+# microsoft/Swin-Transformer config.py (the SwinV2 configurations) has the same defaults, plus these; microsoft/SimMIM's
+# build_scheduler passes no warmup_prefix (timm's default, False).
+SWIN_TRANSFORMER_DEFAULTS = {
+    "WARMUP_PREFIX": True,
+    "PRETRAINED_WINDOW_SIZES": [0, 0, 0, 0],
+    "NORM_TARGET": {"ENABLE": False, "PATCH_SIZE": 47},
+}
+
+
 def official(recipe):
     values = _yacs_value(yaml.safe_load((OFFICIAL_CONFIGS / Path(recipe.source).name).read_text()))
     train = {**OFFICIAL_DEFAULTS, **values["TRAIN"]}
     train["LR_SCHEDULER"] = {**OFFICIAL_DEFAULTS["LR_SCHEDULER"], **train["LR_SCHEDULER"]}
+    swin_transformer = recipe.source.startswith("microsoft/Swin-Transformer@")
+    train["LR_SCHEDULER"].setdefault("WARMUP_PREFIX", swin_transformer and SWIN_TRANSFORMER_DEFAULTS["WARMUP_PREFIX"])
     return values["MODEL"], values["DATA"], train
 
 
@@ -80,21 +93,66 @@ def test_a_recipe_holds_the_values_of_its_official_configuration(name):
     assert (recipe.max_grad_norm, recipe.layer_decay) == (train["CLIP_GRAD"], train["LAYER_DECAY"])
     assert recipe.schedule == train["LR_SCHEDULER"]["NAME"] and recipe.gamma == train["LR_SCHEDULER"]["GAMMA"]
     assert list(recipe.milestone_epochs) == train["LR_SCHEDULER"]["MULTISTEPS"]
+    if recipe.schedule == "cosine":  # where warmup_prefix changes the schedule
+        assert recipe.warmup_prefix == train["LR_SCHEDULER"]["WARMUP_PREFIX"]
     assert recipe.drop_path_rate == model["DROP_PATH_RATE"]
     config = SimMIMConfig.from_preset(recipe.preset, **parse_config_overrides(recipe.config_overrides))
     assert config.image_size == data["IMG_SIZE"] and config.backbone == model["TYPE"]
     if recipe.stage == "pretraining":
         assert (config.mask_patch_size, config.mask_ratio) == (data["MASK_PATCH_SIZE"], data["MASK_RATIO"])
-    if model["TYPE"] == "swin":
-        swin = model["SWIN"]
+    if model["TYPE"] in ("swin", "swinv2"):
+        swin = model[model["TYPE"].upper()]
         assert (config.embed_dim, config.depths, config.num_heads, config.window_size) == (
             swin["EMBED_DIM"], swin["DEPTHS"], swin["NUM_HEADS"], swin["WINDOW_SIZE"]
         )
-    else:
+    if model["TYPE"] == "swinv2":
+        assert_swinv2_fields(recipe, model)
+    if model["TYPE"] == "vit":
         vit = model["VIT"]
         assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
             vit["EMBED_DIM"], vit["DEPTH"], vit["NUM_HEADS"]
         )
+
+
+def assert_swinv2_fields(recipe, model):
+    """The normalised target of a pretraining configuration is the preset's; the pretrained windows of a fine-tuning
+    one are what loading a checkpoint of the recipe's (pretraining) preset with its overrides gives, the path of
+    `from_pretrained(checkpoint, **overrides)`."""
+    norm_target = {**SWIN_TRANSFORMER_DEFAULTS["NORM_TARGET"], **model.get("SIMMIM", {}).get("NORM_TARGET", {})}
+    windows = model["SWINV2"].get("PRETRAINED_WINDOW_SIZES", SWIN_TRANSFORMER_DEFAULTS["PRETRAINED_WINDOW_SIZES"])
+    overrides = parse_config_overrides(recipe.config_overrides)
+    config = SimMIMConfig.from_dict(SimMIMConfig.from_preset(recipe.preset).to_dict(), **overrides)
+    assert config.pretrained_window_sizes == windows
+    if recipe.stage == "pretraining":
+        assert (config.norm_target, config.norm_target_patch_size) == (
+            "local" if norm_target["ENABLE"] else None, norm_target["PATCH_SIZE"]
+        )
+
+
+def test_the_swinv2_fine_tuning_preset_is_what_loading_the_pretraining_one_at_its_size_gives():
+    """`swinv2-base-window14-224` writes the official fine-tuning model by hand; a checkpoint of the pretraining preset
+    loaded with the fine-tuning recipe's overrides becomes the same architecture."""
+    recipe = RECIPES["simmim-finetune-swinv2-base-800ep"]
+    loaded = SimMIMConfig.from_dict(
+        SimMIMConfig.from_preset(recipe.preset).to_dict(), **parse_config_overrides(recipe.config_overrides)
+    )
+    written = SimMIMConfig.from_preset("swinv2-base-window14-224")
+    fields = ("image_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "pretrained_window_sizes")
+    assert {f: getattr(loaded, f) for f in fields} == {f: getattr(written, f) for f in fields}
+
+
+def test_the_swinv2_fine_tuning_cosine_starts_after_warmup():
+    """microsoft/Swin-Transformer runs the fine-tuning cosine over the steps after warmup (timm's warmup_prefix=True:
+    t_initial = steps - warmup, t - warmup); microsoft/SimMIM over the whole run. 100 steps, 20 of warmup from 0."""
+    prefixed = SimMIMLRLambda(1.0, 100, 20, 0.0, 0.1, warmup_prefix=True)
+    whole_run = SimMIMLRLambda(1.0, 100, 20, 0.0, 0.1)
+    assert prefixed.lr_at(10) == whole_run.lr_at(10) == pytest.approx(0.5)  # warmup alike
+    assert prefixed.lr_at(20) == pytest.approx(1.0)  # the peak right after warmup
+    assert whole_run.lr_at(20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert prefixed.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the 80 cosine steps
+    assert prefixed.lr_at(100) == whole_run.lr_at(100) == pytest.approx(0.1)
+    assert RECIPES["simmim-finetune-swinv2-base-800ep"].warmup_prefix
+    assert not RECIPES["simmim-finetune-swin-base-800ep"].warmup_prefix
 
 
 def test_a_pretraining_run_naming_a_recipe_trains_with_it():

@@ -1,6 +1,6 @@
-"""Training recipes as data: one frozen, named `Recipe` per official microsoft/SimMIM configuration, and the
-defaults a run takes when it names none (the official `config.py` values). The scripts' argument defaults read
-their recipe values from here.
+"""Training recipes as data: one frozen, named `Recipe` per official SimMIM configuration (microsoft/SimMIM's ViT and
+Swin, microsoft/Swin-Transformer's SwinV2), and the defaults a run takes when it names none (the official `config.py`
+values). The scripts' argument defaults read their recipe values from here.
 
 A recipe fills the run's arguments that the command line leaves unset (`recipe_defaults`): a flag given
 explicitly always wins. Learning rates are per 512 images, scaled by the total batch (`lr = base x batch / 512`),
@@ -14,13 +14,18 @@ from ..data.augmentation import OFFICIAL_RAND_AUGMENT
 from ..models.configuration_simmim import PRESETS
 
 SOURCE = "microsoft/SimMIM@d3e29bc configs/"
+# SimMIM's SwinV2 configurations live in microsoft/Swin-Transformer (same config.py defaults; its cosine schedule
+# starts after warmup: `Recipe.warmup_prefix`).
+SWINV2_SOURCE = "microsoft/Swin-Transformer@f82860b configs/simmim/"
 STAGES = ("pretraining", "fine-tuning")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """One official configuration: the model preset it trains (plus config overrides, e.g. the fine-tuning
-    window), the schedule and the optimisation values. Learning rates are per 512 images."""
+    window), the schedule and the optimisation values. Learning rates are per 512 images. `warmup_prefix`: the cosine
+    runs over the steps after warmup (microsoft/Swin-Transformer's `LR_SCHEDULER.WARMUP_PREFIX`, default True there;
+    microsoft/SimMIM has no such option and runs it over the whole run)."""
 
     name: str
     stage: str
@@ -39,6 +44,7 @@ class Recipe:
     drop_path_rate: float = 0.0
     layer_decay: float = 1.0
     config_overrides: str | None = None
+    warmup_prefix: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -48,13 +54,13 @@ class Recipe:
         return f"{self.name} ({self.source})"
 
 
-def _pretraining(name, config, preset, epochs, base_lr, warmup_lr, min_lr=5e-6, **fields):
-    return Recipe(name, "pretraining", SOURCE + config, preset, epochs, 10, base_lr, warmup_lr, min_lr, **fields)
+def _pretraining(name, config, preset, epochs, base_lr, warmup_lr, min_lr=5e-6, source=SOURCE, **fields):
+    return Recipe(name, "pretraining", source + config, preset, epochs, 10, base_lr, warmup_lr, min_lr, **fields)
 
 
-def _finetuning(name, config, preset, layer_decay, drop_path_rate=0.1, **fields):
+def _finetuning(name, config, preset, layer_decay, drop_path_rate=0.1, source=SOURCE, **fields):
     return Recipe(
-        name, "fine-tuning", SOURCE + config, preset, 100, 20, 1.25e-3, 2.5e-7, 2.5e-7,
+        name, "fine-tuning", source + config, preset, 100, 20, 1.25e-3, 2.5e-7, 2.5e-7,
         layer_decay=layer_decay, drop_path_rate=drop_path_rate, **fields,
     )
 
@@ -103,6 +109,18 @@ RECIPES = {
             "swin_large__800ep/simmim_finetune__swin_large__img224_window14__800ep.yaml",
             "swin-large-window12-192", 0.7, drop_path_rate=0.2, config_overrides="image_size=224,window_size=14",
         ),
+        # The preset trains with the normalised target (NORM_TARGET 47), as the configuration.
+        _pretraining(
+            "simmim-swinv2-base-800ep", "simmim_pretrain__swinv2_base__img192_window12__800ep.yaml",
+            "swinv2-base-window12-192", 800, 1e-4, 5e-7, source=SWINV2_SOURCE, drop_path_rate=0.1, **_MULTISTEP_800,
+        ),
+        # Loading the 192 px / window 12 checkpoint at 224 px / window 14 sets its pretrained_window_sizes to
+        # [12, 12, 12, 6], the configuration's PRETRAINED_WINDOW_SIZES (see SimMIMConfig.from_dict).
+        _finetuning(
+            "simmim-finetune-swinv2-base-800ep", "simmim_finetune__swinv2_base__img224_window14__800ep.yaml",
+            "swinv2-base-window12-192", 0.75, source=SWINV2_SOURCE, config_overrides="image_size=224,window_size=14",
+            warmup_prefix=True,
+        ),
     )
 }
 
@@ -120,7 +138,7 @@ SCHEDULE_LEARNING_RATES = {"cosine": (2e-4, 1e-6), "multistep": (1e-4, 5e-7), "t
 MULTISTEP_WARMUP_FRACTION = 10 / 800
 # The tiny CPU presets are ~1000x smaller than ViT-B: at the paper's 2e-4 their loss barely moves in the
 # one-minute default run (0.92 -> 0.87 in 300 steps), at 8e-3 it falls to ~0.72.
-PRESET_BASE_LEARNING_RATES = {"vit-tiny-test": 8e-3, "swin-tiny-test": 8e-3}
+PRESET_BASE_LEARNING_RATES = {"vit-tiny-test": 8e-3, "swin-tiny-test": 8e-3, "swinv2-tiny-test": 8e-3}
 # Fine-tuning without --recipe: the values every official fine-tuning config shares (TRAIN, MODEL.DROP_PATH_RATE)
 # and config.py's AUG and MODEL.LABEL_SMOOTHING, over 30 epochs with the configs' warmup of 20 of 100 epochs;
 FINETUNING_DEFAULTS = {
@@ -128,8 +146,9 @@ FINETUNING_DEFAULTS = {
     "min_learning_rate": 2.5e-7, "drop_path_rate": 0.1, "mixup": 0.8, "cutmix": 1.0, "mixup_prob": 1.0,
     "mixup_switch_prob": 0.5, "label_smoothing": 0.1, "rand_augment": OFFICIAL_RAND_AUGMENT, "random_erasing": 0.25,
 }
-# and the official layer-wise decay of the backbone's base model (ViT-B 0.65, Swin-B after 100 pretraining epochs 0.9).
-DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9}
+# and the official layer-wise decay of the backbone's base model (ViT-B 0.65, Swin-B after 100 pretraining epochs 0.9,
+# SwinV2-B 0.75).
+DEFAULT_LAYER_DECAY = {"vit": 0.65, "swin": 0.9, "swinv2": 0.75}
 
 
 def recipe_names(stage):

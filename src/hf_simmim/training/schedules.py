@@ -19,7 +19,9 @@ class SimMIMLRLambda:
     Step `t` (0-based optimizer step) gets:
     - warmup, `t < num_warmup_steps`: `warmup_lr + (base_lr - warmup_lr) * t / num_warmup_steps`;
     - `"cosine"`: `min_lr + (base_lr - min_lr) * (1 + cos(pi * t / num_training_steps)) / 2`, the cosine running
-      over the whole run as in timm's `CosineLRScheduler(warmup_prefix=False)` used by the official code;
+      over the whole run as in timm's `CosineLRScheduler(warmup_prefix=False)` used by microsoft/SimMIM; with
+      `warmup_prefix`, over the steps after warmup, `(t - num_warmup_steps) / (num_training_steps -
+      num_warmup_steps)`, as microsoft/Swin-Transformer's SwinV2 fine-tuning (timm's `warmup_prefix=True`);
     - `"multistep"`: `base_lr * gamma ** (number of milestones <= t)`, milestones in steps (the 800-epoch configs
       decay x0.1 at epoch 700 of 800).
     A callable object (not a lambda), so `LambdaLR.state_dict()` saves it with the checkpoint.
@@ -33,6 +35,7 @@ class SimMIMLRLambda:
     schedule: str = "cosine"
     milestones: list = field(default_factory=list)
     gamma: float = 0.1
+    warmup_prefix: bool = False
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "multistep"):
@@ -46,8 +49,10 @@ class SimMIMLRLambda:
             return self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.num_warmup_steps
         if self.schedule == "multistep":
             return self.base_lr * self.gamma ** bisect_right(self.milestones, step)
-        progress = min(step, self.num_training_steps) / self.num_training_steps
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        step, steps = min(step, self.num_training_steps), self.num_training_steps
+        if self.warmup_prefix:
+            step, steps = step - self.num_warmup_steps, max(steps - self.num_warmup_steps, 1)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
     def __call__(self, step):
         return self.lr_at(step) / self.base_lr if self.base_lr else 0.0
@@ -55,7 +60,7 @@ class SimMIMLRLambda:
 
 def get_simmim_scheduler(
     optimizer, num_training_steps, num_warmup_steps=0, warmup_lr=0.0, min_lr=0.0, schedule="cosine", milestones=(),
-    gamma=0.1,
+    gamma=0.1, warmup_prefix=False,
 ):
     """A `LambdaLR` with one `SimMIMLRLambda` per parameter group, peaking at the group's own learning rate.
 
@@ -63,12 +68,13 @@ def get_simmim_scheduler(
     `MultiStepLRScheduler` that the official code uses: a layer-wise decayed group warms up from `warmup_lr` to its
     decayed peak and ends at `min_lr`, not at `min_lr` times its scale. `milestones` are fractions of
     `num_training_steps` in (0, 1] (e.g. 0.875 for epoch 700 of 800) or absolute step numbers (> 1).
+    `warmup_prefix`: the cosine runs over the steps after warmup (see `SimMIMLRLambda`).
     """
     steps = [round(m * num_training_steps) if m <= 1 else int(m) for m in milestones]
     lr_lambdas = [
         SimMIMLRLambda(
             group.get("initial_lr", group["lr"]), num_training_steps, num_warmup_steps, warmup_lr, min_lr, schedule,
-            steps, gamma,
+            steps, gamma, warmup_prefix,
         )
         for group in optimizer.param_groups
     ]
@@ -88,6 +94,8 @@ class SimMIMRecipe:
         no_weight_decay_names: substrings of parameter names also exempt from weight decay (an opt-in beyond the
             official exemptions, e.g. `"relative_position_bias_table,mask_token"`); a comma-separated string or a
             sequence.
+        warmup_prefix: for `"cosine"`: the cosine runs over the steps after warmup (microsoft/Swin-Transformer's
+            fine-tuning) instead of the whole run (microsoft/SimMIM's).
     """
 
     schedule: str = "cosine"
@@ -97,6 +105,7 @@ class SimMIMRecipe:
     gamma: float = 0.1
     stop_on_nonfinite_loss: bool = True
     no_weight_decay_names: tuple = ()
+    warmup_prefix: bool = False
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
