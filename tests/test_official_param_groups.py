@@ -1,13 +1,16 @@
-"""The optimizers our trainers build against the official microsoft/SimMIM `optimizer.build_optimizer`, through its
-reference fixtures (`../shared/fixtures/official_recipe/README.md`, "Parameter groups"): the weight decay of every
-parameter in pretraining and fine-tuning, and the layer id and learning-rate scale of every parameter in
-fine-tuning, for ViT and Swin. Official parameter names reach ours through the checkpoint converter."""
+"""The optimizers our trainers build against the official `optimizer.build_optimizer` (microsoft/SimMIM's; for SwinV2
+microsoft/Swin-Transformer's), through its reference fixtures (`../shared/fixtures/official_recipe/README.md`,
+"Parameter groups"): the weight decay of every parameter in pretraining and fine-tuning, and the layer id and
+learning-rate scale of every parameter in fine-tuning, for ViT, Swin and SwinV2. Official parameter names reach ours
+through the checkpoint converter."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
+from conftest import SHARED_DIR, require_shared_dir
 from transformers import TrainingArguments
 
 from hf_simmim import SimMIMConfig, SimMIMForImageClassification, SimMIMForMaskedImageModeling
@@ -16,12 +19,22 @@ from hf_simmim.training.optim import layer_decay_parameter_groups, no_weight_dec
 from hf_simmim.training.schedules import SimMIMRecipe
 from hf_simmim.training.trainer import SimMIMFineTuneTrainer, SimMIMTrainer
 
-BACKBONES = ("vit", "swin")
+BACKBONES = ("vit", "swin", "swinv2")
 REL_TOL = 1e-12  # the official lr_scale values are float64 products (README)
+# The official ViT's query and value biases, which the converter merges into one qkv bias (SwinV2 keeps its own).
+VIT_QV_BIAS = re.compile(r"^encoder\.blocks\.\d+\.attn\.[qv]_bias$")
 
 
 def load_oracle(official_recipe_dir, stage, backbone):
     return json.loads((official_recipe_dir / f"param_groups_{stage}_{backbone}.json").read_text())
+
+
+def official_checkpoint(official_fixtures_dir, backbone):
+    """The official pretraining checkpoint the oracle's model was built as (SwinV2's is in `official_simmim_v2`)."""
+    if backbone == "swinv2":
+        folder = require_shared_dir(SHARED_DIR / "fixtures" / "official_simmim_v2", "official SimMIM SwinV2 fixtures")
+        return str(folder / "swinv2" / "checkpoint.pth")
+    return str(official_fixtures_dir / backbone / "checkpoint.pth")
 
 
 def our_name(official_name, finetuning):
@@ -33,7 +46,7 @@ def our_name(official_name, finetuning):
                 return ours + official_name[len(official) :]
         official_name = "encoder." + official_name
     siblings = [official_name]
-    if official_name.endswith(("attn.q_bias", "attn.v_bias")):  # the converter merges them into one qkv bias
+    if VIT_QV_BIAS.match(official_name):  # the converter merges them into one qkv bias
         stem = official_name[: -len("q_bias")]
         siblings = [stem + "q_bias", stem + "v_bias"]
     (name,) = convert_official_state_dict({key: torch.zeros(1) for key in siblings})
@@ -62,6 +75,8 @@ def finetuning_config(fields, **overrides):
             window_size=model["WINDOW_SIZE"], use_absolute_position_embeddings=model["APE"],
             patch_norm=model["PATCH_NORM"],
         )
+    if backbone == "swinv2":
+        arch["pretrained_window_sizes"] = model["PRETRAINED_WINDOW_SIZES"]
     return SimMIMConfig(**{**common, **arch, **overrides})
 
 
@@ -96,7 +111,7 @@ def assert_adamw_like_official(optimizer, oracle):
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_pretraining_weight_decay_equals_official(official_recipe_dir, official_fixtures_dir, backbone, tmp_path):
     oracle = load_oracle(official_recipe_dir, "pretrain", backbone)
-    model = convert_official_checkpoint(str(official_fixtures_dir / backbone / "checkpoint.pth"))
+    model = convert_official_checkpoint(official_checkpoint(official_fixtures_dir, backbone))
     groups, optimizer = built_optimizer(SimMIMTrainer, model, tmp_path, oracle)
     expected = official_by_ours(oracle, finetuning=False)
     assert set(expected) == set(groups)  # every official parameter is one of ours and every one of ours official
@@ -106,7 +121,7 @@ def test_pretraining_weight_decay_equals_official(official_recipe_dir, official_
     assert_adamw_like_official(optimizer, oracle)
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ("vit", "swin"))  # the SwinV2 oracle has no probe
 def test_pretraining_absolute_position_embedding_probe(official_recipe_dir, official_fixtures_dir, backbone):
     oracle = load_oracle(official_recipe_dir, "pretrain", backbone)
     probe = oracle["probe_with_abs_pos_embed"]
@@ -149,7 +164,7 @@ PROBE_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ("vit", "swin"))  # the SwinV2 oracle has no probes (its layer ids are Swin's)
 def test_finetuning_layer_id_probes_equal_official(official_recipe_dir, backbone):
     oracle = load_oracle(official_recipe_dir, "finetune", backbone)
     fields = oracle["fields_set"]
