@@ -1,6 +1,7 @@
 """hf_simmim: SimMIM (Xie et al., CVPR 2022) as Hugging Face transformers models.
 
-Importing the package registers `SimMIMConfig`, the models and the image processor with the Auto classes.
+Importing the package registers `SimMIMConfig`, the models and the image processor with the Auto classes, and the
+inpainting pipeline with transformers' pipelines: `pipeline("image-inpainting", model=CHECKPOINT)`.
 
 Layout (arrows point one way: models <- data <- training <- scripts):
 - `hf_simmim.models`: configuration, encoders and heads, image processor (what a checkpoint carries);
@@ -18,6 +19,7 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from . import models
 from .models import (  # noqa: F401  (the public names: __all__ below)
@@ -33,6 +35,7 @@ from .models import (  # noqa: F401  (the public names: __all__ below)
     mask_generator_for,
     simmim_loss,
 )
+from .models.pipeline_simmim import INPAINTING_TASK, InpaintingInputError, SimMIMInpaintingPipeline
 
 __version__ = "0.1.0"
 
@@ -54,4 +57,10 @@ SimMIMForMaskedImageModeling.register_for_auto_class("AutoModelForMaskedImageMod
 SimMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 SimMIMImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = list(models.__all__)
+# `pipeline(INPAINTING_TASK, ...)`; the model class is named by its transformers Auto class, which is what a checkpoint
+# saved with the pipeline (`pipeline.save_pretrained`) can name in its config.json for `trust_remote_code`.
+PIPELINE_REGISTRY.register_pipeline(
+    INPAINTING_TASK, pipeline_class=SimMIMInpaintingPipeline, pt_model=AutoModelForMaskedImageModeling, type="image"
+)
+
+__all__ = [*models.__all__, "INPAINTING_TASK", "InpaintingInputError", "SimMIMInpaintingPipeline"]
