@@ -1,0 +1,52 @@
+"""What a launcher asked for, checked against what this machine can do, before any work; and a clean exit.
+
+`accelerate launch` passes its config to the processes as environment variables (`ACCELERATE_USE_FSDP`,
+`ACCELERATE_USE_DEEPSPEED`, ...). Some of those requests accelerate cannot honour on every machine, and it then
+quietly trains something else: without an accelerator its state is MULTI_CPU (gloo) or NO, and
+`AcceleratorState` switches to FSDP only for the multi-accelerator types, so `--use_fsdp` on CPUs trains plain DDP
+with every parameter replicated. A run that would silently do something other than its config says is refused here.
+"""
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CPU_MULTI_PROCESS_CONFIG = "examples/accelerate_configs/cpu_2proc.yaml"
+
+
+def requested_by_launcher(name):
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def check_distributed_launch(accelerator):
+    """Refuse, naming the cause and the fix, a launch whose sharding this machine would silently drop.
+
+    `accelerator`: whether the run has a GPU or another accelerator (not `use_cpu`)."""
+    if requested_by_launcher("ACCELERATE_USE_FSDP") and not accelerator:
+        raise ValueError(
+            "FSDP was requested (accelerate launch --use_fsdp / distributed_type: FSDP) on a machine without a GPU: "
+            "accelerate prepares FSDP only for accelerator process groups and would train plain DDP with every "
+            f"parameter replicated. Run on GPUs, or use {CPU_MULTI_PROCESS_CONFIG} for a multi-process CPU run."
+        )
+    if requested_by_launcher("ACCELERATE_USE_DEEPSPEED"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(
+                "DeepSpeed was requested (distributed_type: DEEPSPEED) but is not installed: pip install deepspeed."
+            )
+        if not accelerator:
+            raise ValueError(
+                "DeepSpeed was requested on a machine without a GPU: its ZeRO configs need accelerators. Use "
+                f"{CPU_MULTI_PROCESS_CONFIG} for a multi-process CPU run."
+            )
+
+
+def end_distributed_run():
+    """Destroy the process group, after every process has arrived, so that no worker exits while another still
+    talks to it (a process that leaves a live gloo group can abort at interpreter exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
