@@ -4,7 +4,7 @@
     from transformers import pipeline
 
     inpainter = pipeline("image-inpainting", model="path/to/checkpoint")
-    filled = inpainter("photo.png", mask="mask.png")        # white (>= 128) = fill
+    filled = inpainter("photo.png", mask="mask.png")        # nonzero = fill (black = keep)
     filled = inpainter(image, mask=(40, 30, 90, 70))         # a box x0, y0, x1, y1 (x1, y1 excluded, as PIL's crop)
     filled = inpainter(image, mask=bool_array)               # (height, width), True = fill
 
@@ -17,7 +17,8 @@ What it does to an image of any size (height H, width W) and a model of `image_s
 3. The mask is snapped to the model's patch grid: a patch is masked when ANY pixel to fill overlaps it. Patch r
    covers the original rows [r * P * H / S, (r + 1) * P * H / S) (columns likewise) and pixel y the rows [y, y + 1),
    so every pixel to fill lies wholly inside masked patches: none is predicted from a visible patch, whose
-   reconstruction is not trained.
+   reconstruction is not trained. (Training's user masks, `masking.snap_mask_to_patches`, mask a patch when at least
+   half of it is masked instead: there the mask ratio matters, here that every pixel to fill is predicted.)
 4. The model predicts the masked patches; the visible patches keep their input pixels. That S x S picture is
    un-normalised, resized back to H x W, and written into the pixels to fill only (clipped and rounded for
    integer images). Every other pixel of the result is the input's, bit for bit.
@@ -42,7 +43,6 @@ from .image_processing_simmim import SimMIMImageProcessor
 from .image_transforms import map_channels
 
 INPAINTING_TASK = "image-inpainting"
-FILL_THRESHOLD = 128  # a mask image's pixels at or above this grey level are filled
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # RGB -> grey, as PIL's convert("L")
 IMAGE_MODES = ("RGB", "L", "I;16", "I", "F")
 
@@ -104,12 +104,13 @@ def box_mask(box, height, width):
 
 
 def pixel_mask(mask, height, width):
-    """A mask image (or its path; grey >= `FILL_THRESHOLD` = fill), a box `(x0, y0, x1, y1)`, or a bool or 0/1 array
-    (True = fill) -> a bool (height, width) array of the pixels to fill."""
+    """A mask image (or its path; a pixel nonzero in any channel = fill, as training's user masks), a box `(x0, y0,
+    x1, y1)`, or a bool or 0/1 array (True = fill) -> a bool (height, width) array of the pixels to fill."""
     if isinstance(mask, (str, os.PathLike)):
         mask = open_image_file(mask)
     if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L")) >= FILL_THRESHOLD
+        mask = np.asarray(mask) != 0
+        mask = mask.any(axis=-1) if mask.ndim == 3 else mask
     elif isinstance(mask, (tuple, list)) and len(mask) == 4 and all(isinstance(v, numbers.Number) for v in mask):
         return checked_mask(box_mask(mask, height, width))
     elif torch.is_tensor(mask):
@@ -134,8 +135,8 @@ def pixel_mask(mask, height, width):
 def checked_mask(mask):
     if not mask.any():
         raise InpaintingInputError(
-            f"The mask selects no pixel to fill: a mask image fills its pixels of grey level >= {FILL_THRESHOLD} "
-            "(white), an array its True / 1 entries."
+            "The mask selects no pixel to fill: a mask image fills its nonzero pixels, an array its True / 1 "
+            "entries, a box its inside."
         )
     return mask
 
@@ -147,7 +148,7 @@ def patch_pixel_ranges(length, side, patch_size):
     return edges[:-1] // side, -(-edges[1:] // side)  # floor of each patch's start, ceil of its end
 
 
-def snap_mask_to_patches(mask, side, patch_size):
+def patches_to_fill(mask, side, patch_size):
     """A bool (H, W) pixel mask -> the bool (side / patch_size,) * 2 patch mask of a model of input `side`: a patch is
     masked when any masked pixel overlaps it once the image is resized to side x side."""
     row_starts, row_stops = patch_pixel_ranges(mask.shape[0], side, patch_size)
@@ -175,7 +176,7 @@ class SimMIMInpaintingPipeline(Pipeline):
 
     `pipeline("image-inpainting", model=CHECKPOINT)` after `import hf_simmim`; call it as `inpainter(image,
     mask=MASK)` or `inpainter({"image": image, "mask": MASK})` (lists of either too). MASK: a mask image or its path
-    (grey >= 128 = fill), a box `(x0, y0, x1, y1)`, or a bool / 0-1 array of the image's size. Returns the filled
+    (nonzero = fill), a box `(x0, y0, x1, y1)`, or a bool / 0-1 array of the image's size. Returns the filled
     image in the input's kind (a PIL image for a PIL image or path, else an array), one per input.
     """
 
@@ -226,7 +227,7 @@ class SimMIMInpaintingPipeline(Pipeline):
             hidden.astype(np.float32), do_resize=False, do_center_crop=False, do_convert_rgb=False,
             input_data_format="channels_first", return_tensors="pt",
         )["pixel_values"]
-        patch_mask = torch.from_numpy(snap_mask_to_patches(to_fill, side, config.patch_size))[None]
+        patch_mask = torch.from_numpy(patches_to_fill(to_fill, side, config.patch_size))[None]
         return {"pixel_values": pixel_values, "bool_masked_pos": patch_mask, "original": original,
                 "to_fill": to_fill, "form": form}
 
