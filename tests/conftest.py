@@ -98,3 +98,8 @@ def tiny_vit(**overrides):
 def tiny_swin(**overrides):
     """`SimMIMConfig` fields of a tiny Swin."""
     return {**TINY_SWIN, **overrides}
+
+
+def tiny_swinv2(**overrides):
+    """`SimMIMConfig` fields of a tiny SwinV2 (the tiny Swin's geometry: windows of 4 on 16x16 and 8x8 token grids)."""
+    return {**TINY_SWIN, "backbone": "swinv2", **overrides}
