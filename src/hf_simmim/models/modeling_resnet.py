@@ -1,0 +1,166 @@
+"""The ResNet encoder (transformers' `ResNetModel` layout: microsoft/resnet-50 and its family) for SimMIM, with the
+masking of `modeling_conv_masking`.
+
+Stem: 7x7 convolution (stride 2) + batch norm + activation + 3x3 max pooling (stride 2), so the first stage sees
+stride 4; each later stage halves the resolution in its first layer. Module names follow transformers' own below the
+stem (`stages.{i}.layers.{j}.layer.{k}.convolution`, `.normalization`, `.shortcut`), so weights convert by prefix
+(`convert/cnn_weights.py`).
+
+Config fields read: `num_channels`, `embedding_size` (stem width), `hidden_sizes` (output width of each stage),
+`depths` (layers per stage), `layer_type` (`"bottleneck"` or `"basic"`), `hidden_act`, `conv_masking`,
+`mask_token_type`, `initializer_range`.
+"""
+
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .modeling_conv_masking import MaskedBatchNorm2d, MaskedConvEncoder, init_batch_norm, visible_for
+
+RESNET_LAYER_TYPES = ("bottleneck", "basic")
+# transformers' bottleneck: the 3x3 convolution runs at out_channels / 4.
+BOTTLENECK_REDUCTION = 4
+
+
+class ResNetConvLayer(nn.Module):
+    """Convolution (no bias) + batch norm (over visible positions in `sparse` mode) + optional activation."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, activation="relu"):
+        super().__init__()
+        self.convolution = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False
+        )
+        self.normalization = MaskedBatchNorm2d(out_channels)
+        self.activation = ACT2FN[activation] if activation is not None else nn.Identity()
+
+    def forward(self, features, visible=None):
+        features = self.convolution(features)
+        return self.activation(self.normalization(features, visible_for(visible, features)))
+
+
+class ResNetResidualLayer(nn.Module):
+    """A basic (two 3x3 convolutions) or bottleneck (1x1, 3x3, 1x1) residual layer; the 3x3 convolution carries the
+    stride, and a 1x1 convolution + batch norm shortcut matches a change of width or resolution."""
+
+    def __init__(self, config, in_channels, out_channels, stride=1):
+        super().__init__()
+        act = config.hidden_act
+        if config.layer_type == "bottleneck":
+            reduced = out_channels // BOTTLENECK_REDUCTION
+            convolutions = [
+                ResNetConvLayer(in_channels, reduced, kernel_size=1, activation=act),
+                ResNetConvLayer(reduced, reduced, stride=stride, activation=act),
+                ResNetConvLayer(reduced, out_channels, kernel_size=1, activation=None),
+            ]
+        else:
+            convolutions = [
+                ResNetConvLayer(in_channels, out_channels, stride=stride, activation=act),
+                ResNetConvLayer(out_channels, out_channels, activation=None),
+            ]
+        self.layer = nn.ModuleList(convolutions)
+        needs_shortcut = in_channels != out_channels or stride != 1
+        self.shortcut = (
+            ResNetConvLayer(in_channels, out_channels, kernel_size=1, stride=stride, activation=None)
+            if needs_shortcut
+            else None
+        )
+        self.activation = ACT2FN[act]
+
+    def forward(self, features, visible=None):
+        residual = features if self.shortcut is None else self.shortcut(features, visible)
+        for convolution in self.layer:
+            features = convolution(features, visible)
+        return self.activation(features + residual)
+
+
+class ResNetStage(GradientCheckpointingLayer):
+    def __init__(self, config, in_channels, out_channels, stride, depth):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [ResNetResidualLayer(config, in_channels, out_channels, stride)]
+            + [ResNetResidualLayer(config, out_channels, out_channels) for _ in range(depth - 1)]
+        )
+
+    def forward(self, features, visible=None):
+        for layer in self.layers:
+            features = layer(features, visible)
+        return features
+
+
+class ResNetStem(nn.Module):
+    """7x7 convolution (stride 2) + batch norm + activation + 3x3 max pooling (stride 2). In `sparse` mode the
+    pooled map is masked again: pooling windows at visible positions reach masked ones (which hold 0, below every
+    post-activation value, so they never win the max)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.convolution = nn.Conv2d(
+            config.num_channels, config.embedding_size, kernel_size=7, stride=2, padding=3, bias=False
+        )
+        self.normalization = MaskedBatchNorm2d(config.embedding_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.pooler = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, pixel_values, visible=None):
+        features = self.convolution(pixel_values)
+        features = self.pooler(self.activation(self.normalization(features, visible_for(visible, features))))
+        return features if visible is None else features * visible_for(visible, features)
+
+
+class ResNetEncoder(MaskedConvEncoder):
+    """Stem -> (mask token at stride 4, `token` mode) -> stages. See `MaskedConvEncoder.forward` for the outputs.
+
+    `token` mode leaks nothing of the masked pixels (they are 0 before the stem), but the stem's receptive field is
+    11 pixels at stride 4: the visible positions next to a masked region see its filled pixels (up to 5 pixels before
+    and 2 past their 4x4 cell), and BatchNorm statistics include the mask tokens.
+    """
+
+    def __init__(self, config, use_mask_token=True):
+        super().__init__()
+        if config.layer_type not in RESNET_LAYER_TYPES:
+            raise ValueError(f"layer_type={config.layer_type!r} is not supported: use one of {RESNET_LAYER_TYPES}.")
+        if len(config.depths) != len(config.hidden_sizes):
+            raise ValueError(
+                f"depths={config.depths} and hidden_sizes={config.hidden_sizes} must have one entry per stage."
+            )
+        self.config = config
+        self.stem = ResNetStem(config)
+        self.mask_token = self.build_mask_token(config, use_mask_token, config.embedding_size)
+        widths = [config.embedding_size] + list(config.hidden_sizes)
+        self.stages = nn.ModuleList(
+            [
+                ResNetStage(config, widths[i], widths[i + 1], 1 if i == 0 else 2, depth)
+                for i, depth in enumerate(config.depths)
+            ]
+        )
+        self.mask_strides = (1, 2) + tuple(4 * 2**i for i in range(len(config.depths)))
+        init_resnet_encoder_weights(self)
+
+    def num_layers(self):
+        """Layer ids of layer-wise learning-rate decay: stem, one per stage, everything after the stages."""
+        return len(self.stages) + 2
+
+    def layer_id(self, name):
+        """Per stage (ResNet has no official layer decay rule): 0 for the stem and the mask token, `i + 1` for stage
+        `i`, the last id for anything after the stages (the head)."""
+        if name == "mask_token" or name.startswith("stem."):
+            return 0
+        if name.startswith("stages."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers() - 1
+
+    def no_weight_decay_keywords(self):
+        return set()
+
+
+def init_resnet_encoder_weights(encoder):
+    """transformers' ResNet init: convolutions Kaiming normal (fan out, ReLU), batch norms fresh; the mask token
+    truncated normal (std `initializer_range`, as SimMIM's Swin)."""
+    for module in encoder.modules():
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            init_batch_norm(module)
+    if encoder.mask_token is not None:
+        init.trunc_normal_(encoder.mask_token, std=encoder.config.initializer_range)
