@@ -50,7 +50,7 @@ def _check_divides(small, large, what):
 
 def visible_at(mask_grid, size):
     """`(B, g_h, g_w)` bool mask (True = masked) -> `(B, 1, h, w)` float map, 1 where visible, at `size = (h, w)`."""
-    visible = (~mask_grid).unsqueeze(1).float()
+    visible = (~mask_grid.bool()).unsqueeze(1).float()
     (g_h, g_w), (h, w) = mask_grid.shape[1:], size
     if h >= g_h:
         _check_divides(g_h, h, (g_h, h))
@@ -106,16 +106,19 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         if not self.training or (visible is None and not synced):
             out = super().forward(features)
             return out if visible is None else out * visible
-        mean, var, count = self._batch_moments(features, visible, synced)
+        # statistics in float32 whatever the model's dtype, as cuDNN computes them for bf16/fp16 inputs
+        mean, var, count = self._batch_moments(features.float(), visible, synced)
         self._update_running_stats(mean, var, count)
         scale = torch.rsqrt(var + self.eps) * self.weight
-        out = (features - mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
+        out = (features.float() - mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
+        out = out.to(features.dtype)
         return out if visible is None else out * visible
 
     def _batch_moments(self, features, visible, synced):
         """Mean and (biased) variance per channel over the visible positions of all processes, and their count."""
         if visible is None:
             visible = features.new_ones(features.shape[0], 1, *features.shape[2:])
+        visible = visible.to(features.dtype)
         group = self.process_group
         weighted = features * visible
         totals = torch.cat([visible.sum().reshape(1), weighted.sum(dim=(0, 2, 3))])
@@ -168,9 +171,14 @@ class MaskedConvEncoder(nn.Module):
     `stage(features, visible)`), `mask_token` and `mask_strides` (the strides of every feature map a layer masks,
     1 = the input)."""
 
-    def build_mask_token(self, config, use_mask_token, width):
-        """The learned mask token, in `token` mode only: in `sparse` mode masked positions stay 0 in the encoder."""
+    def __init__(self, config):
+        super().__init__()
         check_conv_masking(config)
+        self.config = config
+
+    def build_mask_token(self, use_mask_token, width):
+        """The learned mask token, in `token` mode only: in `sparse` mode masked positions stay 0 in the encoder."""
+        config = self.config
         learned = use_mask_token and config.conv_masking == "token" and config.mask_token_type == "learned"
         return nn.Parameter(torch.zeros(1, 1, width)) if learned else None
 
@@ -212,6 +220,10 @@ class MaskedConvEncoder(nn.Module):
         """Parameter names exempt from weight decay by name: the mask token, as SparK's pretraining exempts it."""
         return {"mask_token"}
 
+    def no_weight_decay_keywords(self):
+        """Substrings exempting parameters from weight decay in fine-tuning: none unless a subclass says so."""
+        return set()
+
 
 # ---------------------------------------------------------------------------------------------- decoder
 class UpsamplingBlock(nn.Module):
@@ -248,6 +260,13 @@ class Densify(nn.Module):
         return self.proj(features)
 
 
+def densify_norm(config, channels):
+    """SparK's densify norm: batch norm for ResNet, LayerNorm (eps 1e-6) for ConvNeXt."""
+    if config.backbone == "resnet":
+        return MaskedBatchNorm2d(channels)
+    return ChannelsFirstLayerNorm(channels, eps=1e-6)
+
+
 class HierarchicalDecoder(nn.Module):
     """SparK's light decoder over the stage outputs: from the coarsest map, `log2(encoder_stride)` upsampling blocks
     halve the width (`decoder_hidden_size`, then /2, /4, ...); before each of the first `len(hidden_sizes)` blocks the
@@ -268,10 +287,12 @@ class HierarchicalDecoder(nn.Module):
             )
         self.sparse = config.conv_masking == "sparse"
         channels = [width // 2**k for k in range(num_blocks + 1)]
-        norm = MaskedBatchNorm2d if config.backbone == "resnet" else (lambda c: ChannelsFirstLayerNorm(c, eps=1e-6))
         stage_widths = list(reversed(config.hidden_sizes))
         self.densify = nn.ModuleList(
-            [Densify(c, channels[k], 1 if k == 0 else 3, norm(c), self.sparse) for k, c in enumerate(stage_widths)]
+            [
+                Densify(c, channels[k], 1 if k == 0 else 3, densify_norm(config, c), self.sparse)
+                for k, c in enumerate(stage_widths)
+            ]
         )
         self.blocks = nn.ModuleList([UpsamplingBlock(channels[k], channels[k + 1]) for k in range(num_blocks)])
         self.proj = nn.Conv2d(channels[-1], config.num_channels, kernel_size=1)

@@ -141,11 +141,10 @@ class ConvNextEncoder(MaskedConvEncoder):
     """Stem -> (mask token, `token` mode) -> stages. See `MaskedConvEncoder.forward` for the outputs."""
 
     def __init__(self, config, use_mask_token=True):
-        super().__init__()
+        super().__init__(config)
         check_convnext_config(config)
-        self.config = config
         self.stem = ConvNextStem(config)
-        self.mask_token = self.build_mask_token(config, use_mask_token, config.hidden_sizes[0])
+        self.mask_token = self.build_mask_token(use_mask_token, config.hidden_sizes[0])
         total = sum(config.depths)
         rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         widths = [config.hidden_sizes[0]] + list(config.hidden_sizes)

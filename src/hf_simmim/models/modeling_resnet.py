@@ -117,16 +117,15 @@ class ResNetEncoder(MaskedConvEncoder):
     """
 
     def __init__(self, config, use_mask_token=True):
-        super().__init__()
+        super().__init__(config)
         if config.layer_type not in RESNET_LAYER_TYPES:
             raise ValueError(f"layer_type={config.layer_type!r} is not supported: use one of {RESNET_LAYER_TYPES}.")
         if len(config.depths) != len(config.hidden_sizes):
             raise ValueError(
                 f"depths={config.depths} and hidden_sizes={config.hidden_sizes} must have one entry per stage."
             )
-        self.config = config
         self.stem = ResNetStem(config)
-        self.mask_token = self.build_mask_token(config, use_mask_token, config.embedding_size)
+        self.mask_token = self.build_mask_token(use_mask_token, config.embedding_size)
         widths = [config.embedding_size] + list(config.hidden_sizes)
         self.stages = nn.ModuleList(
             [
@@ -149,9 +148,6 @@ class ResNetEncoder(MaskedConvEncoder):
         if name.startswith("stages."):
             return int(name.split(".")[1]) + 1
         return self.num_layers() - 1
-
-    def no_weight_decay_keywords(self):
-        return set()
 
 
 def init_resnet_encoder_weights(encoder):
