@@ -1,13 +1,14 @@
-"""Parity with transformers' own classes: their `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` checkpoints
-convert to ours with the same loss and reconstruction, and ours export to their ViT, BEiT and Swin classes with the
-same outputs and an image processor of theirs that preprocesses as ours."""
+"""Parity with transformers' own classes: their `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` /
+`Swinv2ForMaskedImageModeling` checkpoints convert to ours with the same loss and reconstruction, and ours export to
+their ViT, BEiT, Swin and Swinv2 classes with the same outputs and an image processor of theirs that preprocesses as
+ours."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import max_abs_diff, perturb_parameters_, tiny_swin, tiny_vit
+from conftest import max_abs_diff, perturb_parameters_, tiny_swin, tiny_swinv2, tiny_vit
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -20,6 +21,10 @@ from transformers import (
     SwinForImageClassification,
     SwinForMaskedImageModeling,
     SwinModel,
+    Swinv2Config,
+    Swinv2ForImageClassification,
+    Swinv2ForMaskedImageModeling,
+    Swinv2Model,
     ViTConfig,
     ViTForMaskedImageModeling,
 )
@@ -64,10 +69,20 @@ def tiny_hf_swin(**kwargs):
     )
 
 
+def tiny_hf_swinv2(**kwargs):
+    fields = dict(embed_dim=8, depths=[2, 2], num_heads=[1, 2], window_size=4, pretrained_window_sizes=[0, 0])
+    return Swinv2Config(**{**fields, **kwargs}, image_size=32, patch_size=2, encoder_stride=4)
+
+
 HF_MODELS = {
     "vit": lambda: ViTForMaskedImageModeling(tiny_hf_vit()),
     "swin": lambda: SwinForMaskedImageModeling(tiny_hf_swin()),
     "swin-abs-pos": lambda: SwinForMaskedImageModeling(tiny_hf_swin(use_absolute_embeddings=True)),
+    "swinv2": lambda: Swinv2ForMaskedImageModeling(tiny_hf_swinv2()),
+    # fine-tuned at window 8 from window 4: stage 1's 8x8 grid is one window, coordinates scaled by 4
+    "swinv2-pretrained-windows": lambda: Swinv2ForMaskedImageModeling(
+        tiny_hf_swinv2(window_size=8, pretrained_window_sizes=[4, 4])
+    ),
 }
 
 
@@ -123,8 +138,13 @@ def test_transformers_checkpoint_converts_with_same_outputs(name, tmp_path):
         assert config.mlp_ratio * config.hidden_size == hf.intermediate_size
         assert config.use_absolute_position_embeddings and not config.use_shared_relative_position_bias
     else:
-        assert (config.embed_dim, config.depths, config.num_heads, config.window_size) == (8, [2, 2], [1, 2], 4)
+        assert (config.embed_dim, config.depths, config.num_heads, config.window_size) == (
+            8, [2, 2], [1, 2], hf.window_size
+        )
         assert config.use_absolute_position_embeddings == hf.use_absolute_embeddings
+        assert config.backbone == hf.model_type
+    if hf.model_type == "swinv2":
+        assert config.pretrained_window_sizes == list(hf.pretrained_window_sizes)
     pixel_values, mask = inputs_for(hf.image_size, hf.patch_size)
     compare(hf_model, ours, pixel_values, mask, f"{name} -> ours (python api)")
     # The encoder output itself matches too.
@@ -135,7 +155,7 @@ def test_transformers_checkpoint_converts_with_same_outputs(name, tmp_path):
     assert max_abs_diff(actual, expected) <= ATOL
 
 
-@pytest.mark.parametrize("name", ["vit", "swin"])
+@pytest.mark.parametrize("name", ["vit", "swin", "swinv2"])
 def test_transformers_checkpoint_converts_with_cli(name, tmp_path):
     hf_model, folder = saved_hf_model(name, tmp_path)
     out_dir = tmp_path / "ours"
@@ -172,6 +192,17 @@ def test_transformers_checkpoint_without_decoder_keeps_our_decoder(tmp_path):
     )
 
 
+def test_transformers_swinv2_with_absolute_positions_is_refused(tmp_path):
+    """transformers' Swinv2 holds num_patches + 1 absolute positions and cannot add them (its forward fails), so such a
+    checkpoint has no function to reproduce."""
+    hf_model = Swinv2ForMaskedImageModeling(tiny_hf_swinv2(use_absolute_embeddings=True))
+    with pytest.raises(RuntimeError):  # the premise
+        hf_model(torch.zeros(1, 3, 32, 32))
+    hf_model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="use_absolute_embeddings"):
+        convert_transformers_checkpoint(str(tmp_path / "hf"))
+
+
 def test_transformers_checkpoint_with_wrong_encoder_stride_is_refused(tmp_path):
     hf_config = tiny_hf_vit()
     hf_config.encoder_stride = 8  # transformers accepts this, and reconstructs 64x64 images from 32x32 inputs
@@ -189,10 +220,16 @@ PLAIN_VIT = tiny_vit(
     layer_scale_init_value=0.0,
 )
 SWIN = tiny_swin()
+SWINV2 = tiny_swinv2()
 EXPORTABLE = {
     "vit": PLAIN_VIT,
     "swin": SWIN,
     "swin-abs-pos": dict(SWIN, use_absolute_position_embeddings=True),
+    "swinv2": SWINV2,
+    "swinv2-pretrained-windows": dict(SWINV2, window_size=8, pretrained_window_sizes=[4, 4]),
+}
+MIM_CLASSES = {
+    "vit": ViTForMaskedImageModeling, "swin": SwinForMaskedImageModeling, "swinv2": Swinv2ForMaskedImageModeling
 }
 
 
@@ -201,7 +238,7 @@ def test_export_to_transformers_reproduces_ours(name, tmp_path):
     torch.manual_seed(0)
     ours = perturb_parameters_(SimMIMForMaskedImageModeling(SimMIMConfig(**EXPORTABLE[name]))).eval()
     exported = export_to_transformers(ours, str(tmp_path / "hf"))
-    expected_class = ViTForMaskedImageModeling if name == "vit" else SwinForMaskedImageModeling
+    expected_class = MIM_CLASSES[ours.config.backbone]
     assert type(exported) is expected_class
     # Reload with transformers' own class, independently of what export_to_transformers returned.
     reloaded = expected_class.from_pretrained(tmp_path / "hf")
@@ -235,6 +272,13 @@ def test_transformers_vit_config_refuses_what_only_beit_holds(overrides, field):
     with pytest.raises(ValueError, match=field):
         transformers_config_from_simmim(config, "vit")
     assert isinstance(transformers_config_from_simmim(config), BeitConfig)  # what the default picks instead
+
+
+def test_swinv2_with_absolute_positions_does_not_export(tmp_path):
+    model = SimMIMModel(SimMIMConfig(**SWINV2, use_absolute_position_embeddings=True))
+    with pytest.raises(ValueError, match="use_absolute_position_embeddings"):
+        export_to_transformers(model, str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
 def test_export_without_learned_mask_token_is_refused(tmp_path):
@@ -319,20 +363,26 @@ def test_vit_classifier_exports_as_beit_for_image_classification(variant, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "model_class, hf_class", [(SimMIMModel, SwinModel), (SimMIMForImageClassification, SwinForImageClassification)]
+    "model_class, hf_class, fields",
+    [
+        (SimMIMModel, SwinModel, SWIN),
+        (SimMIMForImageClassification, SwinForImageClassification, SWIN),
+        (SimMIMModel, Swinv2Model, SWINV2),
+        (SimMIMForImageClassification, Swinv2ForImageClassification, EXPORTABLE["swinv2-pretrained-windows"]),
+    ],
 )
-def test_swin_encoder_and_classifier_export_to_swin(model_class, hf_class, tmp_path):
-    ours = perturbed(model_class, SWIN, num_labels=4)
+def test_swin_encoder_and_classifier_export_to_swin(model_class, hf_class, fields, tmp_path):
+    ours = perturbed(model_class, fields, num_labels=4)
     export_to_transformers(ours, str(tmp_path / "hf"))
     reloaded = hf_class.from_pretrained(tmp_path / "hf").eval()
     pixel_values, _ = inputs_for(32, 2, seed=8)
     with torch.no_grad():
         expected, actual = ours(pixel_values), reloaded(pixel_values)
     if model_class is SimMIMModel:
-        assert_close(actual.last_hidden_state, expected.last_hidden_state, "ours -> SwinModel last_hidden_state")
-        assert_close(actual.pooler_output, expected.pooler_output, "ours -> SwinModel pooler_output")
+        assert_close(actual.last_hidden_state, expected.last_hidden_state, f"ours -> {hf_class.__name__} tokens")
+        assert_close(actual.pooler_output, expected.pooler_output, f"ours -> {hf_class.__name__} pooler_output")
     else:
-        assert_close(actual.logits, expected.logits, "ours -> SwinForImageClassification logits")
+        assert_close(actual.logits, expected.logits, f"ours -> {hf_class.__name__} logits")
 
 
 def test_cli_exports_a_classifier_checkpoint_with_its_processor(tmp_path):
