@@ -188,6 +188,10 @@ def test_inputs_as_dicts_and_lists(inpainter):
     np.testing.assert_array_equal(both[0], single)
     assert both[1].shape == (32, 40)
     np.testing.assert_array_equal(inpainter([image], mask=to_fill)[0], single)
+    with pytest.raises(InpaintingInputError, match="given twice"):
+        inpainter({"image": image, "mask": to_fill}, mask=to_fill)
+    with pytest.raises(InpaintingInputError, match="got the keys \\['image', 'masks'\\]"):
+        inpainter({"image": image, "masks": to_fill})
 
 
 @pytest.mark.parametrize(
@@ -214,12 +218,15 @@ def test_unusable_images_and_masks_are_refused_naming_the_fix(inpainter, image, 
         inpainter(image, mask=mask) if mask is not None else inpainter(image)
 
 
-def test_a_classifier_is_refused(tmp_path):
+def test_models_that_do_not_predict_pixels_are_refused():
     from hf_simmim import SimMIMForImageClassification
 
     classifier = SimMIMForImageClassification(SimMIMConfig(**tiny_vit(), num_labels=3))
     with pytest.raises(TypeError, match="SimMIMForMaskedImageModeling"):
         SimMIMInpaintingPipeline(model=classifier)
+    standardised = SimMIMForMaskedImageModeling(SimMIMConfig(**tiny_vit(), norm_target=True))
+    with pytest.raises(ValueError, match="predicts standardised patches, not pixels"):
+        SimMIMInpaintingPipeline(model=standardised)
 
 
 # ---------------------------------------------------------------------------------------------- shared checkpoints

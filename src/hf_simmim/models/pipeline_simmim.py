@@ -194,6 +194,12 @@ class SimMIMInpaintingPipeline(Pipeline):
                 f"masked pixels; got {type(self.model).__name__}. Convert a transformers ViT/Swin masked-image-"
                 "modeling checkpoint with `hf-simmim convert transformers`."
             )
+        if getattr(self.model.config, "norm_target", None) not in (None, False):
+            raise ValueError(
+                f"This model was trained with norm_target={self.model.config.norm_target!r}: it predicts standardised "
+                "patches, not pixels, so its prediction cannot fill an image. Use a model pretrained on the pixels "
+                "(norm_target None, the paper's setting)."
+            )
         if self.image_processor is None:
             self.image_processor = SimMIMImageProcessor.from_model_config(self.model.config)
 
@@ -209,12 +215,16 @@ class SimMIMInpaintingPipeline(Pipeline):
         if isinstance(inputs, dict):
             unknown = sorted(set(inputs) - {"image", "mask"})
             if unknown or "image" not in inputs:
-                raise ValueError(f"An input dict holds 'image' and optionally 'mask'; got the keys {sorted(inputs)}.")
+                raise InpaintingInputError(
+                    f"An input dict holds 'image' and optionally 'mask'; got the keys {sorted(inputs)}."
+                )
             if "mask" in inputs and mask is not None:
-                raise ValueError("The mask is given twice, in the input dict and as mask=: give one.")
+                raise InpaintingInputError("The mask is given twice, in the input dict and as mask=: give one.")
             inputs, mask = inputs["image"], inputs.get("mask", mask)
         if mask is None:
-            raise InpaintingInputError("No mask: pass mask= (a mask image or path, a box (x0, y0, x1, y1), or a bool array).")
+            raise InpaintingInputError(
+                "No mask: pass mask= (a mask image or its path, a box (x0, y0, x1, y1), or a bool array)."
+            )
         original, form = image_pixels(inputs)
         to_fill = pixel_mask(mask, *original.shape[:2])
         config = self.model.config
@@ -242,10 +252,9 @@ class SimMIMInpaintingPipeline(Pipeline):
         patch_size = self.model.config.patch_size
         patch_mask = model_outputs["bool_masked_pos"][0].numpy()
         in_masked_patch = patch_mask.repeat(patch_size, axis=0).repeat(patch_size, axis=1)
-        predicted = np.where(
-            in_masked_patch, model_outputs["reconstruction"][0].float().numpy(), model_outputs["pixel_values"][0].numpy()
-        )
-        predicted = self._raw_values(predicted)
+        pixel_values = model_outputs["pixel_values"][0].numpy()
+        reconstruction = model_outputs["reconstruction"][0].float().numpy()
+        predicted = self._raw_values(np.where(in_masked_patch, reconstruction, pixel_values))
         original, to_fill = model_outputs["original"], model_outputs["to_fill"]
         height, width, channels = original.shape
         if predicted.shape[1:] != (height, width):
