@@ -219,6 +219,31 @@ def test_transformers_classifier_round_trips_through_our_keys(name):
     assert all(torch.equal(back[key], theirs[key]) for key in theirs)
 
 
+# The sizes of microsoft/resnet-50, facebook/convnext-tiny-224 and facebook/convnextv2-tiny-1k-224.
+FULL_SIZES = {
+    "resnet": dict(TINY["resnet"], embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3]),
+    "convnext": dict(TINY["convnext"], hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]),
+    "convnextv2": dict(TINY["convnextv2"], hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZES))
+def test_full_size_layouts_convert_key_for_key(name):
+    """Those checkpoints' layouts are transformers' default configs: built on the meta device, every weight of their
+    classifier maps onto ours with its shape, and back."""
+    fields = FULL_SIZES[name]
+    config_class, _, classifier_class = transformers_classes(name)
+    with torch.device("meta"):
+        theirs = classifier_class(config_class()).state_dict()
+        config = PretrainedConfig(**{**COMMON, **fields, "conv_masking": "token"})
+        ours = {f"simmim.encoder.{key}": value for key, value in build_encoder(config).state_dict().items()}
+    converted = cnn_state_dict_from_transformers(theirs, MODEL_TYPES[name])
+    head = {"classifier.weight", "classifier.bias"} | {k for k in converted if k.startswith("simmim.pooler.")}
+    assert converted.keys() - head == ours.keys() - {"simmim.encoder.mask_token"}
+    assert all(converted[key].shape == ours[key].shape for key in converted.keys() - head)
+    assert cnn_state_dict_to_transformers(converted, MODEL_TYPES[name])[0].keys() == theirs.keys()
+
+
 def test_unknown_weights_are_refused():
     with pytest.raises(ValueError, match="Unrecognised weights"):
         cnn_state_dict_from_transformers({"embeddings.position_embeddings": torch.zeros(1)}, "convnext")
@@ -507,6 +532,7 @@ def test_masked_batch_norm_statistics_are_those_of_the_visible_positions():
     [
         ("resnet", dict(conv_masking="dense"), "conv_masking='dense'"),
         ("resnet", dict(layer_type="wide"), "layer_type='wide'"),
+        ("resnet", dict(depths=[1, 1]), "one entry per stage"),
         ("convnextv2", dict(layer_scale_init_value=1e-6), "ConvNeXt V2 has no layer scale"),
         ("convnext", dict(layer_decay_type="group", depths=[1, 1, 1], hidden_sizes=[8, 16, 24]), "needs 4 stages"),
         ("convnext", dict(convnext_version=3), "convnext_version=3"),

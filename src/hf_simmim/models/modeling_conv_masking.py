@@ -35,9 +35,15 @@ from .modeling_layers import fill_masked_tokens
 CONV_MASKING_MODES = ("token", "sparse")
 
 
-def check_conv_masking(config):
+def check_conv_encoder_config(config):
+    """The fields both CNN encoders read: the masking mode and one width per stage."""
     if config.conv_masking not in CONV_MASKING_MODES:
         raise ValueError(f"conv_masking={config.conv_masking!r} is not supported: use one of {CONV_MASKING_MODES}.")
+    if not config.depths or len(config.depths) != len(config.hidden_sizes):
+        raise ValueError(
+            f"depths={config.depths} and hidden_sizes={config.hidden_sizes} must have one entry per stage (at least "
+            "one stage)."
+        )
 
 
 def _check_divides(small, large, what):
@@ -173,7 +179,7 @@ class MaskedConvEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        check_conv_masking(config)
+        check_conv_encoder_config(config)
         self.config = config
 
     def build_mask_token(self, use_mask_token, width):

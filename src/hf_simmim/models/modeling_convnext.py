@@ -125,10 +125,10 @@ def check_convnext_config(config):
             f"layer_scale_init_value={config.layer_scale_init_value} with convnext_version=2: ConvNeXt V2 has no "
             "layer scale (GRN replaces it); set layer_scale_init_value=0."
         )
-    if len(config.depths) != len(config.hidden_sizes):
-        raise ValueError(f"depths={config.depths} and hidden_sizes={config.hidden_sizes} must have one entry per stage.")
     if config.layer_decay_type not in LAYER_DECAY_TYPES:
-        raise ValueError(f"layer_decay_type={config.layer_decay_type!r} is not supported: use one of {LAYER_DECAY_TYPES}.")
+        raise ValueError(
+            f"layer_decay_type={config.layer_decay_type!r} is not supported: use one of {LAYER_DECAY_TYPES}."
+        )
     if config.layer_decay_type == "group" and (len(config.depths) != 4 or config.depths[2] > GROUP_MAX_STAGE3_DEPTH):
         raise ValueError(
             f"layer_decay_type='group' with depths={config.depths}: the official grouping (12 groups of three blocks "

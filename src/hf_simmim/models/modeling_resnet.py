@@ -120,10 +120,6 @@ class ResNetEncoder(MaskedConvEncoder):
         super().__init__(config)
         if config.layer_type not in RESNET_LAYER_TYPES:
             raise ValueError(f"layer_type={config.layer_type!r} is not supported: use one of {RESNET_LAYER_TYPES}.")
-        if len(config.depths) != len(config.hidden_sizes):
-            raise ValueError(
-                f"depths={config.depths} and hidden_sizes={config.hidden_sizes} must have one entry per stage."
-            )
         self.stem = ResNetStem(config)
         self.mask_token = self.build_mask_token(use_mask_token, config.embedding_size)
         widths = [config.embedding_size] + list(config.hidden_sizes)
