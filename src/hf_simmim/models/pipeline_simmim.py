@@ -28,7 +28,13 @@ in the units the image processor rescales (0-255 for 8-bit images). A grey image
 the model as RGB and its prediction turned back to grey with ITU-R 601 luma, as PIL's "L" conversion. The result has
 the input's kind, size, mode, shape and dtype. One image at a time (`batch_size` 1).
 
-Relative imports only: a checkpoint saved with this pipeline (`pipeline.save_pretrained`) carries this file.
+Sharing: `inpainter.save_pretrained(folder)` (or `push_to_hub`) writes the checkpoint with this file and names the
+pipeline in its config.json (`custom_pipelines`), so `pipeline("image-inpainting", model=folder,
+trust_remote_code=True)` runs it where hf_simmim is not installed. For a task config.json names, transformers asks for
+`trust_remote_code=True` even where hf_simmim is installed; `pipeline_class=SimMIMInpaintingPipeline` runs the
+installed code instead (`hf-simmim inpaint` does).
+
+Relative imports only: a checkpoint saved with this pipeline carries this file.
 """
 
 import numbers
