@@ -91,7 +91,9 @@ def fill_masked_positions(features, visible, mask_token, mask_token_type):
 # ---------------------------------------------------------------------------------------------- batch norm
 def _all_reduce(tensor, process_group):
     """Sum over the processes, differentiably (the gradient of each process's share flows back to it)."""
-    return dist.nn.functional.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    from torch.distributed.nn.functional import all_reduce  # only where torch.distributed is available and running
+
+    return all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
 
 
 class MaskedBatchNorm2d(nn.BatchNorm2d):

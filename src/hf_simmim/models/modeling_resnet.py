@@ -90,8 +90,8 @@ class ResNetStage(GradientCheckpointingLayer):
 
 class ResNetStem(nn.Module):
     """7x7 convolution (stride 2) + batch norm + activation + 3x3 max pooling (stride 2). In `sparse` mode the
-    pooled map is masked again: pooling windows at visible positions reach masked ones (which hold 0, below every
-    post-activation value, so they never win the max)."""
+    pooled map is masked again, as SparK's sparse max pooling; pooling windows at visible positions reach masked ones,
+    which hold 0: after ReLU no visible value is below it, so the max is that of the visible positions alone."""
 
     def __init__(self, config):
         super().__init__()
