@@ -1,6 +1,6 @@
-"""Checkpoints in and out: official microsoft/SimMIM `.pth` files (`official`), transformers' ViT/Swin MIM
-checkpoints (`transformers_checkpoints`), and the export of our models to transformers' own ViT, BEiT and Swin
-classes (`to_transformers`).
+"""Checkpoints in and out: official SimMIM `.pth` files (`official`: microsoft/SimMIM's ViT and Swin,
+microsoft/Swin-Transformer's SwinV2), transformers' ViT/Swin/Swinv2 MIM checkpoints (`transformers_checkpoints`), and
+the export of our models to transformers' own ViT, BEiT, Swin and Swinv2 classes (`to_transformers`).
 
 Every direction infers the architecture from the weights (and the transformers config where there is one), so no
 hand-written config is needed; what a checkpoint cannot tell can be overridden by keyword.

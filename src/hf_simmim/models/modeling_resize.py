@@ -10,6 +10,10 @@ bicubically, as BEiT and timm do: the official fine-tuning never resizes them. A
 built with per-block tables (`use_relative_position_bias=True, use_shared_relative_position_bias=False`) starts every
 block from a checkpoint's shared table.
 
+SwinV2 has no table to resize: its continuous position bias is an MLP over relative coordinates, rebuilt (with the
+relative position index and shift masks) from the config at the new window; `pretrained_window_sizes` keeps the
+learned offsets at their coordinates (see `SimMIMConfig.from_dict`).
+
 `plan_position_tables` decides this from the checkpoint's shapes (file headers only) before any weight is loaded, so a
 weight of another shape that no interpolation fits is refused before loading; `fill_position_tables` writes the planned
 tables once transformers has loaded the rest."""

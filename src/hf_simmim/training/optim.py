@@ -15,7 +15,7 @@ LR_REFERENCE_BATCH_SIZE = 512
 
 
 def encoder_and_prefix(model):
-    """The model's encoder (ViT or Swin) and the prefix of its parameter names in `model.named_parameters()`."""
+    """The model's encoder (ViT, Swin or SwinV2) and the prefix of its parameter names in `model.named_parameters()`."""
     if hasattr(model, "simmim"):  # SimMIMForMaskedImageModeling, SimMIMForImageClassification
         return model.simmim.encoder, "simmim.encoder."
     return model.encoder, "encoder."  # SimMIMModel
@@ -26,8 +26,9 @@ def no_weight_decay_parameter_names(model, pretraining=None, extra_names=()):
     of `extra_names` (an opt-in: e.g. `("relative_position_bias_table", "mask_token")`).
 
     `pretraining` (default: whether `model` is a `SimMIMForMaskedImageModeling`) drops the encoder's keywords: the
-    official pretraining wrapper prefixes them with `encoder.`, so they never match a parameter name, and Swin's
-    relative position bias tables are decayed in pretraining but not in fine-tuning.
+    official pretraining wrapper prefixes them with `encoder.`, so they never match a parameter name: Swin's
+    relative position bias tables, and SwinV2's logit scales and position-bias MLP weights, are decayed in pretraining
+    but not in fine-tuning.
     """
     encoder, prefix = encoder_and_prefix(model)
     if pretraining is None:
