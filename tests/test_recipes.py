@@ -155,6 +155,20 @@ def test_the_swinv2_fine_tuning_cosine_starts_after_warmup():
     assert not RECIPES["simmim-finetune-swin-base-800ep"].warmup_prefix
 
 
+def test_the_swinv2_recipes_reach_the_runs():
+    model_args, *_ = parse_finetune_arguments(
+        ["--recipe", "simmim-finetune-swinv2-base-800ep", "--model_name_or_path", "ckpt"]
+    )
+    assert (model_args.layer_decay, model_args.drop_path_rate) == (0.75, 0.1)
+    assert model_args.config_overrides == "image_size=224,window_size=14"
+    model_args, _, recipe_args, training_args, _ = parse_run_arguments(["--recipe", "simmim-swinv2-base-800ep"])
+    assert model_args.preset == "swinv2-base-window12-192" and training_args.num_train_epochs == 800
+    assert recipe_args.lr_schedule == "multistep" and recipe_args.base_learning_rate == 1e-4
+    swin = SimMIMConfig.from_preset("swin-tiny-test")
+    with pytest.raises(ValueError, match="is for a swinv2 model but the model is a swin"):
+        check_recipe_backbone("simmim-finetune-swinv2-base-800ep", swin)
+
+
 def test_a_pretraining_run_naming_a_recipe_trains_with_it():
     argv = ["--recipe", "simmim-swin-base-800ep", "--per_device_train_batch_size", "128", "--output_dir", "x"]
     model_args, _, recipe_args, training_args, given = parse_run_arguments(argv)
