@@ -112,7 +112,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = perturbed(SimMIMForMaskedImageModeling).train()
         if checkpointing:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing_enable
+                # transformers 5 renames it activation_checkpointing_enable
+                warnings.simplefilter("ignore", FutureWarning)
                 model.gradient_checkpointing_enable()
             assert model.simmim.encoder.layers[0].blocks[0].gradient_checkpointing
         pixel_values, mask = inputs(model.config)

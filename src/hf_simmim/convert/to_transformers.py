@@ -302,7 +302,8 @@ def export_to_transformers(model, output_dir, image_processor=None):
     hf_config = transformers_config_from_simmim(model.config, model_type)
     if _head(model) == "mim" and model.config.norm_target:
         logger.warning(
-            "%s computes its loss on the pixels: this model's norm_target=%r does not travel (the reconstruction does).",
+            "%s computes its loss on the pixels: this model's norm_target=%r does not travel (the reconstruction "
+            "does).",
             class_name, model.config.norm_target,
         )
     state_dict = exported_state_dict(model, model_type, class_name)

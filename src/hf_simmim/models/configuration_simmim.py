@@ -298,9 +298,10 @@ class SimMIMConfig(PreTrainedConfig):
             _check_positive_int(f"depths[{stage}]", depth)
             _check_positive_int(f"num_heads[{stage}]", heads)
         windows = self.pretrained_window_sizes
-        if len(windows) != len(self.depths) or any(
-            not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in windows
-        ):
+        valid = len(windows) == len(self.depths) and all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows
+        )
+        if self.backbone == "swinv2" and not valid:
             raise ValueError(
                 f"pretrained_window_sizes={windows} must hold one window size >= 0 per stage ({len(self.depths)} "
                 "stages; 0: the stage's own window)."
