@@ -86,15 +86,9 @@ def _official_overrides(official_config):
     return overrides
 
 
-def current_key_spelling(state_dict):
-    """The state dict with the SwinV2 position-bias MLP under its current name: the released SimMIM SwinV2 weights
-    call it `rpe_mlp`, the code (and this package) `cpb_mlp` (as the official loader renames it)."""
-    return {key.replace(".attn.rpe_mlp.", ".attn.cpb_mlp."): value for key, value in state_dict.items()}
-
-
 def config_from_official_state_dict(state_dict, **overrides):
     """Infer a `SimMIMConfig` from an official state dict (`encoder.*`, `decoder.0.*`)."""
-    sd = current_key_spelling(state_dict)
+    sd = state_dict
     proj = sd["encoder.patch_embed.proj.weight"]
     kwargs = dict(patch_size=proj.shape[-1], num_channels=proj.shape[1])
     if any(k.startswith("encoder.layers.") for k in sd):
@@ -229,7 +223,8 @@ _VIT_QV_BIAS = re.compile(r"^encoder\.blocks\.\d+\.attn\.[qv]_bias$")
 
 def _our_key(key):
     """Our name of an official key: `simmim.` in front of the encoder's, a ViT's per-block position tensors under
-    `rel_pos_bias`, the SwinV2 MLP as `cpb_mlp`."""
+    `rel_pos_bias`, the SwinV2 position-bias MLP as `cpb_mlp` (the released SimMIM SwinV2 weights call it `rpe_mlp`;
+    the official loader renames it too)."""
     key = _VIT_PER_BLOCK_POSITION.sub(r"\1.rel_pos_bias.\2", key.replace(".attn.rpe_mlp.", ".attn.cpb_mlp."))
     return "simmim." + key if key.startswith("encoder.") else key
 
@@ -263,11 +258,14 @@ def check_derived_buffers(model, state_dict, source):
         computed = ours.get(_our_key(key))
         if computed is None or computed.shape != value.shape or not torch.equal(computed.to(value.dtype), value):
             config = model.config
+            geometry = [f"image_size={config.image_size}"]
+            if config.backbone != "vit":
+                geometry.append(f"window_size={config.window_size}")
+            if config.backbone == "swinv2":
+                geometry.append(f"pretrained_window_sizes={config.pretrained_window_sizes}")
             raise ValueError(
-                f"{source}: {key} is not what image_size={config.image_size}"
-                + (f", window_size={config.window_size}" if config.backbone != "vit" else "")
-                + (f", pretrained_window_sizes={config.pretrained_window_sizes}" if config.backbone == "swinv2" else "")
-                + " give: pass the checkpoint's values (--image_size, --window_size)."
+                f"{source}: {key} is not what {', '.join(geometry)} give: pass the checkpoint's values (--image_size, "
+                "--window_size)."
             )
 
 
