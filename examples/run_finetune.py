@@ -12,15 +12,20 @@ embeddings at layer 0, head and final norm at scale 1), lr = --base_learning_rat
 then cosine, drop path 0.1, mixup 0.8 / cutmix 1.0, label smoothing 0.1, clipping 5.0. Accuracy (top-1, top-5)
 through the `evaluate` module shipped with hf_simmim. Writes the model, all_results.json and a model card to
 --output_dir.
+
+Images are read as the checkpoint's image processor reads them: RGB photos, or (a model of another channel count,
+.npy or array data) each image's own channels at full precision, with the checkpoint's normalisation (else the
+training images' per-channel mean and std); RandAugment, defined on 8-bit RGB, is left out for those.
 """
 
 import logging
 import os
 import sys
 
-from hf_simmim.data import detect_image_column, finetuning_augmentation, label_names, select_per_class
+from hf_simmim.data import detect_image_column, label_names, select_per_class
 from hf_simmim.training.arguments import parse_finetune_arguments
 from hf_simmim.training.finetuning import (
+    augmentation_for,
     finetuning_datasets,
     finetuning_recipe,
     finetuning_run_info,
@@ -52,9 +57,9 @@ def main(argv=None):
     train_raw = select_per_class(
         train_raw, label_column, data_args.samples_per_class, data_args.label_fraction, seed=training_args.seed
     )
-    model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)))
+    model, processor = load_classification_model(model_args, len(names), dict(enumerate(names)), train_raw, image_column)
     check_recipe_backbone(recipe_args.recipe, model.config)
-    augmentation = finetuning_augmentation(model.config.image_size, recipe_args.rand_augment, recipe_args.random_erasing)
+    augmentation = augmentation_for(processor, recipe_args, given)
     fine_tuning = model_args.mode == "finetune"
     datasets = finetuning_datasets(
         (train_raw, eval_raw), processor, augmentation if fine_tuning else None, image_column, label_column,

@@ -9,8 +9,12 @@ r"""SimMIM pretraining in one command, on `transformers.Trainer`.
     python examples/run_mim.py args.json                          # the same flags as one JSON object
 
 Model: --preset NAME | --config_file config.json | --model_name_or_path CHECKPOINT (continue pretraining).
-Data: --dataset_name (hub name or local path) | --train_dir [--validation_dir] (image folder, Parquet or Arrow)
-| nothing (the sample bundled with hf_simmim). --image_column_name if it cannot be detected.
+Data: --dataset_name (hub name or local path) | --train_dir [--validation_dir] (image folder, folder of .npy
+files, Parquet or Arrow) | nothing (the sample bundled with hf_simmim). --image_column_name if it cannot be
+detected. Photos are read as RGB; --num_channels N (1 for grayscale / 16-bit, N for multispectral) keeps each
+image's own channels at full precision, normalised with the training images' per-channel mean and std (computed in a
+first pass unless --image_mean / --image_std are given). --mask_column NAME: masks from the data (--mask_strategy
+user). --display_channels R G B: the channels the pictures show.
 Recipe: --recipe NAME (an official configuration: hf_simmim.training.recipes), else the official defaults:
 AdamW (0.9, 0.999), weight decay 0.05 on the parameters the official code decays, lr = --base_learning_rate x
 total batch / 512, warmup from --warmup_learning_rate then cosine to --min_learning_rate (--lr_schedule multistep
@@ -26,6 +30,7 @@ import os
 import sys
 
 from hf_simmim.data import detect_image_column, pretraining_augmentation
+from hf_simmim.reporting.pictures import display_view
 from hf_simmim.training.arguments import parse_run_arguments
 from hf_simmim.training.pretraining import (
     add_reconstruction_pictures,
@@ -55,14 +60,17 @@ def main(argv=None):
     start_run(training_args)
     resume_from = prepare_output_dir(training_args, recipe_args, model_args, given)
 
-    # ---------------------------------------------------------------- model and data, checked before training
-    model, image_processor = load_pretraining_model(model_args)
-    check_recipe_backbone(recipe_args.recipe, model.config)
+    # ---------------------------------------------------------------- data and model, checked before training
     train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir, model_args.token)
     image_column = detect_image_column(train_raw, data_args.image_column_name)
+    # the images decide how they are read (RGB photos, or their own channels) and, when not RGB, the normalisation
+    model, image_processor = load_pretraining_model(model_args, train_raw, image_column)
+    check_recipe_backbone(recipe_args.recipe, model.config)
+    display_view(model.config.num_channels, data_args.display_channels)
     augmentation = pretraining_augmentation(model.config.image_size)
     datasets = pretraining_datasets(
-        train_raw, eval_raw, image_processor, augmentation, image_column, training_args.seed, data_args.eval_mask_seed
+        train_raw, eval_raw, image_processor, augmentation, image_column, training_args.seed, data_args.eval_mask_seed,
+        data_args.mask_column,
     )
     if datasets[1] is None:
         training_args.eval_strategy = "no"
@@ -73,10 +81,13 @@ def main(argv=None):
     resolve_recipe_defaults(recipe_args, model_args)
     recipe, lr_rule = apply_learning_rate(training_args, recipe_args, given)
     run_info = pretraining_run_info(
-        (model_args, data_args, recipe_args), (train_raw, eval_raw), image_column, lr_rule, augmentation
+        (model_args, data_args, recipe_args), (train_raw, eval_raw), image_column, lr_rule, augmentation,
+        image_processor,
     )
     trainer = pretraining_trainer(model, image_processor, training_args, datasets, recipe, run_info)
-    pictures = add_reconstruction_pictures(trainer, pictures_source, data_args.num_reconstruction_images)
+    pictures = add_reconstruction_pictures(
+        trainer, pictures_source, data_args.num_reconstruction_images, data_args.display_channels
+    )
     logger.info(
         "Pretraining %s (%s parameters) on %s. Learning rate %.3g (%s), total batch %d.",
         type(model).__name__, f"{model.num_parameters():,}", run_info["data_description"],

@@ -233,12 +233,26 @@ def test_each_fine_tuning_mode_has_its_own_default_output_folder():
     assert given.output_dir == "mine"
 
 
-def test_the_scripts_refuse_a_model_that_is_not_rgb_before_any_work(tmp_path):
-    from hf_simmim.training.runs import check_rgb_model
+def test_num_channels_builds_a_model_of_that_many_channels_and_a_checkpoint_keeps_its_own(tmp_path):
+    model, processor = load_model(["--num_channels", "1", "--image_mean", "0.25", "--image_std", "0.5"])
+    assert model.config.num_channels == 1 and model.decoder[0].out_channels == model.config.encoder_stride**2
+    assert processor.num_channels == 1 and list(processor.image_mean) == [0.25] and not processor.converts_to_rgb
+    with pytest.raises(ValueError, match="num_channels=1 needs image_mean and image_std"):
+        load_model(["--num_channels", "1"])  # no data to compute them from
+    with pytest.raises(ValueError, match="Give --image_mean and --image_std together"):
+        load_model(["--num_channels", "1", "--image_mean", "0.25"])
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="--num_channels 3 disagrees with the checkpoint .* num_channels 1"):
+        load_model(["--model_name_or_path", str(tmp_path), "--num_channels", "3"])
 
-    with pytest.raises(ValueError, match="num_channels=1: run_mim.py and run_finetune.py read RGB images only"):
-        check_rgb_model(SimMIMConfig.from_preset("vit-tiny-test", num_channels=1))
-    check_rgb_model(SimMIMConfig.from_preset("vit-tiny-test"))
+
+def test_mask_column_sets_the_user_strategy_and_refuses_another():
+    model_args, data_args = parse_run_arguments(["--mask_column", "defects"])[:2]
+    assert model_args.mask_strategy == "user" and data_args.mask_column == "defects"
+    with pytest.raises(ValueError, match="--mask_column defects gives each image its own mask, but --mask_strategy grid"):
+        parse_run_arguments(["--mask_column", "defects", "--mask_strategy", "grid"])
+    with pytest.raises(ValueError, match="--mask_strategy user takes each image's mask from a column"):
+        parse_run_arguments(["--mask_strategy", "user"])
 
 
 def test_image_processor_name_takes_the_normalisation_of_any_saved_processor(tmp_path):
@@ -252,7 +266,7 @@ def test_image_processor_name_takes_the_normalisation_of_any_saved_processor(tmp
     config = SimMIMConfig.from_preset("vit-tiny-test")
     model_args = parse_run_arguments(["--image_processor_name", str(tmp_path)])[0]
     processor = load_image_processor(model_args, config, {})
-    assert (processor.image_mean, processor.image_std, processor.resample) == ([0.5] * 3, [0.25] * 3, 2)
+    assert (list(processor.image_mean), list(processor.image_std), processor.resample) == ([0.5] * 3, [0.25] * 3, 2)
     assert processor.image_size == 32 and processor.mask_patch_size == 8
 
 

@@ -12,18 +12,24 @@ from .loading import (
     select_per_class,
     undecoded,
 )
+from .pixels import PixelHeader, pixel_header, read_pixels
+from .statistics import ChannelStatistics, channel_statistics, dataset_statistics
 from .transforms import SeededImageDataset, SimMIMPretrainingDataset, SimMIMTransform, collate_fn
 
 __all__ = [
     "AugmentationPreset",
+    "ChannelStatistics",
+    "PixelHeader",
     "SeededImageDataset",
     "SimMIMPretrainingDataset",
     "SimMIMTransform",
     "UndecodableImage",
     "bundled_sample_data_files",
+    "channel_statistics",
     "check_image_dataset",
     "check_not_empty",
     "collate_fn",
+    "dataset_statistics",
     "decode_image",
     "detect_image_column",
     "finetuning_augmentation",
@@ -31,7 +37,9 @@ __all__ = [
     "load_image_datasets",
     "normalize_pixel_batch",
     "open_image",
+    "pixel_header",
     "pretraining_augmentation",
+    "read_pixels",
     "select_per_class",
     "undecoded",
 ]

@@ -1,7 +1,10 @@
 """Training augmentation as named presets, without torchvision.
 
 An `AugmentationPreset` says what a training run does to an image before the mask: the crop, the flip, and for
-fine-tuning RandAugment and random erasing. Two presets reproduce the official code, each derived from the
+fine-tuning RandAugment and random erasing. It takes RGB photos (PIL images) and images that keep their own
+channels (CHW arrays of any channel count and pixel type, `data.pixels`), which get the same crop and flip, each
+channel resized at its precision; RandAugment, defined on 8-bit RGB images, is refused for the latter. A user mask
+goes through the crop and flip of its image. Two presets reproduce the official code, each derived from the
 model's image size: `pretraining_augmentation` (microsoft/SimMIM `SimMIMTransform`: RandomResizedCrop scale
 0.67-1, bilinear, flip) and `finetuning_augmentation` (timm's `create_transform` as the official fine-tuning
 calls it: RandomResizedCrop 0.08-1 bicubic, flip, RandAugment, random erasing 0.25; for a model of 32 px or
@@ -32,8 +35,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from ..models.image_transforms import resize_center_crop, to_rgb
-from .image_ops import load_pixels, random_horizontal_flip, random_padded_crop, random_resized_crop
+from ..models.image_transforms import map_channels, resize_center_crop, to_rgb
+from .image_ops import (
+    flip_pixels,
+    load_pixels,
+    padded_crop,
+    padded_crop_pixels,
+    random_resized_crop_box,
+    resized_crop,
+    resized_crop_pixels,
+)
 
 MAX_MAGNITUDE = 10.0
 FILL = (124, 116, 104)  # the ImageNet mean colour, in 0-255
@@ -243,21 +254,70 @@ class AugmentationPreset:
         parts += [f"random erasing {self.random_erasing}"] * bool(self.random_erasing)
         return f"{self.name}: " + ", ".join(parts)
 
-    def augment(self, image, rng=random):
-        """A PIL image -> RGB PIL image. An image only opened (`image_ops.open_image`) is decoded by the crop (a JPEG
-        at reduced scale when the crop allows it); if it cannot be decoded, `UndecodableImage` is raised."""
-        if self.crop == "random_resized":
-            image = random_resized_crop(
-                image, self.image_size, self.crop_scale, self.crop_ratio, rng, RESAMPLE[self.resample]
+    def check_input(self, rgb=True, with_mask=False):
+        """Refuse what the preset cannot do before any image is read: RandAugment (defined on 8-bit RGB images:
+        colour ops such as Solarize, Equalize or Color have no meaning for other channels) on images that are not
+        RGB, or with a user mask (its geometric ops would move the image away from the mask)."""
+        if self.rand_augment and not rgb:
+            raise ValueError(
+                f"RandAugment ({self.rand_augment}) is defined on 8-bit RGB images; this model takes images that "
+                "are not converted to RGB. Pass --rand_augment none (crop, flip, mixup/cutmix and random erasing "
+                "work on any channels)."
             )
+        if self.rand_augment and with_mask:
+            raise ValueError(f"RandAugment ({self.rand_augment}) would move the image away from its user mask.")
+
+    def draw_geometry(self, width, height, rng=random):
+        """The random crop and flip of a `width` x `height` image, `(crop, flip)`: `crop` is the resized crop's
+        box, or the padded crop's window `(top, left)` in the padded view at the model's size. Drawn in the
+        order the crop and the flip have always drawn them, so an image is augmented alike with and without a
+        mask, and as before masks existed."""
+        if self.crop == "random_resized":
+            crop = random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio, rng)
         else:
-            image = to_rgb(load_pixels(image))
-            at_model_size = resize_center_crop(image, self.image_size, 1.0, RESAMPLE[self.resample])
-            image = random_padded_crop(at_model_size, self.image_size, self.crop_padding, rng)
-        image = random_horizontal_flip(image, self.hflip_prob, rng)
+            span = 2 * self.crop_padding
+            crop = (rng.randint(0, span), rng.randint(0, span))
+        return crop, rng.random() < self.hflip_prob
+
+    def crop_image(self, image, crop):
+        """The crop of `draw_geometry` of a PIL image (decoded here; converted to RGB)."""
+        if self.crop == "random_resized":
+            return resized_crop(image, crop, self.image_size, RESAMPLE[self.resample])
+        at_model_size = resize_center_crop(to_rgb(load_pixels(image)), self.image_size, 1.0, RESAMPLE[self.resample])
+        return padded_crop(at_model_size, self.image_size, self.crop_padding, *crop)
+
+    def crop_pixels(self, pixels, crop, resample=None):
+        """The crop of `draw_geometry` of a CHW array (any channel count and pixel type), with `resample` (default:
+        the preset's)."""
+        resample = RESAMPLE[self.resample] if resample is None else resample
+        if self.crop == "random_resized":
+            return resized_crop_pixels(pixels, crop, self.image_size, resample)
+        at_model_size = map_channels(pixels, lambda c: resize_center_crop(c, self.image_size, 1.0, resample))
+        return padded_crop_pixels(at_model_size, self.image_size, self.crop_padding, *crop)
+
+    def augment(self, image, rng=random, mask=None):
+        """A PIL image -> RGB PIL image, or a CHW array (any channel count) -> CHW array at its precision (float32;
+        uint8 stays uint8). An image only opened (`image_ops.open_image`) is decoded by the crop (a JPEG at reduced
+        scale when the crop allows it); if it cannot be decoded, `UndecodableImage` is raised.
+
+        With `mask` (an HW float array of the image's size, 1 = masked) -> `(image, mask)`: the mask goes through
+        the same crop and flip, resized with PIL's box filter, so each of its pixels at the model's size holds the
+        masked share of the source area it covers."""
+        is_array = isinstance(image, np.ndarray)
+        self.check_input(rgb=not is_array, with_mask=mask is not None)
+        width, height = (image.shape[2], image.shape[1]) if is_array else image.size
+        if mask is not None and mask.shape != (height, width):
+            raise ValueError(f"a {mask.shape[1]}x{mask.shape[0]} mask cannot be applied to a {width}x{height} image")
+        crop, flip = self.draw_geometry(width, height, rng)
+        image = self.crop_pixels(image, crop) if is_array else self.crop_image(image, crop)
+        if flip:
+            image = flip_pixels(image) if is_array else image.transpose(Image.FLIP_LEFT_RIGHT)
         if self.rand_augment_policy is not None:
             image = self.rand_augment_policy(image, rng)
-        return image
+        if mask is None:
+            return image
+        mask = self.crop_pixels(mask[None].astype(np.float32), crop, Image.BOX)[0]
+        return image, (flip_pixels(mask) if flip else mask)
 
     @property
     def rand_augment_policy(self):

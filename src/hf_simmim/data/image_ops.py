@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.image_transforms import normalization_coefficients, to_rgb
+from ..models.image_transforms import map_channels, normalization_coefficients, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,12 @@ def random_resized_crop(image, size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 
     An image opened but not decoded yet (`open_image`) is decoded here, after the crop box is drawn from its
     header's size and before the resize, at reduced scale when the crop allows it (`reduce_on_decode`); a failing
     decode raises `UndecodableImage`."""
-    box = random_resized_crop_box(image.width, image.height, scale, ratio, rng)
+    return resized_crop(image, random_resized_crop_box(image.width, image.height, scale, ratio, rng), size, resample)
+
+
+def resized_crop(image, box, size, resample=Image.BILINEAR):
+    """The `box` of a PIL image (converted to RGB) resized to `size` x `size`, decoded at reduced scale when the
+    box allows it (`reduce_on_decode`)."""
     image, box = reduce_on_decode(image, box, size)
     return to_rgb(load_pixels(image)).resize((size, size), resample, box=box)
 
@@ -85,14 +90,37 @@ def random_padded_crop(image, size, padding, rng=random):
     placed `size` x `size` window (timm's crop for images of 32 px or less). An image not decoded yet is decoded
     first (`load_pixels`)."""
     image = to_rgb(load_pixels(image))
+    if image.width + 2 * padding < size or image.height + 2 * padding < size:
+        raise ValueError(f"a {image.width}x{image.height} image (padding included) cannot give a {size} px crop")
+    top, left = rng.randint(0, image.height + 2 * padding - size), rng.randint(0, image.width + 2 * padding - size)
+    return padded_crop(image, size, padding, top, left)
+
+
+def padded_crop(image, size, padding, top, left):
+    """The `size` x `size` window at `(top, left)` of an RGB PIL image with `padding` px of black border."""
     if padding:
         padded = Image.new("RGB", (image.width + 2 * padding, image.height + 2 * padding))
         padded.paste(image, (padding, padding))
         image = padded
-    if image.width < size or image.height < size:
-        raise ValueError(f"a {image.width}x{image.height} image (padding included) cannot give a {size} px crop")
-    top, left = rng.randint(0, image.height - size), rng.randint(0, image.width - size)
     return image.crop((left, top, left + size, top + size))
+
+
+# The same crops of CHW arrays of any channel count and pixel type (`data.pixels`): each channel is resized as a
+# PIL image, uint8 as 8-bit, any other type as 32-bit float (no rounding to 8 bits), as `map_channels` does.
+def resized_crop_pixels(pixels, box, size, resample=Image.BILINEAR):
+    """The `box` of a CHW array resized to `size` x `size`."""
+    return map_channels(pixels, lambda channel: channel.resize((size, size), resample, box=box))
+
+
+def padded_crop_pixels(pixels, size, padding, top, left):
+    """The `size` x `size` window at `(top, left)` of a CHW array with `padding` zeros on every side."""
+    padded = np.pad(pixels, ((0, 0), (padding, padding), (padding, padding))) if padding else pixels
+    return np.ascontiguousarray(padded[:, top : top + size, left : left + size])
+
+
+def flip_pixels(pixels):
+    """A CHW (or HW) array mirrored left to right."""
+    return np.ascontiguousarray(pixels[..., ::-1])
 
 
 def random_horizontal_flip(image, p=0.5, rng=random):

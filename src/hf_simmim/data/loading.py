@@ -10,6 +10,7 @@ SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "pixel_values")
 DATA_FILE_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
 
 def bundled_sample_data_files():
@@ -39,9 +40,52 @@ def _local_files(path):
     return sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else ([path] if os.path.isfile(path) else [])
 
 
+def numpy_folder_dataset(path, files):
+    """A folder of NumPy `.npy` files (`files`) -> `DatasetDict` with an `image` column of their paths, read as
+    `imagefolder` reads a folder of images: first-level folders named train / validation / valid / val / test
+    are splits, and when every file lies in a subfolder (of its split), the subfolder names are the classes of a
+    `label` column (sorted, as `ClassLabel` names)."""
+    import datasets
+
+    parts = [Path(file).relative_to(path).parts for file in files]
+    by_split = all(len(p) > 1 and p[0] in ("train", *VALIDATION_SPLIT_NAMES) for p in parts)
+    splits = {}
+    for file, part in zip(files, parts):
+        splits.setdefault(part[0] if by_split else "train", []).append((file, part[1:] if by_split else part))
+    labelled = all(len(part) > 1 for rows in splits.values() for _, part in rows)
+    features = {"image": datasets.Value("string")}
+    if labelled:
+        names = sorted({part[-2] for rows in splits.values() for _, part in rows})
+        features["label"] = datasets.ClassLabel(names=names)
+    columns = {
+        split: {"image": [f for f, _ in rows], **({"label": [names.index(p[-2]) for _, p in rows]} if labelled else {})}
+        for split, rows in splits.items()
+    }
+    return datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict(data, features=datasets.Features(features)) for split, data in columns.items()}
+    )
+
+
+def _numpy_files(path):
+    """The `.npy` files of a folder (recursively), refusing a folder that also holds images, which `imagefolder`
+    would read while leaving the arrays out."""
+    import glob
+
+    arrays = sorted(glob.glob(os.path.join(path, "**", "*.npy"), recursive=True))
+    if arrays:
+        images = [f for f in glob.glob(os.path.join(path, "**", "*.*"), recursive=True)
+                  if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        if images:
+            raise ValueError(
+                f"{path!r} holds both .npy arrays and images (e.g. {images[0]}): keep one kind per folder."
+            )
+    return arrays
+
+
 def load_local_dataset(path, cache_dir=None):
-    """A local source -> `DatasetDict`: Parquet/Arrow file(s) (a file, a glob, or a folder of them), or a folder
-    of images (`imagefolder`: class subfolders become the `label` column)."""
+    """A local source -> `DatasetDict`: Parquet/Arrow file(s) (a file, a glob, or a folder of them), a folder of
+    NumPy `.npy` files (`numpy_folder_dataset`), or a folder of images (`imagefolder`: class subfolders become the
+    `label` column)."""
     import datasets
 
     files = _local_files(str(path))
@@ -49,6 +93,9 @@ def load_local_dataset(path, cache_dir=None):
         if files:
             return datasets.load_dataset(_data_files_format(files), data_files={"train": files}, cache_dir=cache_dir)
         if os.path.isdir(path):
+            arrays = _numpy_files(str(path))
+            if arrays:
+                return numpy_folder_dataset(str(path), arrays)
             return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
     except (ValueError, FileNotFoundError) as error:
         if "corresponds to no data" in str(error) or "doesn't contain any data" in str(error):
@@ -57,8 +104,8 @@ def load_local_dataset(path, cache_dir=None):
             ) from error
         raise
     raise FileNotFoundError(
-        f"{path!r} is neither a folder of images nor Parquet/Arrow file(s): check the path (globs like "
-        "'data/train-*.parquet' are accepted)."
+        f"{path!r} is neither a folder of images nor Parquet/Arrow file(s) nor a folder of .npy arrays: check the "
+        "path (globs like 'data/train-*.parquet' are accepted)."
     )
 
 

@@ -21,8 +21,16 @@ import random
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ..models.image_transforms import resize_center_crop, to_normalized_array, to_rgb
+from ..models.image_transforms import (
+    map_channels,
+    rescale_and_normalize,
+    resize_center_crop,
+    to_normalized_array,
+    to_rgb,
+)
+from ..models.masking import snap_mask_to_patches
 from .augmentation import pretraining_augmentation, random_erasing
 from .image_ops import (
     UndecodableImage,
@@ -34,6 +42,8 @@ from .image_ops import (
     to_uint8_array,
 )
 from .loading import undecoded
+from .pixels import read_pixels
+from .user_masks import check_mask_size, check_user_masks, read_user_mask
 
 
 class SimMIMTransform:
@@ -44,19 +54,27 @@ class SimMIMTransform:
     `pixel_values=None` and a warning naming it (file, or position in the batch), and `collate_fn` drops the row;
     any other error propagates.
 
+    Images become 8-bit RGB when the processor converts to RGB (`converts_to_rgb`: a 3-channel model reading
+    images); otherwise each keeps its own channels at its precision (`data.pixels`: grayscale, 16-bit, `.npy` and
+    array cells, multi-band TIFF), rescaled by the processor's `rescale_factor` and normalised with its per-channel
+    mean and std.
+
     Args:
-        image_processor: a `SimMIMImageProcessor` (image size, evaluation crop, normalisation, mask settings).
+        image_processor: a `SimMIMImageProcessor` (image size, evaluation crop, channels, normalisation, masks).
         train: apply `augmentation`; otherwise the processor's resize + centre crop.
         augmentation: an `AugmentationPreset` (default: the official pretraining one at the processor's size).
         image_column: the column holding images.
         with_mask: add `bool_masked_pos` (pretraining); off for classification.
         mask_seed: fixed masks: with `map(..., with_indices=True)` each row's mask is seeded by (mask_seed, index),
             so it does not depend on batching or order.
+        mask_column: the column of user masks (the processor's `mask_strategy` must be "user"): each row's mask
+            image or array, of its image's size, nonzero = masked, cropped and flipped with the image and snapped
+            to the patch grid (`models.masking.snap_mask_to_patches`).
         rng: a `random.Random` for the augmentation (default: the `random` module, which torch seeds per worker).
-        uint8: give `pixel_values` as uint8 CHW, not normalised: 4x less to copy between DataLoader workers, into
+        uint8: give RGB `pixel_values` as uint8 CHW, not normalised: 4x less to copy between DataLoader workers, into
             pinned memory and to the GPU, and no float work per image on the CPU. The batch is normalised where
             it is used (`normalize_pixel_batch`; `SimMIMTrainer` does it on the device). Not with random erasing,
-            which works on normalised pixels.
+            which works on normalised pixels. Images that keep their own channels are always given normalised.
     """
 
     def __init__(
@@ -70,39 +88,83 @@ class SimMIMTransform:
         rng=None,
         uint8=False,
         augmentation=None,
+        mask_column=None,
     ):
         self.processor = image_processor
+        self.rgb = image_processor.converts_to_rgb
         self.train = train
         self.image_column = image_column
         self.with_mask = with_mask
         self.mask_seed = mask_seed
+        self.mask_column = mask_column if with_mask else None
         self.keep_columns = tuple(keep_columns)
         self.rng = rng if rng is not None else random
-        self.mask_generator = image_processor.mask_generator(seed=mask_seed) if with_mask else None
-        self.uint8 = uint8
+        self.uint8 = uint8 and self.rgb
         self.augmentation = augmentation or pretraining_augmentation(image_processor.image_size)
+        check_user_masks(image_processor.mask_strategy if with_mask else None, self.mask_column)
+        self.mask_generator = image_processor.mask_generator(seed=mask_seed) if with_mask and not mask_column else None
         if augmentation is not None and augmentation.image_size != image_processor.image_size:
             raise ValueError(
                 f"The augmentation crops to {augmentation.image_size} px but the image processor gives "
                 f"{image_processor.image_size} px: build both from the same model config."
             )
-        if uint8 and train and self.augmentation.random_erasing:
+        if train:
+            self.augmentation.check_input(rgb=self.rgb, with_mask=self.mask_column is not None)
+        if self.uint8 and train and self.augmentation.random_erasing:
             raise ValueError("uint8=True cannot be combined with random erasing (it needs normalised pixels).")
 
-    def image_to_array(self, cell):
-        """A dataset cell -> CHW array. Raises `UndecodableImage` (only) when the cell's image cannot be decoded;
-        training decodes inside the crop (`AugmentationPreset.augment`), so a JPEG can be decoded at reduced scale."""
-        if self.train:
-            image = self.augmentation.augment(open_image(cell), self.rng)
-        else:
-            p = self.processor
-            image = resize_center_crop(to_rgb(decode_image(cell)), p.image_size, p.crop_pct, p.resample)
+    def image_to_array(self, cell, mask_cell=None):
+        """A dataset cell -> CHW array; with `mask_cell` (a user mask), `(array, (g, g) patch mask)`. Raises
+        `UndecodableImage` (only) when the cell's image cannot be decoded; training decodes inside the crop
+        (`AugmentationPreset.augment`), so a JPEG can be decoded at reduced scale."""
+        mask = None if mask_cell is None else read_user_mask(mask_cell)
+        image, mask = self._rgb_view(cell, mask) if self.rgb else self._channels_view(cell, mask)
+        p = self.processor
         if self.uint8:
-            return to_uint8_array(image)
-        array = to_normalized_array(image, self.processor.image_mean, self.processor.image_std)
+            array = to_uint8_array(image)
+        elif self.rgb:
+            array = to_normalized_array(image, p.image_mean, p.image_std)
+        else:
+            array = rescale_and_normalize(image, p.rescale_factor, p.image_mean, p.image_std)
         if self.train and self.augmentation.random_erasing:
             array = random_erasing(array, self.augmentation.random_erasing, self.rng)
-        return array
+        if mask_cell is None:
+            return array
+        return array, snap_mask_to_patches(mask, p.patch_size)
+
+    def _rgb_view(self, cell, mask):
+        """`(RGB PIL image at the model's size, mask or None)`: augmented, or resized and centre-cropped."""
+        p = self.processor
+        if self.train:
+            return self._augment(open_image(cell), mask)
+        image = to_rgb(decode_image(cell))
+        check_mask_size(mask, image.width, image.height)
+        return resize_center_crop(image, p.image_size, p.crop_pct, p.resample), self._evaluation_mask(mask)
+
+    def _channels_view(self, cell, mask):
+        """`(CHW array at the model's size in the image's own units, mask or None)`."""
+        p = self.processor
+        pixels = read_pixels(cell, p.num_channels)
+        if pixels.shape[0] != p.num_channels:
+            raise ValueError(
+                f"{cell_path(cell) or 'an image'} has {pixels.shape[0]} channel(s) but the model takes "
+                f"num_channels={p.num_channels}."
+            )
+        if self.train:
+            return self._augment(pixels, mask)
+        check_mask_size(mask, pixels.shape[2], pixels.shape[1])
+        return self._resize_crop(pixels, p.resample), self._evaluation_mask(mask)
+
+    def _augment(self, image, mask):
+        augmented = self.augmentation.augment(image, self.rng, mask=mask)
+        return augmented if mask is not None else (augmented, None)
+
+    def _resize_crop(self, pixels, resample):
+        p = self.processor
+        return map_channels(pixels, lambda channel: resize_center_crop(channel, p.image_size, p.crop_pct, resample))
+
+    def _evaluation_mask(self, mask):
+        return None if mask is None else self._resize_crop(mask[None], Image.BOX)[0]
 
     def _mask(self, index):
         if self.mask_seed is not None and index is not None:
@@ -111,25 +173,31 @@ class SimMIMTransform:
 
     def transform_row(self, example, mask_index=None):
         """One row (column -> value) -> `(output row, error)`: the output holds `pixel_values` (None when the image
-        cannot be decoded; `error` is then that `UndecodableImage`, else None), `bool_masked_pos` (seeded by
-        `mask_index` with `mask_seed`) and the kept columns."""
-        error = None
+        cannot be decoded; `error` is then that `UndecodableImage`, else None), `bool_masked_pos` (the row's user
+        mask, or drawn, seeded by `mask_index` with `mask_seed`) and the kept columns."""
+        error, user_mask = None, None
         try:
-            pixel_values = self.image_to_array(example[self.image_column])
+            if self.mask_column:
+                pixel_values, user_mask = self.image_to_array(example[self.image_column], example[self.mask_column])
+            else:
+                pixel_values = self.image_to_array(example[self.image_column])
         except UndecodableImage as undecodable:
             pixel_values, error = None, undecodable
         output = {"pixel_values": pixel_values}
         if self.with_mask:
-            output["bool_masked_pos"] = self._mask(mask_index)
+            output["bool_masked_pos"] = user_mask if self.mask_column else self._mask(mask_index)
         output.update({column: example[column] for column in self.keep_columns if column in example})
         return output, error
 
     def require_image_column(self, columns):
-        if self.image_column not in columns:
-            raise KeyError(
-                f"image column {self.image_column!r} is not in the dataset (columns: {sorted(columns)}): pass "
-                "the right column name (--image_column_name)."
-            )
+        """Refuse columns without the image column (or the mask column, with user masks)."""
+        for column, what, flag in ((self.image_column, "image", "--image_column_name"),
+                                   (self.mask_column, "mask", "--mask_column")):
+            if column is not None and column not in columns:
+                raise KeyError(
+                    f"{what} column {column!r} is not in the dataset (columns: {sorted(columns)}): pass the right "
+                    f"column name ({flag})."
+                )
 
     def __call__(self, examples, indices=None):
         self.require_image_column(examples)
@@ -200,6 +268,8 @@ class SeededImageDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, transform, seed=0, split="train", unreadable_rows=()):
         transform.require_image_column(dataset.column_names)
         self.dataset = undecoded(dataset, transform.image_column)
+        if transform.mask_column:
+            self.dataset = undecoded(self.dataset, transform.mask_column)
         self.transform = transform
         if transform.with_mask and transform.mask_seed is None:
             transform.mask_seed = 0  # masks come from the row seeds below: one seeded generator per row

@@ -177,6 +177,12 @@ class SimMIMImageProcessor(PilBackend):
         except OSError:
             return cls.from_model_config(config)
 
+    @property
+    def converts_to_rgb(self):
+        """Whether images become 8-bit RGB (a 3-channel model with `do_convert_rgb`), or keep their own channels at
+        their precision, rescaled by `rescale_factor`."""
+        return bool(self.do_convert_rgb) and self.num_channels == 3
+
     def mask_generator(self, seed=None):
         return mask_generator_for(self, seed=seed)
 

@@ -14,6 +14,10 @@ A mask has one entry per model patch, 1 = masked. `mask_strategy` chooses how it
   average slightly below it (tests/test_masking.py measures it).
 - `center`: a centred box of `ceil(mask_ratio * patches)` patches, as square as possible: `ceil(sqrt(count))`
   columns, full rows, and the remainder centred in one last row. The same mask every draw.
+- `user`: each image's own mask (a mask image or array of the image's size, nonzero = masked), brought to the model's
+  size with the image and snapped to the patch grid by `snap_mask_to_patches`: a patch is masked when at least half
+  of its pixels are (`USER_MASK_MIN_SHARE`). `mask_ratio` plays no part. The generator cannot draw these: the data
+  path (`SimMIMTransform(mask_column=...)`, `run_mim.py --mask_column`) reads them.
 """
 
 import math
@@ -21,7 +25,11 @@ import math
 import numpy as np
 import torch
 
-MASK_STRATEGIES = ("random_block", "random_patch", "grid", "block_wise", "center")
+MASK_STRATEGIES = ("random_block", "random_patch", "grid", "block_wise", "center", "user")
+# A patch of a user mask is masked when at least this share of its pixels is: the majority of what the patch shows is
+# hidden. A lower share would grow a thin defect line into a band of whole patches, a higher one would show the
+# model most of an occluded region; at exactly half, masking is the safe side (the loss only sees masked patches).
+USER_MASK_MIN_SHARE = 0.5
 # BEiT's block-wise masking: blocks cover at least 16 patches (fewer when the target itself is smaller), aspect
 # ratios lie in [0.3, 1 / 0.3], and a mask is finished after this many placements in a row add nothing.
 BLOCK_MIN_PATCHES = 16
@@ -40,6 +48,18 @@ def check_mask_strategy(mask_strategy, mask_ratio):
             f"mask_ratio={mask_ratio} with mask_strategy='grid': a checkerboard masks half of the squares; set "
             "mask_ratio=0.5 or choose another mask_strategy."
         )
+
+
+def snap_mask_to_patches(pixel_mask, patch_size, min_share=USER_MASK_MIN_SHARE):
+    """An `(H, W)` pixel mask (bool, or floats in [0, 1]: the masked share of each pixel) -> the bool
+    `(H / patch_size, W / patch_size)` patch mask: a patch is masked when the mean of its pixels is at least
+    `min_share`."""
+    pixel_mask = np.asarray(pixel_mask, dtype=np.float32)
+    height, width = pixel_mask.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"a {width}x{height} mask does not split into {patch_size}-pixel patches")
+    patches = pixel_mask.reshape(height // patch_size, patch_size, width // patch_size, patch_size)
+    return patches.mean(axis=(1, 3)) >= min_share
 
 
 def mask_generator_for(source, seed=None):
@@ -127,6 +147,12 @@ class SimMIMMaskGenerator:
                     f"{self.mask_strategy!r} draws from a torch.Generator: pass generator= instead."
                 )
             return self._upsample(np.asarray(rng.permutation(self.token_count)[: self.mask_count]))
+        if self.mask_strategy == "user":
+            raise ValueError(
+                "mask_strategy='user' takes each image's mask from the data, it draws none: give masks with "
+                "SimMIMTransform(mask_column=...) or run_mim.py --mask_column NAME (or the image processor's masks=), "
+                "or choose another mask_strategy."
+            )
         generator = generator if generator is not None else self.generator
         draw = {
             "random_block": self._random_block,
@@ -203,7 +229,9 @@ class SimMIMMaskGenerator:
         return 0
 
     def __repr__(self):
-        if self.mask_strategy == "random_block":
+        if self.mask_strategy == "user":
+            masked = "each image's own mask, snapped to the patch grid"
+        elif self.mask_strategy == "random_block":
             masked = f"{self.mask_count} of {self.token_count} squares"
         else:
             masked = f"{self.patch_count} of {self.grid_size**2} patches"

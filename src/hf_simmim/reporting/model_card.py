@@ -13,7 +13,7 @@ from importlib import resources
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..models.masking import mask_generator_for
+from ..models.masking import USER_MASK_MIN_SHARE, mask_generator_for
 
 
 TEMPLATE = "simmim_pretraining.md"
@@ -130,6 +130,11 @@ def describe_masking(config):
         "center": (
             "a masked centred box",
             f"a centred box of {config.mask_ratio} of the {patch} patches ({patches})",
+        ),
+        "user": (
+            "the regions its own masks cover",
+            f"each image's own mask from the data, snapped to the {patch} patches (a patch is masked when at "
+            f"least {USER_MASK_MIN_SHARE:.0%} of its pixels are)",
         ),
     }[masks.mask_strategy]
     return regions, f"{masks.mask_strategy}: {row}"

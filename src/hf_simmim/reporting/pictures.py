@@ -37,13 +37,59 @@ def _text_size(draw, text, font):
 
 
 # ---------------------------------------------------------------------------------------------- tensors -> pixels
-def denormalize(pixel_values, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD):
-    """Normalised `(B, 3, H, W)` (tensor or array) -> uint8 `(B, H, W, 3)` array."""
+# Images that are not RGB photos are shown contrast-stretched: each shown channel is mapped linearly from these
+# percentiles of the original images of the picture (the same mapping in every column, so they compare) to 0-255.
+STRETCH_PERCENTILES = (1.0, 99.0)
+
+
+def display_view(num_channels, display_channels=None):
+    """The channels a picture shows, as 1 (grey) or 3 (red, green, blue) indices: `display_channels` when given,
+    else all of an RGB image, the one of a grayscale image, or the first three. Raises `ValueError` naming
+    `--display_channels` for indices that are not channels of the image."""
+    if display_channels is None:
+        return (0, 0, 0) if num_channels < 3 else (0, 1, 2)
+    channels = tuple(int(c) for c in display_channels)
+    if len(channels) not in (1, 3) or not all(0 <= c < num_channels for c in channels):
+        raise ValueError(
+            f"--display_channels {' '.join(map(str, channels))}: give 3 channels to show as red, green and blue, or "
+            f"1 to show as grey, each in 0..{num_channels - 1} (the model takes {num_channels} channels)."
+        )
+    return channels * 3 if len(channels) == 1 else channels
+
+
+def describe_view(channels, stretch):
+    """How a picture shows its images, for titles, e.g. "channels 3, 2, 1 as RGB, stretched 1-99%"."""
+    shown = f"channel {channels[0]} as grey" if len(set(channels)) == 1 else f"channels {', '.join(map(str, channels))} as RGB"
+    return shown + (", stretched {:g}-{:g}%".format(*STRETCH_PERCENTILES) if stretch else "")
+
+
+def unnormalize(pixel_values, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD):
+    """Normalised `(B, C, H, W)` (tensor or array) -> float32 array `x * std + mean` (pixels x rescale factor)."""
     array = pixel_values.detach().float().cpu().numpy() if torch.is_tensor(pixel_values) else np.asarray(pixel_values)
     mean = np.asarray(image_mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(image_std, dtype=np.float32).reshape(1, -1, 1, 1)
-    array = np.clip((array * std + mean) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return array.transpose(0, 2, 3, 1)
+    return array * std + mean
+
+
+def stretch_limits(values, channels):
+    """`(low, high)` arrays, one entry per shown channel: the `STRETCH_PERCENTILES` of `values` `(B, C, H, W)`."""
+    low, high = np.percentile(values[:, list(channels)], STRETCH_PERCENTILES, axis=(0, 2, 3))
+    return low, np.maximum(high, low + 1e-6)
+
+
+def to_display(values, channels=(0, 1, 2), limits=None):
+    """`(B, C, H, W)` values -> uint8 `(B, H, W, 3)`: the `channels` shown, `limits` (`stretch_limits`; None:
+    [0, 1]) mapped to 0-255."""
+    shown = values[:, list(channels)]
+    if limits is not None:
+        low, high = (np.asarray(limit, dtype=np.float32).reshape(1, -1, 1, 1) for limit in limits)
+        shown = (shown - low) / (high - low)
+    return np.clip(shown * 255.0 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def denormalize(pixel_values, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD):
+    """Normalised `(B, 3, H, W)` RGB (tensor or array) -> uint8 `(B, H, W, 3)` array."""
+    return to_display(unnormalize(pixel_values, image_mean, image_std))
 
 
 def pixel_mask(bool_masked_pos, patch_size, batch_size):
@@ -80,16 +126,23 @@ def reconstruction_panels(
     patch_size,
     image_mean=IMAGENET_DEFAULT_MEAN,
     image_std=IMAGENET_DEFAULT_STD,
+    display_channels=None,
+    stretch=False,
 ):
     """The four uint8 `(B, H, W, 3)` arrays of the grid's columns: original, masked input (masked pixels grey),
-    reconstruction, and reconstruction in the masked pixels + original in the visible ones."""
+    reconstruction, and reconstruction in the masked pixels + original in the visible ones. Images of any channel
+    count are shown through `display_view(channels, display_channels)`, contrast-stretched when `stretch` (images
+    that are not RGB photos: `STRETCH_PERCENTILES`)."""
     batch_size = pixel_values.shape[0]
-    original = denormalize(pixel_values, image_mean, image_std)
-    predicted = denormalize(reconstruction, image_mean, image_std)
-    if predicted.shape != original.shape:
+    values = unnormalize(pixel_values, image_mean, image_std)
+    predicted_values = unnormalize(reconstruction, image_mean, image_std)
+    if predicted_values.shape != values.shape:
         raise ValueError(
             f"reconstruction has shape {tuple(reconstruction.shape)} but the images {tuple(pixel_values.shape)}."
         )
+    channels = display_view(values.shape[1], display_channels)
+    limits = stretch_limits(values, channels) if stretch else None
+    original, predicted = to_display(values, channels, limits), to_display(predicted_values, channels, limits)
     mask = pixel_mask(bool_masked_pos, patch_size, batch_size)[..., None]
     if mask.shape[1:3] != original.shape[1:3]:
         raise ValueError(
@@ -142,9 +195,14 @@ def reconstruction_grid(
     title=None,
     min_cell=MIN_CELL,
     caption=RECONSTRUCTION_CAPTION,
+    display_channels=None,
+    stretch=False,
 ):
-    """The picture: a row per image, the four `COLUMNS`, a header (`title`, `caption`) on top. Returns a PIL image."""
-    panels = reconstruction_panels(pixel_values, bool_masked_pos, reconstruction, patch_size, image_mean, image_std)
+    """The picture: a row per image, the four `COLUMNS`, a header (`title`, `caption`) on top. Returns a PIL image.
+    `display_channels` and `stretch`: how images of any channel count are shown (`reconstruction_panels`)."""
+    panels = reconstruction_panels(
+        pixel_values, bool_masked_pos, reconstruction, patch_size, image_mean, image_std, display_channels, stretch
+    )
     return panel_grid(panels, COLUMNS, title=title, caption=caption, min_cell=min_cell)
 
 
@@ -265,31 +323,53 @@ def check_image_files(image_paths):
         raise FileNotFoundError(f"Image file(s) not found: {', '.join(map(str, missing))}.")
 
 
+def read_image_file(path, processor):
+    """An image file as `processor` reads it: a PIL image for RGB photos, else a CHW array of its own channels
+    (`data.pixels`: 16-bit, `.npy`, multi-band TIFF)."""
+    from ..data.image_ops import decode_image
+    from ..data.pixels import read_pixels
+
+    return decode_image(str(path)) if processor.converts_to_rgb else read_pixels(str(path), processor.num_channels)
+
+
 def load_images(checkpoint, config, image_paths, **processor_kwargs):
     """`(processor, batch)`: image files preprocessed by the checkpoint's image processor (one built from `config`
     where it has none), called with `processor_kwargs`."""
-    from ..data.image_ops import decode_image
     from ..models.image_processing_simmim import SimMIMImageProcessor
 
     check_image_files(image_paths)
     processor = SimMIMImageProcessor.from_checkpoint(checkpoint, config)
-    images = [decode_image(str(path)) for path in image_paths]
+    images = [read_image_file(path, processor) for path in image_paths]
+    if not processor.converts_to_rgb:
+        processor_kwargs.setdefault("input_data_format", "channels_first")
     return processor, processor(images, return_tensors="pt", **processor_kwargs)
 
 
-def reconstruct_images(checkpoint, image_paths, output_path, mask_seed=0):
+def reconstruct_images(checkpoint, image_paths, output_path, mask_seed=0, display_channels=None, mask_strategy=None):
     """Reconstruct image files with a SimMIM checkpoint and save the grid as `output_path` (returned).
 
-    Masks are drawn with `mask_seed`, so the same call gives the same picture. The checkpoint's image processor
-    is used if it has one, otherwise one built from its config.
+    Masks are drawn with `mask_seed` by `mask_strategy` (default: the checkpoint's), so the same call gives the same
+    picture. The checkpoint's image processor is used if it has one, otherwise one built from its config. Images
+    that are not RGB photos are shown through `display_channels` (`display_view`), contrast-stretched.
     """
     from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 
     model = SimMIMForMaskedImageModeling.from_pretrained(checkpoint)
+    mask_strategy = mask_strategy or model.config.mask_strategy
+    if mask_strategy == "user":
+        raise ValueError(
+            f"{checkpoint} was pretrained with user masks (mask_strategy='user'), which cannot be drawn for new "
+            "images: pass --mask_strategy NAME (e.g. random_block) to reconstruct them with drawn masks."
+        )
+    channels = display_view(model.config.num_channels, display_channels)
     processor, batch = load_images(
-        checkpoint, model.config, image_paths, return_bool_masked_pos=True, mask_seed=mask_seed
+        checkpoint, model.config, image_paths, return_bool_masked_pos=True, mask_seed=mask_seed,
+        mask_strategy=mask_strategy,
     )
+    stretch = not processor.converts_to_rgb
     reconstruction = reconstruct(model, batch["pixel_values"], batch["bool_masked_pos"])
+    name = os.path.basename(os.path.normpath(str(checkpoint)))
+    view = "" if processor.converts_to_rgb else f", {describe_view(channels, stretch)}"
     grid = reconstruction_grid(
         batch["pixel_values"],
         batch["bool_masked_pos"],
@@ -297,7 +377,9 @@ def reconstruct_images(checkpoint, image_paths, output_path, mask_seed=0):
         model.config.patch_size,
         processor.image_mean,
         processor.image_std,
-        title=f"{os.path.basename(os.path.normpath(str(checkpoint)))}, {processor.mask_strategy} masks",
+        title=f"{name}, {mask_strategy} masks{view}",
+        display_channels=channels,
+        stretch=stretch,
     )
     directory = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(directory, exist_ok=True)

@@ -92,7 +92,23 @@ class ModelArguments:
     mask_strategy: str | None = field(
         default=None,
         metadata={"help": f"How masks are drawn: {', '.join(MASK_STRATEGIES)} (official random_block; grid needs "
-                  "--mask_ratio 0.5). Unset: the model's.", "choices": list(MASK_STRATEGIES)},
+                  "--mask_ratio 0.5; user: each image's mask from --mask_column, which sets it). Unset: the model's.",
+                  "choices": list(MASK_STRATEGIES)},
+    )
+    num_channels: int | None = field(
+        default=None,
+        metadata={"help": "Channels of the images, for a new model: 3 converts photos to RGB; any other count keeps "
+                  "each image's own channels at full precision (1 for grayscale or 16-bit images, N for .npy or "
+                  "multi-band arrays). Unset: the model's (3 for the presets); a checkpoint's is fixed."},
+    )
+    image_mean: list[float] | None = field(
+        default=None,
+        metadata={"help": "Per-channel mean of the images, after scaling to [0, 1] for 8- and 16-bit pixels "
+                  "(with --image_std). Unset: --image_processor_name's, else the checkpoint's, else ImageNet's for "
+                  "RGB photos, else computed from the training images (hf-simmim stats DATA prints them)."},
+    )
+    image_std: list[float] | None = field(
+        default=None, metadata={"help": "Per-channel standard deviation of the images (with --image_mean)."}
     )
     image_processor_name: str | None = field(
         default=None,
@@ -142,6 +158,17 @@ class DataArguments:
         default=8, metadata={"help": "Validation images drawn in the reconstruction picture (0: no picture)."}
     )
     eval_mask_seed: int = field(default=0, metadata={"help": "Seed of the fixed evaluation masks and pictures."})
+    mask_column: str | None = field(
+        default=None,
+        metadata={"help": "A column of user masks, one per image (a mask image or HW array of the image's size, "
+                  "nonzero = masked), cropped and flipped with the image; a patch is masked when at least half of "
+                  "its pixels are. Sets --mask_strategy user."},
+    )
+    display_channels: list[int] | None = field(
+        default=None,
+        metadata={"help": "The channels the reconstruction pictures show as red, green and blue (one index: as "
+                  "grey). Unset: RGB as it is, one channel as grey, else the first three."},
+    )
 
 
 @dataclass
@@ -535,6 +562,19 @@ def apply_train_val_split(data_args, given):
     data_args.validation_split_percentage = data_args.train_val_split * 100.0
 
 
+def apply_mask_column(model_args, data_args):
+    """`--mask_column` sets `--mask_strategy user`; another strategy with it, or `user` without it, is refused."""
+    if data_args.mask_column and model_args.mask_strategy not in (None, "user"):
+        raise ValueError(
+            f"--mask_column {data_args.mask_column} gives each image its own mask, but --mask_strategy "
+            f"{model_args.mask_strategy} draws them: drop one of the two."
+        )
+    if model_args.mask_strategy == "user" and not data_args.mask_column:
+        raise ValueError("--mask_strategy user takes each image's mask from a column: name it with --mask_column.")
+    if data_args.mask_column:
+        model_args.mask_strategy = "user"
+
+
 def apply_model_type(model_args):
     """`--model_type vit|swin` with no model named: the paper's base model of that backbone (whether a named model
     has that backbone is checked when it is loaded)."""
@@ -561,6 +601,7 @@ def parse_run_arguments(argv=None, description=None):
         model_args.preset = None  # a recipe's model preset applies only when no model is named
     apply_model_type(model_args)
     apply_train_val_split(data_args, given)
+    apply_mask_column(model_args, data_args)
     if model_args.trust_remote_code:
         logger.warning("--trust_remote_code changes nothing here: no checkpoint or dataset code is run.")
     for name, value in FORCED_TRAINING_ARGUMENTS.items():

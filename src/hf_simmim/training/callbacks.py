@@ -75,7 +75,10 @@ class ReconstructionCallback(TrainerCallback):
     The forward pass runs on every process (sharded models need them all); only the main process writes.
     """
 
-    def __init__(self, pixel_values, bool_masked_pos, image_mean, image_std, output_dir=None, writer=None):
+    def __init__(
+        self, pixel_values, bool_masked_pos, image_mean, image_std, output_dir=None, writer=None,
+        display_channels=None, stretch=False,
+    ):
         if pixel_values.shape[0] == 0:
             raise ValueError("ReconstructionCallback needs at least one image.")
         self.pixel_values = pixel_values
@@ -84,23 +87,26 @@ class ReconstructionCallback(TrainerCallback):
         self.image_std = image_std
         self.output_dir = output_dir
         self.writer = writer  # a SummaryWriter, or a callable returning one (or None)
+        self.display_channels = display_channels  # see reporting.pictures.display_view
+        self.stretch = stretch
         self.last_path = None
 
     @classmethod
     def from_dataset(cls, dataset, num_images, image_processor, **kwargs):
         """The first `num_images` rows of a `SeededImageDataset` (built with an eval transform: centre crop,
-        masks fixed by its seed) as the fixed batch to draw."""
+        masks fixed by its seed) as the fixed batch to draw; images that are not RGB photos contrast-stretched."""
         batch = dataset.batch(range(min(num_images, len(dataset))))
         return cls(
             batch["pixel_values"],
             batch["bool_masked_pos"],
             image_processor.image_mean,
             image_processor.image_std,
+            stretch=not image_processor.converts_to_rgb,
             **kwargs,
         )
 
     def _draw(self, args, state, model):
-        from ..reporting.pictures import reconstruct, reconstruction_grid
+        from ..reporting.pictures import describe_view, display_view, reconstruct, reconstruction_grid
 
         if model is None:
             return None
@@ -108,6 +114,8 @@ class ReconstructionCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return None
         unwrapped = getattr(model, "module", model)
+        channels = display_view(self.pixel_values.shape[1], self.display_channels)
+        view = f", {describe_view(channels, self.stretch)}" if self.stretch else ""
         grid = reconstruction_grid(
             self.pixel_values,
             self.bool_masked_pos,
@@ -115,7 +123,9 @@ class ReconstructionCallback(TrainerCallback):
             patch_size=unwrapped.config.patch_size,
             image_mean=self.image_mean,
             image_std=self.image_std,
-            title=f"step {state.global_step}, {unwrapped.config.mask_strategy} masks",
+            title=f"step {state.global_step}, {unwrapped.config.mask_strategy} masks{view}",
+            display_channels=channels,
+            stretch=self.stretch,
         )
         output_dir = self.output_dir or args.output_dir
         os.makedirs(os.path.join(output_dir, "reconstructions"), exist_ok=True)

@@ -3,23 +3,31 @@ same architecture from scratch), batch-level mixup / cutmix, and the steps of a 
 (`examples/run_finetune.py`) that are not one library call."""
 
 import functools
+import logging
 
 import numpy as np
 import torch
 
 from .. import metrics
-from ..data.augmentation import SMALL_IMAGE_SIZE
+from ..data.augmentation import SMALL_IMAGE_SIZE, finetuning_augmentation
 from ..data.checks import check_image_dataset
 from ..data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from ..models.configuration_simmim import SimMIMConfig
-from ..models.image_processing_simmim import SimMIMImageProcessor
 from ..models.modeling_simmim import SimMIMForImageClassification
 from ..reporting.model_card import write_finetuning_card
 from .callbacks import EpochCallback, ThroughputCallback, add_callback_first
 from .recipes import DEFAULT_LAYER_DECAY, RECIPES
-from .runs import check_rgb_model, parse_config_overrides, saved_normalisation, set_learning_rate, skipped_image_counts
+from .runs import (
+    data_image_processor,
+    parse_config_overrides,
+    saved_normalisation,
+    set_learning_rate,
+    skipped_image_counts,
+)
 from .schedules import SimMIMRecipe
 from .trainer import SimMIMFineTuneTrainer
+
+logger = logging.getLogger(__name__)
 
 
 class MixupCutmix:
@@ -67,9 +75,10 @@ class MixupCutmix:
         return {**batch, "pixel_values": pixel_values, "labels": self.soft_targets(labels, lam)}
 
 
-def load_classification_model(model_args, num_labels, id2label=None):
+def load_classification_model(model_args, num_labels, id2label=None, train=None, image_column=None):
     """`(SimMIMForImageClassification, SimMIMImageProcessor)`: pretrained encoder + new head, or (with
-    `--from_scratch`) the same architecture with fresh weights."""
+    `--from_scratch`) the same architecture with fresh weights; the processor reads the images of `train`
+    (`runs.data_image_processor`; None: RGB photos) with the checkpoint's normalisation where it saved one."""
     overrides = {"drop_path_rate": model_args.drop_path_rate, **parse_config_overrides(model_args.config_overrides)}
     set_by_the_data = {"num_labels", "id2label", "label2id", "problem_type"} & set(overrides)
     if set_by_the_data:
@@ -103,13 +112,22 @@ def load_classification_model(model_args, num_labels, id2label=None):
             source, cache_dir=model_args.cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
             **overrides, **labels,
         )
-    check_rgb_model(model.config)
-    processor = SimMIMImageProcessor.from_model_config(model.config, crop_pct=eval_crop_pct(model.config.image_size))
-    if source:  # keep the normalisation the encoder was pretrained with
-        saved = saved_normalisation(source, {"cache_dir": model_args.cache_dir})
-        processor.image_mean = saved.get("image_mean", processor.image_mean)
-        processor.image_std = saved.get("image_std", processor.image_std)
-    return model, processor
+    saved = saved_normalisation(source, {"cache_dir": model_args.cache_dir}) if source else {}
+    # keep the normalisation the encoder was pretrained with (not its resampling: fine-tuning evaluates bicubic)
+    normalisation = {key: saved[key] for key in ("image_mean", "image_std") if key in saved}
+    crop_pct = eval_crop_pct(model.config.image_size)
+    return model, data_image_processor(model.config, normalisation, train, image_column, crop_pct=crop_pct)
+
+
+def augmentation_for(processor, recipe_args, given):
+    """The official fine-tuning augmentation at the model's size, without RandAugment for images that are not
+    RGB photos (it is defined on 8-bit RGB), unless `--rand_augment` was given, which `SimMIMTransform` then
+    refuses with what to do."""
+    rand_augment = recipe_args.rand_augment
+    if rand_augment and not processor.converts_to_rgb and "rand_augment" not in given:
+        logger.info("No RandAugment: it is defined on 8-bit RGB images, and these keep their own channels.")
+        rand_augment = None
+    return finetuning_augmentation(processor.image_size, rand_augment, recipe_args.random_erasing)
 
 
 def eval_crop_pct(image_size):
@@ -124,8 +142,8 @@ def finetuning_datasets(datasets, processor, augmentation, image_column, label_c
     image size). Training rows get `augmentation` (None: the evaluation crop, for frozen-encoder probes); evaluation
     rows the processor's resize and centre crop."""
     train, validation = datasets
-    train_unreadable = check_image_dataset(train, image_column, 1, "train")
-    validation_unreadable = check_image_dataset(validation, image_column, 1, "validation")
+    train_unreadable = check_image_dataset(train, image_column, 1, "train", processor)
+    validation_unreadable = check_image_dataset(validation, image_column, 1, "validation", processor)
     keep = (label_column,)
     train_transform = SimMIMTransform(
         processor, train=augmentation is not None, image_column=image_column, with_mask=False, keep_columns=keep,

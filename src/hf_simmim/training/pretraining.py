@@ -17,50 +17,60 @@ from .trainer import SimMIMTrainer
 logger = logging.getLogger(__name__)
 
 
-def pretraining_datasets(train, validation, processor, augmentation, image_column, seed, eval_mask_seed):
+def pretraining_datasets(train, validation, processor, augmentation, image_column, seed, eval_mask_seed,
+                         mask_column=None):
     """`(train, eval)` `SeededImageDataset`s, after reading every image's header (`check_image_dataset`): images
-    smaller than a masked square are refused, and those whose header cannot be read are reported once and left out.
-    Training rows are uint8 (the trainer normalises them on the device: 4x less to copy from the DataLoader
-    workers); evaluation rows are centre crops with masks fixed by `eval_mask_seed`. `eval` is None without
-    validation images."""
-    train_unreadable = check_image_dataset(train, image_column, processor.mask_patch_size, "train")
+    smaller than a masked square, of another channel count or pixel type than the processor reads, or whose user
+    mask (`mask_column`) is missing or of another size are refused, and those whose header cannot be read are
+    reported once and left out. Training rows of RGB photos are uint8 (the trainer normalises them on the device: 4x
+    less to copy from the DataLoader workers); evaluation rows are centre crops with masks fixed by `eval_mask_seed`
+    (or their user masks). `eval` is None without validation images."""
+    train_unreadable = check_image_dataset(
+        train, image_column, processor.mask_patch_size, "train", processor, mask_column
+    )
     train_transform = SimMIMTransform(
-        processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation
+        processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation,
+        mask_column=mask_column,
     )
     train_dataset = SeededImageDataset(train, train_transform, seed=seed, unreadable_rows=train_unreadable)
     if validation is None:
         return train_dataset, None
-    validation_unreadable = check_image_dataset(validation, image_column, processor.mask_patch_size, "validation")
+    validation_unreadable = check_image_dataset(
+        validation, image_column, processor.mask_patch_size, "validation", processor, mask_column
+    )
     eval_dataset = SeededImageDataset(
-        validation, evaluation_transform(processor, image_column), seed=eval_mask_seed, split="validation",
-        unreadable_rows=validation_unreadable,
+        validation, evaluation_transform(processor, image_column, mask_column), seed=eval_mask_seed,
+        split="validation", unreadable_rows=validation_unreadable,
     )
     return train_dataset, eval_dataset
 
 
-def evaluation_transform(processor, image_column):
-    """Evaluation rows: the image processor's centre crop and a mask (fixed by the dataset's seed)."""
-    return SimMIMTransform(processor, train=False, image_column=image_column, keep_columns=())
+def evaluation_transform(processor, image_column, mask_column=None):
+    """Evaluation rows: the image processor's centre crop and a mask (fixed by the dataset's seed, or the row's
+    user mask)."""
+    return SimMIMTransform(processor, train=False, image_column=image_column, keep_columns=(), mask_column=mask_column)
 
 
 def pictures_dataset(datasets, processor, mask_seed):
     """The rows the reconstruction pictures show: the evaluation dataset of `datasets` (`(train, eval)`), else the
-    training rows as evaluation rows (centre crops, masks fixed by `mask_seed`), still reported as "train" rows and
-    sharing the training flags, so that a bad image is reported and counted once."""
+    training rows as evaluation rows (centre crops, masks fixed by `mask_seed` or their user masks), still reported
+    as "train" rows and sharing the training flags, so that a bad image is reported and counted once."""
     train_dataset, eval_dataset = datasets
     if eval_dataset is not None:
         return eval_dataset
-    transform = evaluation_transform(processor, train_dataset.transform.image_column)
-    return train_dataset.with_transform(transform, mask_seed)
+    transform = train_dataset.transform
+    return train_dataset.with_transform(
+        evaluation_transform(processor, transform.image_column, transform.mask_column), mask_seed
+    )
 
 
-def pretraining_run_info(args, datasets, image_column, lr_rule, augmentation):
+def pretraining_run_info(args, datasets, image_column, lr_rule, augmentation, processor=None):
     """What the model card says of the run. `args`: `(model_args, data_args, recipe_args)`; `datasets`:
-    `(train, validation)` as loaded."""
+    `(train, validation)` as loaded; `processor`: how the images are read."""
     model_args, data_args, recipe_args = args
     hub_dataset = data_args.dataset_name and not os.path.exists(data_args.dataset_name)
     return {
-        "data_description": describe_data(data_args, *datasets, image_column),
+        "data_description": describe_data(data_args, *datasets, image_column, processor),
         "learning_rate_rule": lr_rule,
         "license": recipe_args.model_card_license,
         "recipe": recipe_args.recipe and RECIPES[recipe_args.recipe].describe(),
@@ -88,13 +98,15 @@ def pretraining_trainer(model, processor, training_args, datasets, recipe, run_i
     return trainer
 
 
-def add_reconstruction_pictures(trainer, pictures_dataset, num_images):
+def add_reconstruction_pictures(trainer, pictures_dataset, num_images, display_channels=None):
     """Draw the reconstruction of the first `num_images` rows of `pictures_dataset` (an evaluation
-    `SeededImageDataset`) at each evaluation and at the end; None when `num_images` is 0."""
+    `SeededImageDataset`) at each evaluation and at the end, showing `display_channels`
+    (`reporting.pictures.display_view`); None when `num_images` is 0."""
     if num_images <= 0:
         return None
     pictures = ReconstructionCallback.from_dataset(
-        pictures_dataset, num_images, trainer.processing_class, writer=lambda: tensorboard_writer(trainer)
+        pictures_dataset, num_images, trainer.processing_class, writer=lambda: tensorboard_writer(trainer),
+        display_channels=display_channels,
     )
     trainer.add_callback(pictures)
     return pictures

@@ -12,8 +12,9 @@ import torch
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..data.checks import check_not_empty
+from ..data.checks import check_not_empty, run_pixel_format
 from ..data.loading import load_image_datasets
+from ..data.statistics import channel_statistics
 from ..models.configuration_simmim import SimMIMConfig
 from ..models.image_processing_simmim import SimMIMImageProcessor
 from ..models.modeling_simmim import SimMIMForMaskedImageModeling
@@ -64,8 +65,16 @@ def load_run_datasets(data_args, training_args, cache_dir=None, token=None):
     return train, validation
 
 
-def describe_data(data_args, train, validation, image_column):
-    """One sentence on a run's data, for the log and the model card."""
+def describe_pixels(processor):
+    """How a processor reads images, for the model card: "RGB" or e.g. "1 channel, pixels x 1.5259e-05"."""
+    if processor.converts_to_rgb:
+        return "read as 8-bit RGB"
+    count = processor.num_channels
+    return f"{count} channel{'s' * (count != 1)} at full precision, pixels x {processor.rescale_factor:.6g}"
+
+
+def describe_data(data_args, train, validation, image_column, processor=None):
+    """One sentence on a run's data, for the log and the model card (with `processor`: how images are read)."""
     if data_args.dataset_name:
         source = f"`{data_args.dataset_name}`"
         if data_args.dataset_config_name:
@@ -77,7 +86,10 @@ def describe_data(data_args, train, validation, image_column):
     else:
         source = "the CIFAR-10 sample bundled with hf_simmim (32x32 images)"
     counts = f"{len(train):,} training images" + (f", {len(validation):,} validation images" if validation else "")
-    return f"{source}: {counts}, image column `{image_column}`"
+    details = [f"image column `{image_column}`"] + [describe_pixels(processor)] * (processor is not None)
+    if getattr(data_args, "mask_column", None):
+        details.append(f"user masks from column `{data_args.mask_column}`")
+    return f"{source}: {counts}, {', '.join(details)}"
 
 
 def resolve_recipe_defaults(recipe_args, model_args):
@@ -246,14 +258,14 @@ def parse_config_overrides(text):
     return overrides
 
 
-# The config fields an image processor shares with its model (input size and masks); each is a flag, as the
-# first four are in transformers' run_mim.py.
-MASKING_GEOMETRY = ("image_size", "patch_size", "mask_patch_size", "mask_ratio", "mask_strategy")
+# The config fields an image processor shares with its model (input size, channels and masks); each is a flag, as
+# the first four are in transformers' run_mim.py.
+MASKING_GEOMETRY = ("image_size", "patch_size", "mask_patch_size", "mask_ratio", "mask_strategy", "num_channels")
 
 
 def model_config_overrides(model_args):
-    """`--config_overrides` plus `--image_size`, `--patch_size`, `--mask_patch_size`, `--mask_ratio` and
-    `--mask_strategy`; a field given both ways with two values is refused."""
+    """`--config_overrides` plus `--image_size`, `--patch_size`, `--mask_patch_size`, `--mask_ratio`,
+    `--mask_strategy` and `--num_channels`; a field given both ways with two values is refused."""
     overrides = parse_config_overrides(model_args.config_overrides)
     for name in MASKING_GEOMETRY:
         value = getattr(model_args, name)
@@ -268,32 +280,31 @@ def model_config_overrides(model_args):
 
 def check_model_flags(config, model_args, overrides):
     """Refuse what the model cannot be: another backbone than `--model_type` names; for a checkpoint, another patch
-    size (its patch embedding weights fix it). `config`: the checkpoint's own, or the one built."""
+    size or channel count (its patch embedding weights fix them). `config`: the checkpoint's own, or the one built."""
     source = model_args.model_name_or_path or model_args.config_file or f"preset {model_args.preset or DEFAULT_PRESET}"
     if model_args.model_type not in (None, "simmim", config.backbone):
         raise ValueError(
             f"--model_type {model_args.model_type} but {source} is a {config.backbone} model: drop --model_type or "
             f"name a {model_args.model_type} model."
         )
-    patch_size = overrides.get("patch_size", config.patch_size)
-    if model_args.model_name_or_path and patch_size != config.patch_size:
-        flag = f"--patch_size {patch_size}"
-        if model_args.patch_size is None:
-            flag = f"--config_overrides patch_size={patch_size}"
-        raise ValueError(
-            f"{flag} disagrees with the checkpoint {source}, whose patch embedding is for patch_size "
-            f"{config.patch_size}: drop it to continue the checkpoint, or pretrain a new model (--preset or "
-            f"--config_file) with {flag}."
-        )
+    for name in ("patch_size", "num_channels"):  # fixed by the checkpoint's patch embedding (and decoder) weights
+        value = overrides.get(name, getattr(config, name))
+        if model_args.model_name_or_path and value != getattr(config, name):
+            flag = f"--{name} {value}" if getattr(model_args, name) is not None else f"--config_overrides {name}={value}"
+            raise ValueError(
+                f"{flag} disagrees with the checkpoint {source}, whose patch embedding is for {name} "
+                f"{getattr(config, name)}: drop it to continue the checkpoint, or pretrain a new model (--preset or "
+                f"--config_file) with {flag}."
+            )
 
 
 def check_rgb_model(config):
-    """The scripts' data path reads 8-bit RGB images: refuse another channel count before any work."""
+    """For runs whose images are RGB photos only (the CLIP image tower of `contrastive.py`): refuse another channel
+    count before any work. run_mim.py and run_finetune.py take any channel count (`data_image_processor`)."""
     if config.num_channels != 3:
         raise ValueError(
-            f"num_channels={config.num_channels}: run_mim.py and run_finetune.py read RGB images only (3 channels). "
-            "Use a model with num_channels=3, or feed your own pixel_values to the model with a "
-            "SimMIMImageProcessor(num_channels=..., image_mean=..., image_std=...)."
+            f"num_channels={config.num_channels}: this run reads RGB images only (3 channels). Use a model with "
+            "num_channels=3 (run_mim.py and run_finetune.py train and fine-tune models of any channel count)."
         )
 
 
@@ -310,24 +321,46 @@ def saved_normalisation(source, hub_kwargs, flag=None):
     return {key: saved[key] for key in ("image_mean", "image_std", "resample") if key in saved}
 
 
-def load_image_processor(model_args, config, hub_kwargs):
-    """The run's image processor, built from `config` (input size, masks), with the normalisation and resampling
-    of `--image_processor_name`, else of the checkpoint's own processor when it has one."""
-    processor = SimMIMImageProcessor.from_model_config(config)
+def load_image_processor(model_args, config, hub_kwargs, train=None, image_column=None):
+    """The run's image processor (`data_image_processor`), its normalisation from `--image_mean` / `--image_std`,
+    else `--image_processor_name`'s, else the checkpoint's own processor's when it has one (with its resampling)."""
     if model_args.image_processor_name:
         saved = saved_normalisation(model_args.image_processor_name, hub_kwargs, flag="--image_processor_name")
     elif model_args.model_name_or_path:
         saved = saved_normalisation(model_args.model_name_or_path, hub_kwargs)
     else:
         saved = {}
-    for key, value in saved.items():
-        setattr(processor, key, value)
-    return processor
+    given = {key: getattr(model_args, key) for key in ("image_mean", "image_std") if getattr(model_args, key)}
+    if len(given) == 1:
+        raise ValueError("Give --image_mean and --image_std together (one value per channel each).")
+    return data_image_processor(config, {**saved, **given}, train, image_column)
 
 
-def load_pretraining_model(model_args):
+def data_image_processor(config, normalisation, train=None, image_column=None, **processor_kwargs):
+    """The `SimMIMImageProcessor` of `config` for the images of `train` (`data.checks.run_pixel_format`: RGB photos,
+    or each image's own channels at its precision; `train=None`: RGB photos), normalised with `normalisation`
+    (`image_mean`, `image_std`, `resample`, each where given). Images that are not RGB photos and have no mean and
+    std given are normalised with their own per-channel statistics, from a pass over `train`
+    (`data.statistics.channel_statistics`); RGB photos default to ImageNet's."""
+    convert_rgb, rescale_factor = True, 1 / 255
+    if train is not None:
+        convert_rgb, rescale_factor = run_pixel_format(train, image_column, config.num_channels)
+    fields = {**processor_kwargs, "do_convert_rgb": convert_rgb, "rescale_factor": rescale_factor, **normalisation}
+    if not convert_rgb and not {"image_mean", "image_std"} <= set(normalisation):
+        statistics = channel_statistics(train, image_column, config.num_channels, rescale_factor)
+        logger.info(
+            "Normalising with the training images' own statistics: %s. To skip this pass next time, pass "
+            "--image_mean %s --image_std %s.", statistics.describe(),
+            " ".join(f"{m:.6g}" for m in statistics.mean), " ".join(f"{s:.6g}" for s in statistics.std),
+        )
+        fields.update(image_mean=statistics.mean, image_std=statistics.std)
+    return SimMIMImageProcessor.from_model_config(config, **fields)
+
+
+def load_pretraining_model(model_args, train=None, image_column=None):
     """`(SimMIMForMaskedImageModeling, SimMIMImageProcessor)` from a checkpoint, a config file or a preset, with
-    the model flags applied (`model_config_overrides`); `--model_revision` and `--token` reach the hub."""
+    the model flags applied (`model_config_overrides`); `--model_revision` and `--token` reach the hub. The
+    processor reads the images of `train` (`data_image_processor`; None: RGB photos)."""
     sources = [s for s in (model_args.model_name_or_path, model_args.preset, model_args.config_file) if s]
     if len(sources) > 1:
         raise ValueError("Give only one of --model_name_or_path, --preset and --config_file.")
@@ -336,7 +369,6 @@ def load_pretraining_model(model_args):
     if model_args.model_name_or_path:
         checkpoint_config = SimMIMConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
         check_model_flags(checkpoint_config, model_args, overrides)
-        check_rgb_model(checkpoint_config)
         model = SimMIMForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, **hub_kwargs, **overrides)
     else:
         if model_args.config_file:
@@ -346,9 +378,8 @@ def load_pretraining_model(model_args):
         else:
             config = SimMIMConfig.from_preset(model_args.preset or DEFAULT_PRESET, **overrides)
         check_model_flags(config, model_args, overrides)
-        check_rgb_model(config)
         model = SimMIMForMaskedImageModeling(config)
-    return model, load_image_processor(model_args, model.config, hub_kwargs)
+    return model, load_image_processor(model_args, model.config, hub_kwargs, train, image_column)
 
 
 def skipped_image_counts(train_dataset, eval_dataset=None, trainer=None):
