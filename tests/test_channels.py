@@ -230,3 +230,23 @@ def test_a_run_of_a_one_channel_model_saves_the_statistics_of_its_training_image
     batch = reloaded(images[0], input_data_format="channels_first", return_tensors="pt")  # an HW uint16 array
     expected = (images[0] / 65535.0 - processor.image_mean[0]) / processor.image_std[0]
     torch.testing.assert_close(batch["pixel_values"][0, 0].double(), torch.tensor(expected), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("feature", ["array", "lists"])
+def test_an_array_column_keeps_its_pixel_type_through_the_data_path(feature):
+    """datasets gives array cells as nested lists (or int64 arrays): the data path reads them in the column's own
+    type, so 16-bit arrays are rescaled as 16-bit images are."""
+    from hf_simmim.data.transforms import SeededImageDataset
+
+    values = [(30000 + RNG.integers(0, 5000, size=(2, 32, 32))).astype(np.uint16) for _ in range(3)]
+    kind = datasets.Array3D((2, 32, 32), "uint16") if feature == "array" else datasets.List(
+        datasets.List(datasets.List(datasets.Value("uint16"))))
+    dataset = datasets.Dataset.from_dict({"bands": [v.tolist() for v in values], "label": [0, 1, 0]},
+                                         features=datasets.Features({"bands": kind, "label": datasets.Value("int64")}))
+    assert run_pixel_format(dataset, "bands", 2) == (False, 1 / 65535)
+    assert check_image_dataset(dataset, "bands", 8, "train", processor_for(2)) == []
+    transform = SimMIMTransform(processor_for(2), train=False, image_column="bands", with_mask=False,
+                                keep_columns=("label",))
+    batch = SeededImageDataset(dataset, transform).batch([0, 1, 2])
+    np.testing.assert_allclose(batch["pixel_values"].double().numpy() * 65535, np.stack(values), atol=0.02)
+    assert batch["labels"].tolist() == [0, 1, 0]

@@ -15,7 +15,7 @@ from hf_simmim.data import AugmentationPreset, pretraining_augmentation
 from hf_simmim.data.checks import check_image_dataset
 from hf_simmim.data.transforms import SimMIMTransform
 from hf_simmim.models.masking import SimMIMMaskGenerator, snap_mask_to_patches
-from hf_simmim.reporting.pictures import unnormalize
+from hf_simmim.reporting.pictures import reconstruct_images, unnormalize
 
 from conftest import load_script
 
@@ -159,3 +159,9 @@ def test_run_mim_pretrains_on_a_mask_column_and_refuses_a_missing_one(tmp_path):
     card = (out / "README.md").read_text()
     assert "user: each image's own mask from the data" in card and "user masks from column `defect`" in card
     assert (out / "reconstruction.png").is_file()
+    # new images have no user mask: reconstructing them needs a drawn strategy, named
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "new.png")
+    with pytest.raises(ValueError, match="pretrained with user masks .* pass --mask_strategy NAME"):
+        reconstruct_images(str(out), [str(tmp_path / "new.png")], str(tmp_path / "grid.png"))
+    grid = reconstruct_images(str(out), [str(tmp_path / "new.png")], str(tmp_path / "grid.png"), mask_strategy="center")
+    assert Image.open(grid).width >= 4 * 96

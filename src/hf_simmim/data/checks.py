@@ -35,9 +35,7 @@ def check_not_empty(dataset, split="train"):
 
 def header_rows(dataset, columns):
     """Yield `(row, cells)` for every row of `dataset`: the cells of `columns`, read undecoded in batches."""
-    table = dataset.select_columns(columns)
-    for column in columns:
-        table = undecoded(table, column)
+    table = undecoded(dataset.select_columns(columns), *columns)
     for start, batch in enumerate(table.iter(batch_size=HEADER_BATCH_SIZE)):
         for offset in range(len(batch[columns[0]])):
             yield start * HEADER_BATCH_SIZE + offset, [batch[column][offset] for column in columns]

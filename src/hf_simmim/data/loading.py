@@ -193,15 +193,38 @@ def detect_image_column(dataset, image_column=None):
     )
 
 
-def undecoded(dataset, image_column):
-    """`dataset` with its image column left as bytes/paths (`datasets.Image(decode=False)`), so an unreadable
-    image reaches `SimMIMTransform` (which skips and counts it) instead of failing inside `datasets`."""
+def undecoded(dataset, image_column, mask_column=None):
+    """`dataset` with its image column (and user-mask column) as the data path reads them: images left as
+    bytes/paths (`datasets.Image(decode=False)`), so an unreadable image reaches `SimMIMTransform` (which skips and
+    counts it) instead of failing inside `datasets`; an image column of arrays (`Array2D`/`Array3D`, lists of
+    lists) as NumPy arrays of their own pixel type, where `datasets` would give nested lists (or int64 arrays). A
+    mask column of arrays stays lists: only which pixels are nonzero counts."""
     import datasets
 
-    feature = dataset.features.get(image_column)
-    if isinstance(feature, datasets.Image) and feature.decode:
-        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    for column in (image_column, mask_column):
+        feature = dataset.features.get(column) if column else None
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    dtype = array_dtype(dataset.features.get(image_column))
+    if dtype is not None:
+        return dataset.with_format("numpy", columns=[image_column], output_all_columns=True, dtype=dtype)
     return dataset
+
+
+def array_dtype(feature):
+    """The NumPy pixel type of an array feature (`Array2D`..`Array5D`, or lists of lists of a numeric `Value`),
+    else None."""
+    if hasattr(feature, "shape") and hasattr(feature, "dtype"):
+        return np.dtype(feature.dtype)
+    depth = 0
+    while hasattr(feature, "feature"):
+        feature, depth = feature.feature, depth + 1
+    dtype = getattr(feature, "dtype", None) if depth >= 2 else None
+    try:
+        dtype = np.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        return None
+    return dtype if dtype is not None and (np.issubdtype(dtype, np.number) or dtype == bool) else None
 
 
 def label_names(dataset, label_column="label"):

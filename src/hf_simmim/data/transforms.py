@@ -156,8 +156,9 @@ class SimMIMTransform:
         return self._resize_crop(pixels, p.resample), self._evaluation_mask(mask)
 
     def _augment(self, image, mask):
-        augmented = self.augmentation.augment(image, self.rng, mask=mask)
-        return augmented if mask is not None else (augmented, None)
+        if mask is None:
+            return self.augmentation.augment(image, self.rng), None
+        return self.augmentation.augment(image, self.rng, mask=mask)
 
     def _resize_crop(self, pixels, resample):
         p = self.processor
@@ -267,9 +268,7 @@ class SeededImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, transform, seed=0, split="train", unreadable_rows=()):
         transform.require_image_column(dataset.column_names)
-        self.dataset = undecoded(dataset, transform.image_column)
-        if transform.mask_column:
-            self.dataset = undecoded(self.dataset, transform.mask_column)
+        self.dataset = undecoded(dataset, transform.image_column, transform.mask_column)
         self.transform = transform
         if transform.with_mask and transform.mask_seed is None:
             transform.mask_seed = 0  # masks come from the row seeds below: one seeded generator per row
