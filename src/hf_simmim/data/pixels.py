@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .image_ops import cell_path, decoding, open_image
+from .image_ops import decoding, open_image
 
 NPY_MAGIC = b"\x93NUMPY"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*")
@@ -130,7 +130,7 @@ def _tiff_series(source):
     """`(series shape, axes, dtype)` of a TIFF's first series, by tifffile."""
     import tifffile
 
-    with tifffile.TiffFile(_file(source)) as tiff:
+    with _file(source) as handle, tifffile.TiffFile(handle) as tiff:
         series = tiff.series[0]
         return series.shape, series.axes, series.dtype
 
@@ -148,7 +148,8 @@ def read_tiff(source):
     import tifffile
 
     _, axes, _ = _tiff_series(source)
-    array = tifffile.imread(_file(source))
+    with _file(source) as handle:
+        array = tifffile.imread(handle)
     check_array_shape(array.shape)
     if array.ndim == 2:
         return array[None]
@@ -173,20 +174,23 @@ def image_pixels(image):
     """A PIL image -> CHW array of its bands at their own precision (a multi-page TIFF: its pages stacked)."""
     arrays = []
     for page in pages(image):
-        if page.mode in CONVERTED_MODES:
-            target = CONVERTED_MODES[page.mode]
-            page = page.convert("RGBA" if page.mode == "P" and "transparency" in page.info else target)
-        array = np.asarray(page)
+        mode = read_mode(page)
+        array = np.asarray(page if mode == page.mode else page.convert(mode))
         arrays.append(array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0))
     if len({(a.shape[1:], a.dtype) for a in arrays}) > 1:
         raise ValueError("the pages of this TIFF differ in size or pixel type: they cannot be stacked as channels")
     return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
 
 
+def read_mode(image):
+    """The PIL mode an image is read in: its own, but for palette and bilevel images (`CONVERTED_MODES`)."""
+    if image.mode == "P" and "transparency" in image.info:
+        return "RGBA"
+    return CONVERTED_MODES.get(image.mode, image.mode)
+
+
 def image_header(image):
-    mode = image.mode
-    if mode in CONVERTED_MODES:
-        mode = "RGBA" if mode == "P" and "transparency" in image.info else CONVERTED_MODES[mode]
+    mode = read_mode(image)
     bands = Image.getmodebands(mode)
     count = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
     return PixelHeader(image.width, image.height, bands * count, MODE_DTYPES.get(mode, "uint8"))
@@ -200,8 +204,8 @@ def read_pixels(cell, num_channels=None):
         return channels_first(np.asarray(cell), num_channels)
     source = cell_source(cell)
     if source is not None and is_npy(source):
-        with decoding():
-            return channels_first(np.load(_file(source), allow_pickle=False), num_channels)
+        with decoding(), _file(source) as handle:
+            return channels_first(np.load(handle, allow_pickle=False), num_channels)
     if source is not None and reads_with_tifffile(source):
         with decoding():
             return read_tiff(source)
@@ -236,7 +240,3 @@ def is_array_cell(cell):
     source = cell_source(cell)
     return source is not None and is_npy(source)
 
-
-def cell_name(cell):
-    """A cell's file, for messages ("x.npy"), or its kind."""
-    return cell_path(cell) or ("an array" if is_array_cell(cell) else "an image")
