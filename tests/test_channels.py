@@ -227,9 +227,10 @@ def test_a_run_of_a_one_channel_model_saves_the_statistics_of_its_training_image
     assert list(given.image_mean) == [0.1]  # given statistics: no pass
     processor.save_pretrained(tmp_path)
     reloaded = SimMIMImageProcessor.from_pretrained(tmp_path)
-    batch = reloaded(images[0], input_data_format="channels_first", return_tensors="pt")  # an HW uint16 array
-    expected = (images[0] / 65535.0 - processor.image_mean[0]) / processor.image_std[0]
-    torch.testing.assert_close(batch["pixel_values"][0, 0].double(), torch.tensor(expected), atol=1e-5, rtol=0)
+    expected = torch.tensor((images[0] / 65535.0 - processor.image_mean[0]) / processor.image_std[0])
+    for image in (images[0], Image.fromarray(images[0])):  # an HW uint16 array, a 16-bit PIL image
+        batch = reloaded(image, return_tensors="pt")
+        torch.testing.assert_close(batch["pixel_values"][0, 0].double(), expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("feature", ["array", "lists"])

@@ -156,3 +156,23 @@ def test_cli_reconstruct(checkpoint, images, tmp_path, capsys):
     assert main(["reconstruct", str(checkpoint), *images, "--output", str(output)]) == 0
     assert Image.open(output).format == "PNG"
     assert str(output) in capsys.readouterr().out
+
+
+def test_images_of_any_channel_count_are_shown_as_grey_or_a_chosen_rgb_triple():
+    from hf_simmim.reporting.pictures import display_view
+
+    values = np.zeros((1, 5, 2, 2), dtype=np.float32)
+    values[0, :, 0, 0] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    grey = denormalize(values[:, 3:4], [0.0], [1.0])  # one channel: 0.75 at the top left, 0 elsewhere
+    assert grey.shape == (1, 2, 2, 3)
+    np.testing.assert_array_equal(grey[0, 0, 0], [191] * 3)
+    np.testing.assert_array_equal(grey[0, 1, 1], [0] * 3)
+    np.testing.assert_array_equal(denormalize(values, [0.0] * 5, [1.0] * 5, (4, 2, 1))[0, 0, 0], [255, 128, 64])
+    np.testing.assert_array_equal(denormalize(values, [0.0] * 5, [1.0] * 5, (3,))[0, 0, 0], [191] * 3)
+    # stretched: each shown channel from its 1st to 99th percentile over the batch to 0..255
+    ramp = np.arange(101, dtype=np.float32).reshape(1, 1, 1, 101) * 0.001 + 0.2
+    shown = denormalize(ramp, [0.0], [1.0], stretch=True)[0, 0, :, 0]
+    assert shown[1] == 0 and shown[99] == 255 and shown[50] in (127, 128)
+    with pytest.raises(ValueError, match="--display_channels 5 1 0: .* each in 0..4"):
+        display_view(5, (5, 1, 0))
+    assert display_view(1) == (0, 0, 0) and display_view(13) == (0, 1, 2)

@@ -114,7 +114,10 @@ class SimMIMImageProcessor(PilBackend):
     `image_mean` / `image_std`; and on request a SimMIM mask per image (`return_bool_masked_pos=True`).
 
     A model with another `num_channels` needs `image_mean` and `image_std` of that many values (ImageNet's are
-    RGB's). Every attribute is also a per-call keyword (`size` for `image_size`); an unknown keyword is refused.
+    RGB's), and its images keep their own precision (a 16-bit PIL image or array is not squeezed to 8 bits): they
+    are rescaled by `rescale_factor`, which run_mim.py saves from its training images (1/255 for 8-bit pixels,
+    1/65535 for 16-bit ones, 1 for floats), with the per-channel mean and std of those images (`hf-simmim stats`).
+    Every attribute is also a per-call keyword (`size` for `image_size`); an unknown keyword is refused.
 
     Training augmentation is not held here: it is a named preset of `hf_simmim.data.augmentation`, derived from the
     model config by each run and recorded in its model card.

@@ -87,9 +87,14 @@ def to_display(values, channels=(0, 1, 2), limits=None):
     return np.clip(shown * 255.0 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def denormalize(pixel_values, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD):
-    """Normalised `(B, 3, H, W)` RGB (tensor or array) -> uint8 `(B, H, W, 3)` array."""
-    return to_display(unnormalize(pixel_values, image_mean, image_std))
+def denormalize(
+    pixel_values, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD, display_channels=None, stretch=False
+):
+    """Normalised `(B, C, H, W)` (tensor or array) -> uint8 `(B, H, W, 3)` array of the channels `display_view`
+    shows (an RGB image as it is, a grayscale one as grey), contrast-stretched when `stretch`."""
+    values = unnormalize(pixel_values, image_mean, image_std)
+    channels = display_view(values.shape[1], display_channels)
+    return to_display(values, channels, stretch_limits(values, channels) if stretch else None)
 
 
 def pixel_mask(bool_masked_pos, patch_size, batch_size):
