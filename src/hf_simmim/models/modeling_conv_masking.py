@@ -21,8 +21,6 @@ feature map is repeated onto it; onto a coarser map, a cell is visible if any ce
 coordinates of a strided sparse convolution).
 """
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,20 +28,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 
+from .configuration_simmim import check_conv_encoder_config, hierarchical_decoder_blocks
 from .modeling_layers import fill_masked_tokens
-
-CONV_MASKING_MODES = ("token", "sparse")
-
-
-def check_conv_encoder_config(config):
-    """The fields both CNN encoders read: the masking mode and one width per stage."""
-    if config.conv_masking not in CONV_MASKING_MODES:
-        raise ValueError(f"conv_masking={config.conv_masking!r} is not supported: use one of {CONV_MASKING_MODES}.")
-    if not config.depths or len(config.depths) != len(config.hidden_sizes):
-        raise ValueError(
-            f"depths={config.depths} and hidden_sizes={config.hidden_sizes} must have one entry per stage (at least "
-            "one stage)."
-        )
 
 
 def _check_divides(small, large, what):
@@ -286,13 +272,8 @@ class HierarchicalDecoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        num_blocks = round(math.log2(config.encoder_stride))
+        num_blocks = hierarchical_decoder_blocks(config)
         width = config.decoder_hidden_size
-        if 2**num_blocks != config.encoder_stride or width % 2**num_blocks or num_blocks < len(config.hidden_sizes):
-            raise ValueError(
-                f"decoder_hidden_size={width} must be divisible by encoder_stride={config.encoder_stride} (a power of "
-                "2 at least 2 ** number of stages): the decoder halves its width at each 2x upsampling."
-            )
         self.sparse = config.conv_masking == "sparse"
         channels = [width // 2**k for k in range(num_blocks + 1)]
         stage_widths = list(reversed(config.hidden_sizes))
@@ -319,6 +300,11 @@ class HierarchicalDecoder(nn.Module):
                 features = features + self.densify[k](stage, visible)
             features = block(features)
         return self.proj(features)
+
+    def no_weight_decay(self):
+        """Parameter names (relative to the decoder) exempt from weight decay: the mask tokens, as SparK's
+        pretraining exempts every `mask_token` by name."""
+        return {name for name, _ in self.named_parameters() if name.endswith("mask_token")}
 
 
 def init_batch_norm(norm):

@@ -18,16 +18,14 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .configuration_simmim import check_convnext_config
 from .modeling_conv_masking import ChannelsFirstLayerNorm, MaskedConvEncoder, visible_for
 from .modeling_layers import DropPath
 
-CONVNEXT_VERSIONS = (1, 2)
-LAYER_DECAY_TYPES = ("group", "single")
 # transformers and the official code fix the eps of every LayerNorm inside the encoder.
 CONVNEXT_LAYER_NORM_EPS = 1e-6
 # The official "group" layer decay: 12 groups for depths [3, 3, 27, 3] (ConvNeXt optim_factory).
 GROUP_LAYER_IDS = 14
-GROUP_MAX_STAGE3_DEPTH = 27
 
 
 class ConvNextGRN(nn.Module):
@@ -115,26 +113,6 @@ class ConvNextStem(nn.Module):
     def forward(self, pixel_values, visible=None):
         features = self.convolution(pixel_values)
         return self.normalization(features, visible_for(visible, features))
-
-
-def check_convnext_config(config):
-    if config.convnext_version not in CONVNEXT_VERSIONS:
-        raise ValueError(f"convnext_version={config.convnext_version!r} is not supported: use 1 or 2.")
-    if config.convnext_version == 2 and config.layer_scale_init_value:
-        raise ValueError(
-            f"layer_scale_init_value={config.layer_scale_init_value} with convnext_version=2: ConvNeXt V2 has no "
-            "layer scale (GRN replaces it); set layer_scale_init_value=0."
-        )
-    if config.layer_decay_type not in LAYER_DECAY_TYPES:
-        raise ValueError(
-            f"layer_decay_type={config.layer_decay_type!r} is not supported: use one of {LAYER_DECAY_TYPES}."
-        )
-    if config.layer_decay_type == "group" and (len(config.depths) != 4 or config.depths[2] > GROUP_MAX_STAGE3_DEPTH):
-        raise ValueError(
-            f"layer_decay_type='group' with depths={config.depths}: the official grouping (12 groups of three blocks "
-            f"for depths [3, 3, 27, 3]) needs 4 stages and at most {GROUP_MAX_STAGE3_DEPTH} blocks in the third; use "
-            "layer_decay_type='single' (one id per block, ConvNeXt V2's default)."
-        )
 
 
 class ConvNextEncoder(MaskedConvEncoder):

@@ -11,16 +11,22 @@ Config fields read: `num_channels`, `embedding_size` (stem width), `hidden_sizes
 `mask_token_type`, `initializer_range`.
 """
 
+import math
+
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .configuration_simmim import check_resnet_config
 from .modeling_conv_masking import MaskedBatchNorm2d, MaskedConvEncoder, init_batch_norm, visible_for
 
-RESNET_LAYER_TYPES = ("bottleneck", "basic")
 # transformers' bottleneck: the 3x3 convolution runs at out_channels / 4.
 BOTTLENECK_REDUCTION = 4
+# SparK's fine-tuning layer ids (downstream_imagenet/models/__init__.py `resnets_get_layer_id_and_scale_exp`): by the
+# depths of the second and third stages (ResNet-50/34, 101, 152, 200, ECA-269), how many consecutive blocks of each
+# share a layer id.
+SPARK_BLOCKS_PER_LAYER_ID = {(4, 6): (2, 3), (4, 23): (2, 3), (8, 36): (4, 4), (24, 36): (4, 4), (30, 48): (5, 6)}
 
 
 class ResNetConvLayer(nn.Module):
@@ -118,8 +124,7 @@ class ResNetEncoder(MaskedConvEncoder):
 
     def __init__(self, config, use_mask_token=True):
         super().__init__(config)
-        if config.layer_type not in RESNET_LAYER_TYPES:
-            raise ValueError(f"layer_type={config.layer_type!r} is not supported: use one of {RESNET_LAYER_TYPES}.")
+        check_resnet_config(config)
         self.stem = ResNetStem(config)
         self.mask_token = self.build_mask_token(use_mask_token, config.embedding_size)
         widths = [config.embedding_size] + list(config.hidden_sizes)
@@ -133,17 +138,32 @@ class ResNetEncoder(MaskedConvEncoder):
         init_resnet_encoder_weights(self)
 
     def num_layers(self):
-        """Layer ids of layer-wise learning-rate decay: stem, one per stage, everything after the stages."""
-        return len(self.stages) + 2
+        """Layer ids of layer-wise learning-rate decay: the stem, the stages' (see `layer_id`), the head."""
+        return self._first_layer_ids()[-1] + 1
 
     def layer_id(self, name):
-        """Per stage (ResNet has no official layer decay rule): 0 for the stem and the mask token, `i + 1` for stage
-        `i`, the last id for anything after the stages (the head)."""
+        """SparK's ResNet layer ids: 0 for the stem (and the mask token); the first stage 1; in the second and third
+        stages of the depths SparK lists (`SPARK_BLOCKS_PER_LAYER_ID`, e.g. ResNet-50: blocks of 2 and 3), one id per
+        group of consecutive blocks; the last stage one id; anything after the stages (the head) the last id. Other
+        depths: one id per stage."""
         if name == "mask_token" or name.startswith("stem."):
             return 0
         if name.startswith("stages."):
-            return int(name.split(".")[1]) + 1
+            stage, block = (int(part) for part in name.split(".")[1:4:2])
+            return self._first_layer_ids()[stage] + block // self._blocks_per_layer_id()[stage]
         return self.num_layers() - 1
+
+    def _blocks_per_layer_id(self):
+        depths = list(self.config.depths)
+        grouped = SPARK_BLOCKS_PER_LAYER_ID.get(tuple(depths[1:3])) if len(depths) == 4 else None
+        return [depths[0], *grouped, depths[3]] if grouped else depths
+
+    def _first_layer_ids(self):
+        """The first layer id of each stage, then the head's."""
+        ids = [1]
+        for depth, per_id in zip(self.config.depths, self._blocks_per_layer_id()):
+            ids.append(ids[-1] + math.ceil(depth / per_id))
+        return ids
 
 
 def init_resnet_encoder_weights(encoder):

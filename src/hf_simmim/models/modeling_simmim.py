@@ -5,6 +5,10 @@ The walk from pixels to loss, in `SimMIMForMaskedImageModeling.forward`:
 pixel_values + bool_masked_pos -> encoder (masked patch embeddings replaced by the mask token; all tokens go
 through every block) -> feature map (B, C, H/stride, W/stride) -> decoder (1x1 conv + PixelShuffle) ->
 reconstruction (B, 3, H, W) -> `simmim_loss` on the masked pixels only.
+
+The convolutional encoders (ResNet, ConvNeXt) hide the masked content by `config.conv_masking` (see
+`modeling_conv_masking`), and may decode with SparK's hierarchical decoder over every stage's output
+(`decoder_type="hierarchical"`) instead.
 """
 
 import copy
@@ -23,7 +27,10 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_simmim import SimMIMConfig, check_norm_target
+from .configuration_simmim import CNN_BACKBONES, SimMIMConfig, check_norm_target
+from .modeling_conv_masking import HierarchicalDecoder, init_hierarchical_decoder_weights
+from .modeling_convnext import ConvNextEncoder, init_convnext_encoder_weights
+from .modeling_resnet import ResNetEncoder, init_resnet_encoder_weights
 from .modeling_resize import (
     SHARED_TABLE,
     checkpoint_shapes,
@@ -44,8 +51,17 @@ from .modeling_vit import RelativePositionBias, ViTBlock, VisionTransformer, vit
 logger = logging.get_logger(__name__)
 
 # Each backbone's encoder, and its block (the unit FSDP wraps and gradient checkpointing recomputes).
-ENCODER_CLASSES = {"vit": VisionTransformer, "swin": SwinTransformer, "swinv2": SwinV2Transformer}
-BLOCK_CLASS_NAMES = {"vit": "ViTBlock", "swin": "SwinBlock", "swinv2": "SwinV2Block"}
+# For the CNNs, the stage: the unit gradient checkpointing recomputes, as in transformers' ResNet / ConvNext.
+ENCODER_CLASSES = {
+    "vit": VisionTransformer,
+    "swin": SwinTransformer,
+    "swinv2": SwinV2Transformer,
+    "resnet": ResNetEncoder,
+    "convnext": ConvNextEncoder,
+}
+BLOCK_CLASS_NAMES = {
+    "vit": "ViTBlock", "swin": "SwinBlock", "swinv2": "SwinV2Block", "resnet": "ResNetStage", "convnext": "ConvNextStage"
+}
 
 AUTO_MAP = {
     "AutoConfig": "configuration_simmim.SimMIMConfig",
@@ -126,6 +142,16 @@ def normalize_per_patch(images, patch_size, eps=1e-6):
     return ((patches - mean) / (var + eps).sqrt()).view(b, c, h, w)
 
 
+def normalize_per_square(images, size, eps=1e-6):
+    """SparK's and ConvNeXt V2 FCMAE's normalised target (`norm_pix_loss`): each non-overlapping `size` square
+    standardised over its pixels and channels together, with the unbiased variance: `(x - mean) / sqrt(var + eps)`."""
+    b, c, h, w = images.shape
+    squares = images.view(b, c, h // size, size, w // size, size)
+    mean = squares.mean(dim=(1, 3, 5), keepdim=True)
+    var = squares.var(dim=(1, 3, 5), keepdim=True, correction=1)
+    return ((squares - mean) / (var + eps).sqrt()).view(b, c, h, w)
+
+
 def normalize_locally(images, patch_size, eps=1e-6):
     """The official SwinV2 SimMIM normalised target (`norm_targets` of microsoft/Swin-Transformer `models/simmim.py`):
     each pixel of each channel standardised over the `patch_size` x `patch_size` neighbourhood centred on it, the
@@ -141,13 +167,16 @@ def normalize_locally(images, patch_size, eps=1e-6):
 
 
 def simmim_loss(
-    pixel_values, reconstruction, mask_grid, patch_size, loss_type="l1", norm_target=None, norm_target_patch_size=47
+    pixel_values, reconstruction, mask_grid, patch_size, loss_type="l1", norm_target=None, norm_target_patch_size=47,
+    mask_patch_size=None,
 ):
     """The SimMIM loss: the pixel loss averaged over masked pixels and channels only.
 
     `mask_grid` `(B, g, g)` is upsampled to pixels by repetition; the official formula is
     `sum(|x - x_rec| * M) / (sum(M) + 1e-5) / C`, where x is the pixels or, with `norm_target` (see `SimMIMConfig`),
-    their `"local"` (`normalize_locally`, official SwinV2) or `"patch"` (`normalize_per_patch`) standardisation.
+    their `"local"` (`normalize_locally`, official SwinV2), `"patch"` (`normalize_per_patch`) or `"mask_patch"`
+    (`normalize_per_square` by `mask_patch_size`, SparK / FCMAE) standardisation. With whole masked squares, the mean
+    over masked pixels is SparK's and FCMAE's mean over masked squares of the per-square mean.
     Computed in (at least) float32 whatever the model's dtype, as the official code under autocast: a bf16 sum over
     millions of pixels keeps only about 3 significant digits.
     """
@@ -158,6 +187,10 @@ def simmim_loss(
         target = normalize_locally(target, norm_target_patch_size)
     elif norm_target == "patch":
         target = normalize_per_patch(target, patch_size)
+    elif norm_target == "mask_patch":
+        if mask_patch_size is None:
+            raise ValueError("norm_target='mask_patch' standardises each mask_patch_size square: pass mask_patch_size.")
+        target = normalize_per_square(target, mask_patch_size)
     reconstruction = reconstruction.to(dtype)
     mask = mask_grid.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).to(dtype)
     if loss_type == "l1":
@@ -170,13 +203,14 @@ def simmim_loss(
 
 
 # ---------------------------------------------------------------------------------------------- models
-def init_conv_as_pytorch_default(conv):
-    """`nn.Conv2d.reset_parameters`, written out: transformers may skip a module's own init when it builds a model.
-    Weight and bias are U(+-1/sqrt(fan_in)) (kaiming-uniform with a=sqrt(5) gives that bound for the weight)."""
-    init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
-    if conv.bias is not None:
-        bound = 1.0 / math.sqrt(conv.weight[0].numel())  # fan_in = in_channels / groups * kernel area
-        init.uniform_(conv.bias, -bound, bound)
+def init_as_pytorch_default(layer):
+    """`nn.Conv2d.reset_parameters` (and `nn.Linear`'s, the same rule), written out: transformers may skip a module's
+    own init when it builds a model. Weight and bias are U(+-1/sqrt(fan_in)) (kaiming-uniform with a=sqrt(5) gives
+    that bound for the weight)."""
+    init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+    if layer.bias is not None:
+        bound = 1.0 / math.sqrt(layer.weight[0].numel())  # fan_in = in_channels / groups * kernel area
+        init.uniform_(layer.bias, -bound, bound)
 
 
 class SimMIMPreTrainedModel(PreTrainedModel):
@@ -219,12 +253,14 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         their parent (so a parent may override its children's init), and again, on loading, for what a checkpoint
         did not fill; the `init` helpers leave loaded tensors alone. Non-persistent buffers are recomputed here too:
         loading on the meta device leaves them empty."""
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and getattr(module, "init_as_pytorch_default", False):
+            init_as_pytorch_default(module)  # transformers' (and torchvision's) ResNet head
+        elif isinstance(module, nn.Linear):
             self._init_normal_(module.weight, getattr(module, "init_scale", 1.0))
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv2d):
-            init_conv_as_pytorch_default(module)  # what the official decoder and Swin patch embedding keep
+            init_as_pytorch_default(module)  # what the official decoder and Swin patch embedding keep
         elif isinstance(module, nn.LayerNorm):
             init.constant_(module.weight, getattr(module, "init_weight", 1.0))  # SwinV2's post-norms: 0
             init.zeros_(module.bias)
@@ -258,6 +294,18 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             table = swinv2_relative_coords_table(module.window, module.pretrained_window)
             init.copy_(module.relative_coords_table, table)
             init.copy_(module.relative_position_index, swin_relative_position_index(module.window))
+        else:
+            self._init_convolutional_weights(module)
+
+    def _init_convolutional_weights(self, module):
+        """The CNN encoders and the hierarchical decoder, each as a whole (after their layers): ResNet as
+        transformers (Kaiming normal), ConvNeXt as the official code (truncated normal), the decoder as SparK."""
+        if isinstance(module, ResNetEncoder):
+            init_resnet_encoder_weights(module)
+        elif isinstance(module, ConvNextEncoder):
+            init_convnext_encoder_weights(module)
+        elif isinstance(module, HierarchicalDecoder):
+            init_hierarchical_decoder_weights(module)
 
 
     @staticmethod
@@ -326,11 +374,12 @@ class SimMIMPreTrainedModel(PreTrainedModel):
 
 
 class SimMIMPooler(nn.Module):
-    """Average of the patch tokens; for ViT with `use_mean_pooling`, followed by `fc_norm` (official fine-tuning)."""
+    """Average of the patch tokens (the CNNs: of the final map's positions); for ViT with `use_mean_pooling`, and for
+    ConvNeXt (transformers' final `layernorm`, the official head's norm), followed by `fc_norm`."""
 
     def __init__(self, config):
         super().__init__()
-        use_fc_norm = config.backbone == "vit" and config.use_mean_pooling
+        use_fc_norm = (config.backbone == "vit" and config.use_mean_pooling) or config.backbone == "convnext"
         self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_fc_norm else None
 
     def forward(self, patch_tokens):
@@ -339,13 +388,14 @@ class SimMIMPooler(nn.Module):
 
 
 class SimMIMModel(SimMIMPreTrainedModel):
-    """The SimMIM encoder (ViT, Swin or SwinV2) as a vision backbone.
+    """The SimMIM encoder (ViT, Swin, SwinV2, ResNet or ConvNeXt) as a vision backbone.
 
     `forward(pixel_values, bool_masked_pos=None)` returns `last_hidden_state` (ViT: `(B, 1 + L, C)` with CLS
-    first; Swin: `(B, L_last, C)`), `pooler_output` `(B, C)`, with `output_hidden_states=True` the input of every
-    ViT block / Swin stage and the final output, and with `output_attentions=True` every block's attention weights
-    (ViT: `(B, heads, 1 + L, 1 + L)`; Swin and SwinV2: per window, `(B * windows, heads, N, N)`, as transformers'
-    Swin).
+    first; Swin: `(B, L_last, C)`; ResNet and ConvNeXt: the final map `(B, C, H / stride, W / stride)`, as
+    transformers' ResNetModel / ConvNextModel), `pooler_output` `(B, C)`, with `output_hidden_states=True` the input
+    of every ViT block / Swin stage and the final output (the CNNs: the stem's output and every stage's, as
+    transformers'), and with `output_attentions=True` every block's attention weights (ViT: `(B, heads, 1 + L,
+    1 + L)`; Swin and SwinV2: per window, `(B * windows, heads, N, N)`, as transformers' Swin; the CNNs have none).
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
@@ -360,7 +410,12 @@ class SimMIMModel(SimMIMPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.encoder.patch_embed
+        """The patch embedding (ViT, Swin) or the stem (ResNet, ConvNeXt)."""
+        return self.encoder.stem if self.config.backbone in CNN_BACKBONES else self.encoder.patch_embed
+
+    def _input_dtype(self):
+        embedding = self.get_input_embeddings()
+        return (embedding.convolution if self.config.backbone in CNN_BACKBONES else embedding.proj).weight.dtype
 
     @can_return_tuple
     def forward(
@@ -377,6 +432,11 @@ class SimMIMModel(SimMIMPreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         if output_attentions is None:
             output_attentions = self.config.output_attentions
+        if self.config.backbone in CNN_BACKBONES and output_attentions:
+            raise ValueError(
+                f"output_attentions=True: a {self.config.backbone} encoder is convolutional and has no attention "
+                "weights; leave output_attentions unset."
+            )
         if output_attentions and self.config._attn_implementation != "eager":
             logger.warning_once(
                 f"output_attentions=True with attn_implementation={self.config._attn_implementation!r}, which returns "
@@ -384,7 +444,7 @@ class SimMIMModel(SimMIMPreTrainedModel):
                 'attn_implementation="eager" to run it always.'
             )
         # Float32 images (what the image processor gives) also feed a model loaded in bf16/fp16, as in transformers.
-        pixel_values = pixel_values.to(self.encoder.patch_embed.proj.weight.dtype)
+        pixel_values = pixel_values.to(self._input_dtype())
         encoded = self.encoder(
             pixel_values, mask_grid, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
@@ -399,7 +459,8 @@ class SimMIMModel(SimMIMPreTrainedModel):
 
 
 class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
-    """SimMIM pretraining: encoder + one 1x1 conv + PixelShuffle decoder + masked pixel loss.
+    """SimMIM pretraining: encoder + one 1x1 conv + PixelShuffle decoder (or, for the CNNs with
+    `decoder_type="hierarchical"`, SparK's decoder over every stage's output) + masked pixel loss.
 
     `forward(pixel_values, bool_masked_pos)` returns `MaskedImageModelingOutput(loss, reconstruction, ...)`;
     `bool_masked_pos` is `(B, num_patches)` or `(B, h, w)`, bool or 0/1 integers (1 = masked). Without a mask, the
@@ -409,12 +470,19 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.simmim = SimMIMModel(config, add_pooling_layer=False, use_mask_token=True)
-        stride = config.encoder_stride
-        self.decoder = nn.Sequential(
-            nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1),
-            nn.PixelShuffle(stride),
-        )
+        if self.hierarchical:
+            self.decoder = HierarchicalDecoder(config)
+        else:
+            stride = config.encoder_stride
+            self.decoder = nn.Sequential(
+                nn.Conv2d(config.hidden_size, stride**2 * config.num_channels, kernel_size=1),
+                nn.PixelShuffle(stride),
+            )
         self.post_init()
+
+    @property
+    def hierarchical(self):
+        return self.config.backbone in CNN_BACKBONES and self.config.decoder_type == "hierarchical"
 
     @can_return_tuple
     def forward(
@@ -428,15 +496,19 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
         # `labels` may come along in batches built from labelled datasets; pretraining has no use for them.
         self._check_extra_arguments(kwargs, ignored=("labels",))
         mask_grid = self._check_inputs(pixel_values, bool_masked_pos)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         outputs = self.simmim(
             pixel_values,
             bool_masked_pos=mask_grid,
             output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states or self.hierarchical,  # the decoder reads every stage
             return_dict=True,
         )
-        features = self.simmim.encoder.feature_map(outputs.last_hidden_state)
-        reconstruction = self.decoder(features)
+        if self.hierarchical:
+            reconstruction = self.decoder(outputs.hidden_states[1:], mask_grid)
+        else:
+            reconstruction = self.decoder(self.simmim.encoder.feature_map(outputs.last_hidden_state))
         loss = None
         if mask_grid is not None:
             loss = simmim_loss(
@@ -447,19 +519,24 @@ class SimMIMForMaskedImageModeling(SimMIMPreTrainedModel):
                 self.config.loss_type,
                 self.config.norm_target,
                 self.config.norm_target_patch_size,
+                self.config.mask_patch_size,
             )
         return MaskedImageModelingOutput(
-            loss=loss, reconstruction=reconstruction, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss,
+            reconstruction=reconstruction,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
         )
 
 
 class SimMIMForImageClassification(SimMIMPreTrainedModel):
     """The encoder with the official fine-tuning head: ViT averages the patch tokens and applies `fc_norm`; Swin
-    averages the normalised final tokens. `labels` give the loss `config.problem_type` names (see
-    `classification_loss`).
+    averages the normalised final tokens; ResNet averages the final map (transformers' ResNet); ConvNeXt averages it
+    and applies `fc_norm` (the official head's LayerNorm, transformers' final `layernorm`). `labels` give the loss
+    `config.problem_type` names (see `classification_loss`).
 
     Loading a pretraining checkpoint drops the decoder and the mask token (and, for ViT, the final norm that mean
-    pooling replaces).
+    pooling replaces); ConvNeXt's `fc_norm` starts fresh, as after FCMAE.
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"mask_token", r"^simmim\.encoder\.norm\."]
@@ -472,9 +549,18 @@ class SimMIMForImageClassification(SimMIMPreTrainedModel):
         self.num_labels = config.num_labels
         self.simmim = SimMIMModel(config, add_pooling_layer=True, use_mask_token=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        if config.backbone == "vit" and config.num_labels > 0:
-            self.classifier.init_scale = 1e-3  # the official ViT head's `init_scale`; Swin's is drawn as any Linear
+        if config.num_labels > 0:
+            self._set_classifier_init(config)
         self.post_init()
+
+    def _set_classifier_init(self, config):
+        """The official heads' init: the ViT head's `init_scale` 1e-3, ConvNeXt V2 fine-tuning's `head_init_scale`
+        1e-3 (main_finetune.py), PyTorch's default for ResNet (transformers', torchvision's); Swin's and ConvNeXt
+        V1's are drawn as any Linear."""
+        if config.backbone == "vit" or (config.backbone == "convnext" and config.convnext_version == 2):
+            self.classifier.init_scale = 1e-3
+        elif config.backbone == "resnet":
+            self.classifier.init_as_pytorch_default = True
 
     @can_return_tuple
     def forward(self, pixel_values=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
