@@ -1,5 +1,7 @@
 """The named recipes hold the values of the official configurations (`tests/fixtures/official_configs/`, copied
-from microsoft/SimMIM and, for SwinV2, microsoft/Swin-Transformer), and a run that names one trains with them."""
+from microsoft/SimMIM and, for SwinV2, microsoft/Swin-Transformer; the CNN recipes: the argparse / tap defaults of
+keyu-tian/SparK and facebookresearch/ConvNeXt-V2, checked by hand below), and a run that names one trains with
+them."""
 
 import ast
 import math
@@ -50,6 +52,10 @@ SWIN_TRANSFORMER_DEFAULTS = {
 }
 
 
+# The recipes written from a YAML configuration (the CNN ones come from scripts' defaults: see the tests below).
+YAML_RECIPES = sorted(name for name, recipe in RECIPES.items() if recipe.source.startswith("microsoft/"))
+
+
 def official(recipe):
     values = _yacs_value(yaml.safe_load((OFFICIAL_CONFIGS / Path(recipe.source).name).read_text()))
     train = {**OFFICIAL_DEFAULTS, **values["TRAIN"]}
@@ -67,7 +73,7 @@ def test_runs_without_a_recipe_start_from_the_official_defaults():
     official_aug = dict(mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, random_erasing=0.25,
                         rand_augment="rand-m9-mstd0.5-inc1", label_smoothing=0.1)
     assert {key: FINETUNING_DEFAULTS[key] for key in official_aug} == official_aug
-    for recipe in (r for r in RECIPES.values() if r.stage == "fine-tuning"):
+    for recipe in (RECIPES[name] for name in YAML_RECIPES if RECIPES[name].stage == "fine-tuning"):
         _, _, train = official(recipe)
         assert FINETUNING_DEFAULTS["base_learning_rate"] == train["BASE_LR"]
         assert FINETUNING_DEFAULTS["warmup_learning_rate"] == train["WARMUP_LR"]
@@ -78,11 +84,11 @@ def test_runs_without_a_recipe_start_from_the_official_defaults():
 
 
 def test_every_official_configuration_has_a_recipe():
-    sources = {Path(recipe.source).name for recipe in RECIPES.values()}
+    sources = {Path(RECIPES[name].source).name for name in YAML_RECIPES}
     assert sources == {path.name for path in OFFICIAL_CONFIGS.glob("*.yaml")}
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", YAML_RECIPES)
 def test_a_recipe_holds_the_values_of_its_official_configuration(name):
     recipe = RECIPES[name]
     model, data, train = official(recipe)
@@ -193,7 +199,7 @@ def test_flags_win_over_the_recipe_and_a_named_model_over_its_preset():
 
 
 def test_a_recipe_of_the_other_stage_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="not a pretraining recipe: use one of simmim-swin-base-100ep"):
+    with pytest.raises(ValueError, match="not a pretraining recipe: use one of fcmae-convnextv2-tiny-800ep, simmim-swin-base-100ep"):
         parse_run_arguments(["--recipe", "simmim-finetune-vit-base"])
     with pytest.raises(ValueError, match="not a fine-tuning recipe"):
         get_recipe("simmim-vit-base-800ep", "fine-tuning")
@@ -265,3 +271,114 @@ def test_the_model_card_names_what_the_optimizer_did_not_decay(tmp_path):
     assert rule(classifier, ("classifier",)).endswith(
         "classifier.weight, relative_position_bias_table (--no_weight_decay_names classifier)"
     )
+
+
+# ---------------------------------------------------------------------------------------------- CNN recipes
+# By hand from the sources (no configuration file exists: argparse / tap defaults and TRAINING.md commands), at the
+# commits the recipes name. Learning rates there are per 256 images, here per 512: doubled.
+SPARK_PRETRAINING = dict(  # keyu-tian/SparK pretrain/utils/arg_util.py
+    epochs=1600,  # l. 41 ep
+    warmup_epochs=40,  # l. 42 wp_ep
+    base_learning_rate=2 * 2e-4,  # l. 38 base_lr, l. 132 lr = base_lr * glb_batch_size / 256
+    warmup_learning_rate=0.005 * 2 * 2e-4,  # utils/lr_control.py l. 14: warmup from 0.005 x peak
+    min_learning_rate=0.001 * 2 * 2e-4,  # utils/lr_control.py l. 17: cosine to 0.001 x peak, after warmup (l. 16)
+    weight_decay=0.04,  # l. 39 wd (its cosine to wde 0.2, l. 40, is a stated departure)
+    max_grad_norm=5.0,  # l. 43 clip; pretrain/main.py l. 79 LAMB max_grad_norm=5.0
+    drop_path_rate=0.0,  # l. 37 dp
+    warmup_prefix=True,
+)
+CNN_RECIPE_VALUES = {
+    "spark-resnet50-1600ep": dict(SPARK_PRETRAINING, adam_beta2=0.95),  # l. 124: ada 0.95 for ResNet
+    "spark-convnext-tiny-1600ep": dict(SPARK_PRETRAINING, adam_beta2=0.999),  # l. 128: ada 0.999 for ConvNeXt
+    "fcmae-convnextv2-tiny-800ep": dict(  # facebookresearch/ConvNeXt-V2 main_pretrain.py
+        epochs=800,  # l. 37
+        warmup_epochs=40,  # l. 38
+        base_learning_rate=2 * 1.5e-4,  # l. 61 blr, l. 166 lr = blr * eff_batch_size / 256
+        warmup_learning_rate=0.0,  # utils.py l. 534: lr * epoch / warmup_epochs
+        min_learning_rate=0.0,  # l. 63 min_lr
+        weight_decay=0.05,  # l. 57
+        max_grad_norm=0.0,  # engine_pretrain.py l. 48: loss_scaler without clip_grad
+        adam_beta2=0.95,  # l. 179 betas=(0.9, 0.95)
+        drop_path_rate=0.0,  # models/fcmae.py: SparseConvNeXtV2 built without drop path
+        warmup_prefix=True,  # utils.py l. 536-537: cosine over (epoch - warmup) / (epochs - warmup)
+    ),
+    "fcmae-finetune-convnextv2-tiny": dict(  # TRAINING.md l. 147-167 (ConvNeXt V2-T, 4 nodes x 8 GPUs x 32)
+        epochs=300, warmup_epochs=40, base_learning_rate=2 * 8e-4, weight_decay=0.05, drop_path_rate=0.2,
+        layer_decay=0.9,
+        warmup_learning_rate=0.0,  # utils.py l. 534
+        min_learning_rate=1e-6 / (1024 / 512),  # main_finetune.py l. 69: 1e-6, absolute, at a batch of 1024
+        max_grad_norm=0.0,  # main_finetune.py l. 60 clip_grad None
+        adam_beta2=0.999,  # main_finetune.py l. 80 opt_betas None: AdamW's default
+        warmup_prefix=True,
+    ),
+    "spark-finetune-resnet50": dict(  # keyu-tian/SparK downstream_imagenet/arg.py l. 20 (resnet50)
+        epochs=300, warmup_epochs=5, base_learning_rate=2 * 0.002, layer_decay=0.7, weight_decay=0.02, mixup=0.1,
+        warmup_learning_rate=0.005 * 2 * 0.002,  # lr_decay.py l. 14
+        min_learning_rate=0.001 * 2 * 0.002,  # lr_decay.py l. 17
+        max_grad_norm=0.0,  # arg.py l. 48: clip -1
+        drop_path_rate=0.0,  # 0.05 in arg.py l. 20; transformers' ResNet has no drop path (a stated departure)
+        warmup_prefix=True,
+    ),
+}
+CNN_PRESETS = {
+    "spark-resnet50-1600ep": "resnet50-224",
+    "spark-convnext-tiny-1600ep": "convnext-tiny-224",
+    "fcmae-convnextv2-tiny-800ep": "convnextv2-tiny-224",
+    "fcmae-finetune-convnextv2-tiny": "convnextv2-tiny-224",
+    "spark-finetune-resnet50": "resnet50-224",
+}
+
+
+def test_every_cnn_recipe_is_checked_by_hand():
+    assert set(CNN_RECIPE_VALUES) == set(RECIPES) - set(YAML_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(CNN_RECIPE_VALUES))
+def test_a_cnn_recipe_holds_the_values_of_its_source(name):
+    recipe = RECIPES[name]
+    values = {field: getattr(recipe, field) for field in CNN_RECIPE_VALUES[name]}
+    assert values == pytest.approx(CNN_RECIPE_VALUES[name])
+    assert recipe.preset == CNN_PRESETS[name] and recipe.departures
+    assert recipe.source.startswith(("keyu-tian/SparK@a63e386 ", "facebookresearch/ConvNeXt-V2@2553895 "))
+
+
+@pytest.mark.parametrize("preset", ["resnet50-224", "convnext-tiny-224", "convnextv2-tiny-224"])
+def test_the_cnn_presets_pretrain_as_spark_and_fcmae(preset):
+    """SparK (pretrain/spark.py l. 113-120) and FCMAE (models/fcmae.py l. 164-184, norm_pix_loss on, main_pretrain.py
+    l. 50-52): mask ratio 0.6 of 32 px squares, L2 on each square standardised, the loss on masked squares only."""
+    config = SimMIMConfig.from_preset(preset)
+    assert (config.image_size, config.mask_patch_size, config.mask_ratio) == (224, 32, 0.6)
+    assert (config.loss_type, config.norm_target, config.encoder_stride) == ("l2", "mask_patch", 32)
+    assert (config.conv_masking, config.decoder_type, config.decoder_hidden_size) == ("sparse", "hierarchical", 768)
+
+
+def test_the_cnn_recipes_reach_the_runs():
+    model_args, _, recipe_args, training_args, given = parse_run_arguments(
+        ["--recipe", "fcmae-convnextv2-tiny-800ep", "--per_device_train_batch_size", "256", "--output_dir", "x"]
+    )
+    assert model_args.preset == "convnextv2-tiny-224" and training_args.num_train_epochs == 800
+    assert (training_args.adam_beta2, training_args.weight_decay, training_args.max_grad_norm) == (0.95, 0.05, 0.0)
+    recipe, _ = apply_learning_rate(training_args, recipe_args, given)
+    assert training_args.learning_rate == pytest.approx(1.5e-4 * 256 / 256)  # blr x batch / 256
+    assert training_args.warmup_steps == pytest.approx(40 / 800) and recipe.warmup_lr == 0.0
+    model_args, _, recipe_args, training_args, _ = parse_finetune_arguments(
+        ["--recipe", "spark-finetune-resnet50", "--model_name_or_path", "ckpt"]
+    )
+    assert (model_args.layer_decay, recipe_args.mixup, recipe_args.cutmix, training_args.weight_decay) == (
+        0.7, 0.1, 1.0, 0.02
+    )
+
+
+def test_a_convnext_v1_recipe_is_refused_for_a_v2_model():
+    v2 = SimMIMConfig.from_preset("convnextv2-tiny-test")
+    with pytest.raises(ValueError, match="is for a convnext model but the model is a convnextv2: choose one of fcmae"):
+        check_recipe_backbone("spark-convnext-tiny-1600ep", v2)
+    check_recipe_backbone("fcmae-convnextv2-tiny-800ep", v2)
+    with pytest.raises(ValueError, match="is for a resnet model but the model is a convnextv2"):
+        check_recipe_backbone("spark-finetune-resnet50", v2)
+
+
+def test_a_cnn_recipe_names_what_the_runs_do_differently():
+    described = RECIPES["spark-resnet50-1600ep"].describe()
+    assert described.startswith("spark-resnet50-1600ep (keyu-tian/SparK@a63e386 pretrain/utils/arg_util.py; differs:")
+    assert "AdamW for LAMB" in described and "0.04 -> 0.2" in described

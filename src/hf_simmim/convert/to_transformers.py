@@ -5,6 +5,10 @@
     SimMIMModel                   BeitModel                    BeitModel                    Swin(v2)Model (no mask token)
     SimMIMForImageClassification  BeitForImageClassification   BeitForImageClassification   Swin(v2)ForImageClassification
 
+ResNet and ConvNeXt V1 / V2 export to transformers' `ResNet` / `ConvNext` / `ConvNextV2` `Model` (from
+`SimMIMModel` and, encoder only, `SimMIMForMaskedImageModeling`) and `ForImageClassification` (see `cnn_weights`),
+with transformers' `ConvNextImageProcessor`, as microsoft/resnet-50 and facebook/convnext-tiny-224 ship.
+
 A plain ViT has absolute position embeddings and no relative position bias, layer scale or mean pooling: the layout
 of transformers' ViT. transformers' BEiT holds every other ViT we build, the official SimMIM variant included: a
 relative position bias shared by all blocks or per block (with the same three CLS rows), layer scale, query and
@@ -32,6 +36,8 @@ import re
 import torch
 from safetensors.torch import save_file
 
+from ..models.configuration_simmim import CNN_BACKBONES
+from .cnn_weights import cnn_exported_state_dict, transformers_cnn_config, transformers_model_type
 from .transformers_checkpoints import (
     BEIT_KEYS,
     CLASSIFIER_KEYS,
@@ -45,7 +51,10 @@ from .transformers_checkpoints import (
 logger = logging.getLogger(__name__)
 
 # transformers' class-name stem of each exported model_type, and its key tables.
-_FAMILIES = {"vit": "ViT", "beit": "Beit", "swin": "Swin", "swinv2": "Swinv2"}
+_FAMILIES = {
+    "vit": "ViT", "beit": "Beit", "swin": "Swin", "swinv2": "Swinv2", "resnet": "ResNet", "convnext": "ConvNext",
+    "convnextv2": "ConvNextV2",
+}
 _KEYS = {**KEY_TABLES, "beit": (BEIT_KEYS, VIT_QKV)}
 # Our weights a transformers base model cannot hold (see the module docstring).
 _NOT_EXPORTED = {
@@ -55,6 +64,7 @@ _NOT_EXPORTED = {
 }
 # The hierarchical backbones, exported to transformers' class of the same model_type.
 _SWIN_BACKBONES = ("swin", "swinv2")
+CONVNEXT_PROCESSOR_CROP_LIMIT = 384
 
 
 def _vit_features_beyond_plain(config):
@@ -90,6 +100,9 @@ def _head(model):
 def export_target(model):
     """`(model_type, class_name)`: the transformers architecture and class `model` exports to (the table above)."""
     head = _head(model)
+    if model.config.backbone in CNN_BACKBONES:
+        model_type = transformers_model_type(model.config)
+        return model_type, _FAMILIES[model_type] + ("ForImageClassification" if head == "classifier" else "Model")
     if model.config.backbone in _SWIN_BACKBONES:
         model_type = model.config.backbone
     elif head == "mim" and not _vit_features_beyond_plain(model.config):
@@ -204,8 +217,12 @@ def transformers_config_from_simmim(config, model_type=None):
     """Our config -> transformers' `ViTConfig`, `BeitConfig`, `SwinConfig` or `Swinv2Config` computing the same
     function, with our
     labels. `model_type` ("vit", "beit", "swin", "swinv2") defaults to the backbone's for Swin and SwinV2, "vit"
-    for a plain ViT and "beit" for any other ViT; a clear error where the chosen architecture cannot hold the config."""
-    if config.backbone in _SWIN_BACKBONES:
+    for a plain ViT and "beit" for any other ViT; the CNNs' ("resnet", "convnext", "convnextv2") is their own; a clear
+    error where the chosen architecture cannot hold the config."""
+    if config.backbone in CNN_BACKBONES:
+        default = transformers_model_type(config)
+        allowed = (default,)
+    elif config.backbone in _SWIN_BACKBONES:
         default, allowed = config.backbone, (config.backbone,)
     else:
         default, allowed = ("beit" if _vit_features_beyond_plain(config) else "vit"), ("vit", "beit")
@@ -213,7 +230,7 @@ def transformers_config_from_simmim(config, model_type=None):
     if model_type not in allowed:
         raise ValueError(f"model_type={model_type!r}: a {config.backbone} config exports as one of {allowed}.")
     builders = {"vit": _vit_config, "beit": _beit_config, "swin": _swin_config, "swinv2": _swin_config}
-    hf_config = builders[model_type](config)
+    hf_config = builders.get(model_type, transformers_cnn_config)(config)
     hf_config.id2label = dict(config.id2label)
     hf_config.label2id = dict(config.label2id)
     hf_config.problem_type = config.problem_type
@@ -255,20 +272,40 @@ def exported_state_dict(model, model_type, class_name):
 
 def transformers_image_processor(processor, model_type):
     """Our `SimMIMImageProcessor` -> transformers' own image processor of the architecture (`BeitImageProcessor`
-    for BEiT, `ViTImageProcessor` for ViT and Swin, as the hub's checkpoints), PIL backend (no torchvision needed),
-    doing the same: shorter side resized to `int(image_size / crop_pct)`, centre crop `image_size`, our filter,
-    mean and std. One difference: transformers floors a half-pixel crop offset where torchvision and ours round it
-    half to even, so an image whose resized margin is 3 (mod 4) pixels is cropped one pixel apart."""
+    for BEiT, `ViTImageProcessor` for ViT and Swin, `ConvNextImageProcessor` for ResNet and ConvNeXt below 384 px, as
+    the hub's checkpoints), PIL backend (no torchvision needed), doing the same: shorter side resized to
+    `int(image_size / crop_pct)`, centre crop `image_size`, our filter, mean and std. One difference: transformers
+    floors a half-pixel crop offset where torchvision and ours round it half to even, so an image whose resized margin
+    is 3 (mod 4) pixels is cropped one pixel apart."""
     from transformers import BeitImageProcessorPil, ViTImageProcessorPil
 
-    processor_class = BeitImageProcessorPil if model_type == "beit" else ViTImageProcessorPil
     size = processor.image_size
+    # ConvNextImageProcessor crops by crop_pct below 384 px only (above, it resizes without cropping)
+    if model_type in ("resnet", "convnext", "convnextv2") and size < CONVNEXT_PROCESSOR_CROP_LIMIT:
+        return _convnext_image_processor(processor)
+    processor_class = BeitImageProcessorPil if model_type == "beit" else ViTImageProcessorPil
     return processor_class(
         do_resize=True,
         size={"shortest_edge": int(size / processor.crop_pct)},
         resample=processor.resample,
         do_center_crop=True,
         crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(processor.image_mean),
+        image_std=list(processor.image_std),
+    )
+
+
+def _convnext_image_processor(processor):
+    from transformers import ConvNextImageProcessorPil
+
+    return ConvNextImageProcessorPil(
+        do_resize=True,
+        size={"shortest_edge": processor.image_size},
+        crop_pct=processor.crop_pct,
+        resample=processor.resample,
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
@@ -297,6 +334,22 @@ def export_to_transformers(model, output_dir, image_processor=None):
     from ..models.image_processing_simmim import SimMIMImageProcessor
 
     model_type, class_name = export_target(model)
+    if model.config.backbone in CNN_BACKBONES:
+        hf_config = transformers_config_from_simmim(model.config, model_type)
+        state_dict = cnn_exported_state_dict(model, model_type, class_name)
+    else:
+        hf_config, state_dict = _transformer_export(model, model_type, class_name)
+    hf_config.architectures = [class_name]
+    processor = image_processor or SimMIMImageProcessor.from_model_config(model.config)
+    os.makedirs(output_dir, exist_ok=True)
+    hf_config.save_pretrained(output_dir)
+    save_file(state_dict, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+    transformers_image_processor(processor, model_type).save_pretrained(output_dir)
+    return _load_every_weight(getattr(transformers, class_name), output_dir)
+
+
+def _transformer_export(model, model_type, class_name):
+    """`(transformers config, state dict)` of our ViT, Swin or SwinV2 `model` as transformers' `class_name`."""
     if _head(model) == "mim" and model.simmim.encoder.mask_token is None:
         raise ValueError("Only a pretraining model with a learned mask token (mask_token_type='learned') exports.")
     hf_config = transformers_config_from_simmim(model.config, model_type)
@@ -310,13 +363,7 @@ def export_to_transformers(model, output_dir, image_processor=None):
     if model_type == "beit":
         # A classifier's encoder holds no mask token whatever mask_token_type says.
         hf_config.use_mask_token = any(key.endswith("embeddings.mask_token") for key in state_dict)
-    hf_config.architectures = [class_name]
-    processor = image_processor or SimMIMImageProcessor.from_model_config(model.config)
-    os.makedirs(output_dir, exist_ok=True)
-    hf_config.save_pretrained(output_dir)
-    save_file(state_dict, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
-    transformers_image_processor(processor, model_type).save_pretrained(output_dir)
-    return _load_every_weight(getattr(transformers, class_name), output_dir)
+    return hf_config, state_dict
 
 
 def load_simmim_checkpoint(model_dir):

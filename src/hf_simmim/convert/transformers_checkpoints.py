@@ -1,5 +1,6 @@
 """transformers' `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` / `Swinv2ForMaskedImageModeling`
-checkpoints in, and the key names both directions share (`to_transformers` writes them out)."""
+checkpoints in, and the key names both directions share (`to_transformers` writes them out); transformers' ResNet /
+ConvNext / ConvNextV2 models and classifiers in through `cnn_weights`."""
 
 import json
 import math
@@ -10,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..models.configuration_simmim import SimMIMConfig
+from .cnn_weights import TRANSFORMERS_MODEL_TYPES as CNN_MODEL_TYPES
+from .cnn_weights import config_from_transformers_cnn, convert_cnn_checkpoint
 from .common import DERIVED_BUFFERS, load_strict, save_with_processor
 
 
@@ -132,8 +135,11 @@ def _first(value):
 
 
 def config_from_transformers(hf_config, **overrides):
-    """A transformers ViT/Swin/Swinv2 config (dict or object) -> `SimMIMConfig` computing the same function."""
+    """A transformers ViT/Swin/Swinv2/ResNet/ConvNext/ConvNextV2 config (dict or object) -> `SimMIMConfig` computing
+    the same function (the CNNs: see `cnn_weights.config_from_transformers_cnn`)."""
     c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    if c["model_type"] in CNN_MODEL_TYPES:
+        return config_from_transformers_cnn(c, **overrides)
     common = dict(
         image_size=_first(c.get("image_size", 224)),
         patch_size=_first(c.get("patch_size", 16)),
@@ -164,7 +170,8 @@ def config_from_transformers(hf_config, **overrides):
         kwargs = dict(common, **_swin_fields(c))
     else:
         raise ValueError(
-            f"model_type={c['model_type']!r}: only transformers 'vit', 'swin' and 'swinv2' checkpoints convert."
+            f"model_type={c['model_type']!r}: only transformers 'vit', 'swin', 'swinv2', 'resnet', 'convnext' and "
+            "'convnextv2' checkpoints convert."
         )
     if kwargs["image_size"] % 32 and "mask_patch_size" not in overrides:
         kwargs["mask_patch_size"] = math.gcd(kwargs["image_size"], 32)
@@ -235,10 +242,13 @@ def convert_transformers_state_dict(state_dict, model_type, num_patches=None):
 
 def convert_transformers_checkpoint(model_dir, output_dir=None, **overrides):
     """A transformers `ViTForMaskedImageModeling` / `SwinForMaskedImageModeling` / `Swinv2ForMaskedImageModeling`
-    folder -> ours."""
+    folder -> ours; a `ResNet` / `ConvNext` / `ConvNextV2` `Model` or `ForImageClassification` folder -> our
+    pretraining model with that encoder (`cnn_weights.convert_cnn_checkpoint`)."""
     from ..models.modeling_simmim import SimMIMForMaskedImageModeling
 
     hf_config, state_dict = load_transformers_checkpoint(model_dir)
+    if hf_config.get("model_type") in CNN_MODEL_TYPES:
+        return convert_cnn_checkpoint(model_dir, hf_config, state_dict, output_dir, **overrides)
     config = config_from_transformers(hf_config, **overrides)
     if hf_config.get("encoder_stride", config.encoder_stride) != config.encoder_stride:
         raise ValueError(

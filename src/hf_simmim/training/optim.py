@@ -3,8 +3,9 @@ layer-wise learning-rate scales of fine-tuning, and the linear learning-rate sca
 
 As in microsoft/SimMIM `optimizer.py`, the encoder answers for its own parameters (`no_weight_decay()`,
 `no_weight_decay_keywords()`, `num_layers()`, `layer_id(name)`); the rest is the official generic rule. A parameter
-is not decayed iff it is 1-D, its name ends with `.bias`, the encoder names it, or (fine-tuning only) one of the
-encoder's keywords is in its name. Parameters outside the encoder (decoder, pooler, head) are in the last layer.
+is not decayed iff it is 1-D, its name ends with `.bias`, the encoder or the decoder names it (the CNNs'
+hierarchical decoder: its mask tokens, as SparK), or (fine-tuning only) one of the encoder's keywords is in its name.
+Parameters outside the encoder (decoder, pooler, head) are in the last layer.
 A parameter of layer `k` of `n` learns at `lr * layer_decay ** (n - 1 - k)`.
 """
 
@@ -15,7 +16,7 @@ LR_REFERENCE_BATCH_SIZE = 512
 
 
 def encoder_and_prefix(model):
-    """The model's encoder (ViT, Swin or SwinV2) and the prefix of its parameter names in `model.named_parameters()`."""
+    """The model's encoder (any backbone) and the prefix of its parameter names in `model.named_parameters()`."""
     if hasattr(model, "simmim"):  # SimMIMForMaskedImageModeling, SimMIMForImageClassification
         return model.simmim.encoder, "simmim.encoder."
     return model.encoder, "encoder."  # SimMIMModel
@@ -34,6 +35,9 @@ def no_weight_decay_parameter_names(model, pretraining=None, extra_names=()):
     if pretraining is None:
         pretraining = isinstance(model, SimMIMForMaskedImageModeling)
     exempt = {prefix + name for name in encoder.no_weight_decay()}
+    decoder = getattr(model, "decoder", None)
+    if hasattr(decoder, "no_weight_decay"):
+        exempt |= {"decoder." + name for name in decoder.no_weight_decay()}
     keywords = tuple(extra_names) + (() if pretraining else tuple(encoder.no_weight_decay_keywords()))
     return {
         name
