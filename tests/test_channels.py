@@ -251,3 +251,24 @@ def test_an_array_column_keeps_its_pixel_type_through_the_data_path(feature):
     batch = SeededImageDataset(dataset, transform).batch([0, 1, 2])
     np.testing.assert_allclose(batch["pixel_values"].double().numpy() * 65535, np.stack(values), atol=0.02)
     assert batch["labels"].tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("channels", [1, 5])
+def test_the_decoder_and_loss_follow_num_channels(channels):
+    """The reconstruction has the input's channels, and the loss is the official formula with C = num_channels:
+    sum(|x - x_rec| * M) / (sum(M) + 1e-5) / C, M the pixel mask (per pixel, shared by the channels)."""
+    from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling
+
+    from conftest import tiny_vit
+
+    torch.manual_seed(0)
+    model = SimMIMForMaskedImageModeling(SimMIMConfig(**tiny_vit(num_channels=channels))).eval()
+    pixels = torch.randn(2, channels, 32, 32)
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[:, :3, 2:7] = True
+    with torch.no_grad():
+        output = model(pixel_values=pixels, bool_masked_pos=mask)
+    assert output.reconstruction.shape == (2, channels, 32, 32)
+    pixel_mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None].float()
+    expected = ((pixels - output.reconstruction).abs() * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / channels
+    torch.testing.assert_close(output.loss, expected)
