@@ -103,3 +103,30 @@ def tiny_swin(**overrides):
 def tiny_swinv2(**overrides):
     """`SimMIMConfig` fields of a tiny SwinV2 (the tiny Swin's geometry: windows of 4 on 16x16 and 8x8 token grids)."""
     return {**TINY_SWIN, "backbone": "swinv2", **overrides}
+
+
+# Tiny CNNs: 32-px images, three stages (stride 16), SparK's sparse masking and hierarchical decoder.
+TINY_RESNET = dict(
+    backbone="resnet", image_size=32, patch_size=4, embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 2, 1],
+    layer_type="basic", mask_patch_size=8, conv_masking="sparse", decoder_type="hierarchical", decoder_hidden_size=32,
+)
+TINY_CONVNEXT = dict(
+    backbone="convnext", image_size=32, patch_size=4, hidden_sizes=[8, 16, 24], depths=[1, 2, 1], convnext_version=1,
+    layer_scale_init_value=0.5, drop_path_rate=0.0, mask_patch_size=8, conv_masking="sparse",
+    decoder_type="hierarchical", decoder_hidden_size=32,
+)
+
+
+def tiny_resnet(**overrides):
+    """`SimMIMConfig` fields of a tiny ResNet (basic layers)."""
+    return {**TINY_RESNET, **overrides}
+
+
+def tiny_convnext(**overrides):
+    """`SimMIMConfig` fields of a tiny ConvNeXt V1 (a layer scale far from its 1e-6 init, so that it matters)."""
+    return {**TINY_CONVNEXT, **overrides}
+
+
+def tiny_convnextv2(**overrides):
+    """`SimMIMConfig` fields of a tiny ConvNeXt V2 (GRN, no layer scale)."""
+    return {**TINY_CONVNEXT, "convnext_version": 2, "layer_scale_init_value": 0.0, **overrides}

@@ -614,14 +614,14 @@ _SWINV2_BASE = dict(_SWINV2, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 
 # on the masked 32 px squares standardised one by one, mask ratio 0.6, no drop path) and ConvNeXt V2's FCMAE
 # (facebookresearch/ConvNeXt-V2 models/fcmae.py: the same target, loss and masking; its decoder, one ConvNeXt block
 # at stride 32, is replaced by SparK's, which a sparse encoder needs here).
-_SPARK = dict(
+CNN_PRETRAINING = dict(
     conv_masking="sparse", decoder_type="hierarchical", decoder_hidden_size=768, loss_type="l2",
     norm_target="mask_patch", mask_patch_size=32, mask_ratio=0.6, drop_path_rate=0.0,
 )
-_CONVNEXT_TINY = dict(_SPARK, backbone="convnext", hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
+_CONVNEXT_TINY = dict(CNN_PRETRAINING, backbone="convnext", hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
 # Tiny CNNs for 32 px images: three stages (stride 16), 8 px masked squares, the pixels as target (readable pictures).
 _CNN_TEST = dict(
-    _SPARK, image_size=32, patch_size=4, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], mask_patch_size=8,
+    CNN_PRETRAINING, image_size=32, patch_size=4, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], mask_patch_size=8,
     decoder_hidden_size=64, norm_target=None,
 )
 
@@ -687,9 +687,9 @@ PRESETS = {
         drop_path_rate=0.0,
     ),
     # The convolutional encoders (transformers' microsoft/resnet-50, facebook/convnext-tiny-224 and
-    # facebook/convnextv2-tiny-1k-224 architectures), pretrained as SparK / FCMAE (see _SPARK).
+    # facebook/convnextv2-tiny-1k-224 architectures), pretrained as SparK / FCMAE (see CNN_PRETRAINING).
     "resnet50-224": dict(
-        _SPARK, backbone="resnet", image_size=224, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048],
+        CNN_PRETRAINING, backbone="resnet", image_size=224, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048],
         depths=[3, 4, 6, 3], layer_type="bottleneck",
     ),
     # ConvNeXt V1 fine-tunes with the official 12-group layer ids, V2 with one id per block (each repo's default).

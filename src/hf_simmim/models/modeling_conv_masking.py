@@ -285,7 +285,7 @@ class HierarchicalDecoder(nn.Module):
         )
         self.blocks = nn.ModuleList([UpsamplingBlock(channels[k], channels[k + 1]) for k in range(num_blocks)])
         self.proj = nn.Conv2d(channels[-1], config.num_channels, kernel_size=1)
-        init_hierarchical_decoder_weights(self)
+        init_module_tree(self, init_hierarchical_decoder_layer, config)
 
     def forward(self, stage_outputs, bool_masked_pos=None):
         """stage_outputs: every stage's output, finest first (the encoder's `hidden_states[1:]`)."""
@@ -316,21 +316,29 @@ def init_batch_norm(norm):
     init.zeros_(norm.num_batches_tracked)
 
 
-def init_hierarchical_decoder_weights(decoder):
+def init_module_tree(root, rule, config):
+    """Initialise every module of `root` by `rule(module, config)` and tag it with `rule` (`module.init_rule`), which
+    `SimMIMPreTrainedModel._init_weights` applies again: transformers initialises a model one module at a time, and
+    skips the containers that hold no tensor of their own, so each module must know its rule."""
+    for module in root.modules():
+        module.init_rule = rule
+        rule(module, config)
+
+
+def init_hierarchical_decoder_layer(module, config=None):
     """SparK's decoder init: convolutions truncated normal (std 0.02, bias 0), transposed convolutions Kaiming normal
     (fan out, ReLU, bias 0), norms 1 and 0, mask tokens truncated normal within +-0.02."""
-    for module in decoder.modules():
-        if isinstance(module, nn.ConvTranspose2d):
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if isinstance(module, nn.ConvTranspose2d):
+        init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
             init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv2d):
-            init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            init_batch_norm(module)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, Densify) and module.mask_token is not None:
-            init.trunc_normal_(module.mask_token, std=0.02, a=-0.02, b=0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        init_batch_norm(module)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, Densify) and module.mask_token is not None:
+        init.trunc_normal_(module.mask_token, std=0.02, a=-0.02, b=0.02)

@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_simmim import check_convnext_config
-from .modeling_conv_masking import ChannelsFirstLayerNorm, MaskedConvEncoder, visible_for
+from .modeling_conv_masking import ChannelsFirstLayerNorm, MaskedConvEncoder, init_module_tree, visible_for
 from .modeling_layers import DropPath
 
 # transformers and the official code fix the eps of every LayerNorm inside the encoder.
@@ -136,7 +136,7 @@ class ConvNextEncoder(MaskedConvEncoder):
             ]
         )
         self.mask_strides = (1,) + tuple(config.patch_size * 2**i for i in range(len(config.depths)))
-        init_convnext_encoder_weights(self)
+        init_module_tree(self, init_convnext_layer, config)
 
     def no_weight_decay_keywords(self):
         """ConvNeXt V2 fine-tuning exempts GRN's scale (`.gamma`, transformers' `grn.weight`) by name; its bias is
@@ -173,21 +173,19 @@ class ConvNextEncoder(MaskedConvEncoder):
         return {0: 1, 1: 2, 2: 3 + block // 3, 3: 12}[stage]
 
 
-def init_convnext_encoder_weights(encoder):
+def init_convnext_layer(module, config):
     """The official ConvNeXt init: convolutions and Linear layers truncated normal (std `initializer_range`, 0.02),
     biases 0, LayerNorms 1 and 0, layer scale `layer_scale_init_value`, GRN 0; the mask token as SimMIM's Swin."""
-    config = encoder.config
-    for module in encoder.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            init.trunc_normal_(module.weight, std=config.initializer_range)
-            init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, ConvNextGRN):
-            init.zeros_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, ConvNextLayer) and module.layer_scale_parameter is not None:
-            init.constant_(module.layer_scale_parameter, config.layer_scale_init_value)
-    if encoder.mask_token is not None:
-        init.trunc_normal_(encoder.mask_token, std=config.initializer_range)
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        init.trunc_normal_(module.weight, std=config.initializer_range)
+        init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, ConvNextGRN):
+        init.zeros_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, ConvNextLayer) and module.layer_scale_parameter is not None:
+        init.constant_(module.layer_scale_parameter, config.layer_scale_init_value)
+    elif isinstance(module, ConvNextEncoder) and module.mask_token is not None:
+        init.trunc_normal_(module.mask_token, std=config.initializer_range)

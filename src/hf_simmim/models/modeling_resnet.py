@@ -19,7 +19,13 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_simmim import check_resnet_config
-from .modeling_conv_masking import MaskedBatchNorm2d, MaskedConvEncoder, init_batch_norm, visible_for
+from .modeling_conv_masking import (
+    MaskedBatchNorm2d,
+    MaskedConvEncoder,
+    init_batch_norm,
+    init_module_tree,
+    visible_for,
+)
 
 # transformers' bottleneck: the 3x3 convolution runs at out_channels / 4.
 BOTTLENECK_REDUCTION = 4
@@ -135,7 +141,7 @@ class ResNetEncoder(MaskedConvEncoder):
             ]
         )
         self.mask_strides = (1, 2) + tuple(4 * 2**i for i in range(len(config.depths)))
-        init_resnet_encoder_weights(self)
+        init_module_tree(self, init_resnet_layer, config)
 
     def num_layers(self):
         """Layer ids of layer-wise learning-rate decay: the stem, the stages' (see `layer_id`), the head."""
@@ -166,13 +172,12 @@ class ResNetEncoder(MaskedConvEncoder):
         return ids
 
 
-def init_resnet_encoder_weights(encoder):
+def init_resnet_layer(module, config):
     """transformers' ResNet init: convolutions Kaiming normal (fan out, ReLU), batch norms fresh; the mask token
     truncated normal (std `initializer_range`, as SimMIM's Swin)."""
-    for module in encoder.modules():
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            init_batch_norm(module)
-    if encoder.mask_token is not None:
-        init.trunc_normal_(encoder.mask_token, std=encoder.config.initializer_range)
+    if isinstance(module, nn.Conv2d):
+        init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        init_batch_norm(module)
+    elif isinstance(module, ResNetEncoder) and module.mask_token is not None:
+        init.trunc_normal_(module.mask_token, std=config.initializer_range)

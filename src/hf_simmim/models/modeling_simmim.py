@@ -28,9 +28,9 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_simmim import CNN_BACKBONES, SimMIMConfig, check_norm_target
-from .modeling_conv_masking import HierarchicalDecoder, init_hierarchical_decoder_weights
-from .modeling_convnext import ConvNextEncoder, init_convnext_encoder_weights
-from .modeling_resnet import ResNetEncoder, init_resnet_encoder_weights
+from .modeling_conv_masking import HierarchicalDecoder
+from .modeling_convnext import ConvNextEncoder
+from .modeling_resnet import ResNetEncoder
 from .modeling_resize import (
     SHARED_TABLE,
     checkpoint_shapes,
@@ -252,8 +252,12 @@ class SimMIMPreTrainedModel(PreTrainedModel):
         """The official initialisation, module by module. transformers calls this for every module, children before
         their parent (so a parent may override its children's init), and again, on loading, for what a checkpoint
         did not fill; the `init` helpers leave loaded tensors alone. Non-persistent buffers are recomputed here too:
-        loading on the meta device leaves them empty."""
-        if isinstance(module, nn.Linear) and getattr(module, "init_as_pytorch_default", False):
+        loading on the meta device leaves them empty. The CNN encoders' and the hierarchical decoder's modules carry
+        their own rule (`init_rule`: ResNet as transformers, ConvNeXt as the official code, the decoder as SparK)."""
+        rule = getattr(module, "init_rule", None)
+        if rule is not None:
+            rule(module, self.config)
+        elif isinstance(module, nn.Linear) and getattr(module, "init_as_pytorch_default", False):
             init_as_pytorch_default(module)  # transformers' (and torchvision's) ResNet head
         elif isinstance(module, nn.Linear):
             self._init_normal_(module.weight, getattr(module, "init_scale", 1.0))
@@ -294,19 +298,6 @@ class SimMIMPreTrainedModel(PreTrainedModel):
             table = swinv2_relative_coords_table(module.window, module.pretrained_window)
             init.copy_(module.relative_coords_table, table)
             init.copy_(module.relative_position_index, swin_relative_position_index(module.window))
-        else:
-            self._init_convolutional_weights(module)
-
-    def _init_convolutional_weights(self, module):
-        """The CNN encoders and the hierarchical decoder, each as a whole (after their layers): ResNet as
-        transformers (Kaiming normal), ConvNeXt as the official code (truncated normal), the decoder as SparK."""
-        if isinstance(module, ResNetEncoder):
-            init_resnet_encoder_weights(module)
-        elif isinstance(module, ConvNextEncoder):
-            init_convnext_encoder_weights(module)
-        elif isinstance(module, HierarchicalDecoder):
-            init_hierarchical_decoder_weights(module)
-
 
     @staticmethod
     def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
