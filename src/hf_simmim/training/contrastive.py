@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
@@ -28,7 +27,6 @@ from transformers import (
     TrainingArguments,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
-    VisionTextDualEncoderProcessor,
     pipeline,
 )
 from transformers.trainer_utils import set_seed
@@ -39,7 +37,6 @@ from ..data.image_ops import UndecodableImage, decode_image, report_skipped_imag
 from ..data.loading import detect_image_column, label_names, undecoded
 from ..data.transforms import collate_fn
 from ..models.configuration_simmim import SimMIMConfig
-from ..models.image_processing_simmim import SimMIMImageProcessor
 from ..models.modeling_simmim import SimMIMModel
 from .arguments import DEFAULT_OUTPUT_DIR, accelerator_available, argument_parser
 from .callbacks import EpochCallback
@@ -287,18 +284,16 @@ class _DropUnlistedModelError(logging.Filter):
 def zero_shot_accuracy(model, processor, images, labels, names, template):
     """Top-1 (and top-5, with more than 5 classes) accuracy of `model` classifying `images` among `names`
     through transformers' `zero-shot-image-classification` pipeline, prompting with `template`."""
-    from transformers.pipelines import base
-
     model.eval()
-    drop = _DropUnlistedModelError()
-    base.logger.addFilter(drop)
+    pipeline_logger, drop = logging.getLogger("transformers.pipelines.base"), _DropUnlistedModelError()
+    pipeline_logger.addFilter(drop)
     try:
         classifier = pipeline(
             "zero-shot-image-classification", model=model, tokenizer=processor.tokenizer,
             image_processor=processor.image_processor, device=model.device,
         )
     finally:
-        base.logger.removeFilter(drop)
+        pipeline_logger.removeFilter(drop)
     predictions = classifier(images, candidate_labels=names, hypothesis_template=template)
     scores = np.array([[{p["label"]: p["score"] for p in ranked}[name] for name in names] for ranked in predictions])
     ks = accuracy_ks(len(names))
