@@ -3,11 +3,13 @@
     hf-simmim convert official CHECKPOINT.pth OUTPUT_DIR [--allow-unsafe-pickle] [--image_size N ...]
     hf-simmim convert transformers MODEL_DIR OUTPUT_DIR
     hf-simmim convert to-transformers SIMMIM_DIR OUTPUT_DIR
-    hf-simmim reconstruct CHECKPOINT IMAGE... --output grid.png
+    hf-simmim reconstruct CHECKPOINT IMAGE... --output grid.png [--display_channels R G B] [--mask_strategy NAME]
+    hf-simmim stats DATA [--image_column NAME] [--num_channels N]
     hf-simmim attention CHECKPOINT IMAGE... --output map.png
+    hf-simmim inpaint CHECKPOINT IMAGE (--mask MASK | --box x0,y0,x1,y1) --output filled.png
 
 A checkpoint that does not exist (no such local path, nor hub model id) or a missing image ends with a one-line
-error and exit status 2, before anything is loaded.
+error and exit status 2, before anything is loaded; so does a mask the inpainting cannot use.
 """
 
 import argparse
@@ -69,6 +71,17 @@ def _checkpoint_argument(args):
     return args.model_dir, args.source == "to-transformers"
 
 
+def _box(text):
+    """`--box x0,y0,x1,y1` -> four integers."""
+    try:
+        box = tuple(int(value) for value in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a box: give four integers x0,y0,x1,y1, e.g. 8,8,24,20.")
+    return box
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="hf-simmim", description="SimMIM for Hugging Face transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +110,21 @@ def build_parser():
     reconstruct.add_argument("images", nargs="+")
     reconstruct.add_argument("--output", default="reconstruction.png")
     reconstruct.add_argument("--mask_seed", type=int, default=0)
+    reconstruct.add_argument(
+        "--display_channels", type=int, nargs="+", default=None, metavar="C",
+        help="channels shown as red, green, blue (one: as grey); default RGB as it is, grey, else the first three",
+    )
+    reconstruct.add_argument("--mask_strategy", default=None, help="draw masks this way (default: the checkpoint's)")
+
+    stats = commands.add_parser(
+        "stats", help="print the per-channel mean and std of a dataset's training images (run_mim.py's --image_mean/std)"
+    )
+    stats.add_argument("data", help="a folder of images or .npy files, Parquet/Arrow file(s), or a hub dataset")
+    stats.add_argument("--image_column", default=None, help="the column of images (default: detected)")
+    stats.add_argument(
+        "--num_channels", type=int, default=None,
+        help="the model's channel count: 3 reads photos as RGB (default: the first image's own channels)",
+    )
 
     attention = commands.add_parser(
         "attention",
@@ -105,6 +133,14 @@ def build_parser():
     attention.add_argument("checkpoint")
     attention.add_argument("images", nargs="+")
     attention.add_argument("--output", default="attention.png")
+
+    inpaint = commands.add_parser("inpaint", help="fill a region of an image with the model's prediction")
+    inpaint.add_argument("checkpoint")
+    inpaint.add_argument("images", nargs=1, metavar="image", help="the image (any size; resized to the model's)")
+    region = inpaint.add_mutually_exclusive_group(required=True)
+    region.add_argument("--mask", help="a mask image of the image's size: its nonzero pixels are filled")
+    region.add_argument("--box", type=_box, metavar="x0,y0,x1,y1", help="a box to fill, in pixels (x1, y1 excluded)")
+    inpaint.add_argument("--output", default="filled.png")
     return parser
 
 
@@ -120,6 +156,29 @@ def _convert(args):
     return convert.export_checkpoint_to_transformers(args.model_dir, args.output_dir)
 
 
+def _inpaint(args):
+    """Fill the image's mask or box with the checkpoint's prediction; returns the written path."""
+    from transformers import pipeline
+
+    from .models.pipeline_simmim import (
+        INPAINTING_TASK,
+        SimMIMInpaintingPipeline,
+        image_pixels,
+        open_image_file,
+        pixel_mask,
+    )
+
+    image = open_image_file(args.images[0])
+    pixels, _ = image_pixels(image)  # the image and mask are checked before the model loads
+    to_fill = pixel_mask(args.mask if args.mask is not None else args.box, *pixels.shape[:2])
+    # pipeline_class: a checkpoint saved with the pipeline names it in config.json, for which transformers would
+    # otherwise ask for trust_remote_code even though hf_simmim is here
+    inpainter = pipeline(INPAINTING_TASK, model=args.checkpoint, pipeline_class=SimMIMInpaintingPipeline)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    inpainter(image, mask=to_fill).save(args.output)
+    return args.output
+
+
 def _run(args):
     """The command's work; returns the line to print."""
     if args.command == "convert":
@@ -128,15 +187,44 @@ def _run(args):
     if args.command == "reconstruct":
         from .reporting.pictures import reconstruct_images
 
-        return "Wrote " + reconstruct_images(args.checkpoint, args.images, args.output, mask_seed=args.mask_seed)
+        return "Wrote " + reconstruct_images(
+            args.checkpoint, args.images, args.output, args.mask_seed, args.display_channels, args.mask_strategy
+        )
+    if args.command == "inpaint":
+        return "Wrote " + _inpaint(args)
     from .reporting.attention import attention_images
 
     return "Wrote " + attention_images(args.checkpoint, args.images, args.output)
 
 
+def _stats(args):
+    """`hf-simmim stats DATA`: print the statistics, and the flags that give them to run_mim.py; 2 on bad data."""
+    from .data import dataset_statistics, detect_image_column, load_image_datasets
+
+    try:
+        train, _ = load_image_datasets(args.data, validation_split_percentage=0)
+        column = detect_image_column(train, args.image_column)
+        statistics = dataset_statistics(train, column, args.num_channels)
+    except (OSError, ValueError) as error:  # no such data (nor a reachable hub dataset), or none to read
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    channels = len(statistics.mean)
+    print(f"{args.data} (column {column}): {statistics.describe()}")
+    print("image_mean:", " ".join(f"{value:.8g}" for value in statistics.mean))
+    print("image_std: ", " ".join(f"{value:.8g}" for value in statistics.std))
+    print(
+        f"run_mim.py --num_channels {channels} --image_mean {' '.join(f'{v:.8g}' for v in statistics.mean)} "
+        f"--image_std {' '.join(f'{v:.8g}' for v in statistics.std)}"
+    )
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "stats":
+        return _stats(args)
     from .convert import UnsafeCheckpointError
+    from .models.pipeline_simmim import InpaintingInputError
     from .reporting.pictures import check_image_files
 
     try:
@@ -146,7 +234,7 @@ def main(argv=None):
                 check_image_files(args.images)
             print(_run(args))
             return 0
-    except (FileNotFoundError, UnsafeCheckpointError) as error:  # what a user fixes: no traceback
+    except (FileNotFoundError, UnsafeCheckpointError, InpaintingInputError) as error:  # what a user fixes: no traceback
         problem = str(error)
     print(f"error: {problem}", file=sys.stderr)
     return 2
