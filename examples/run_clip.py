@@ -95,6 +95,9 @@ def print_summary(vision_path, results, num_images, num_classes):
         "  import hf_simmim; from transformers import VisionTextDualEncoderModel, VisionTextDualEncoderProcessor",
         f"  model = VisionTextDualEncoderModel.from_pretrained({results['simmim']['output_dir']!r})",
         f"  processor = VisionTextDualEncoderProcessor.from_pretrained({results['simmim']['output_dir']!r})",
+        "Classify zero-shot (transformers logs that the model is not in the task's list; the pipeline runs it):",
+        f"  pipeline('zero-shot-image-classification', model={results['simmim']['output_dir']!r})"
+        "(image, candidate_labels=[...], hypothesis_template=...)",
         "=" * 78,
     ]
     print("\n".join(lines))
