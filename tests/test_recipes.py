@@ -12,6 +12,7 @@ import yaml
 
 from hf_simmim import SimMIMConfig
 from hf_simmim.training.arguments import parse_finetune_arguments, parse_run_arguments
+from hf_simmim.training.finetuning import finetuning_recipe
 from hf_simmim.training.recipes import (
     FINETUNING_DEFAULTS,
     OPTIMIZER_DEFAULTS,
@@ -162,10 +163,12 @@ def test_the_swinv2_fine_tuning_cosine_starts_after_warmup():
 
 
 def test_the_swinv2_recipes_reach_the_runs():
-    model_args, *_ = parse_finetune_arguments(
+    model_args, _, recipe_args, training_args, given = parse_finetune_arguments(
         ["--recipe", "simmim-finetune-swinv2-base-800ep", "--model_name_or_path", "ckpt"]
     )
     assert (model_args.layer_decay, model_args.drop_path_rate) == (0.75, 0.1)
+    # the cosine after warmup of Swin-Transformer's fine-tuning reaches the schedule the trainer builds
+    assert finetuning_recipe(training_args, recipe_args, given).warmup_prefix
     assert model_args.config_overrides == "image_size=224,window_size=14"
     model_args, _, recipe_args, training_args, _ = parse_run_arguments(["--recipe", "simmim-swinv2-base-800ep"])
     assert model_args.preset == "swinv2-base-window12-192" and training_args.num_train_epochs == 800

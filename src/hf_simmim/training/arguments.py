@@ -42,7 +42,9 @@ FINETUNE_OUTPUT_DIR = os.path.join("outputs", "simmim-finetuning")
 MODES = ("finetune", "linear_probe", "knn")
 # --model_type as transformers' run_mim.py means it (a model of that type from scratch): the paper's base model of
 # the backbone. "simmim" names the model type of every SimMIM config, whatever its backbone.
-MODEL_TYPE_PRESETS = {"vit": "vit-base-patch16-224", "swin": "swin-base-window6-192"}
+MODEL_TYPE_PRESETS = {
+    "vit": "vit-base-patch16-224", "swin": "swin-base-window6-192", "swinv2": "swinv2-base-window12-192",
+}
 MODEL_TYPES = ("simmim", *MODEL_TYPE_PRESETS)
 TRAIN_VAL_SPLIT_HELP = (
     "transformers' name for the held-out share, as a fraction: 0.15 = --validation_split_percentage 15. Give one "
@@ -211,6 +213,11 @@ class RecipeArguments:
     lr_decay_gamma: float = field(
         default=PRETRAINING_DEFAULTS["lr_decay_gamma"], metadata={"help": "multistep: the factor at each milestone."}
     )
+    warmup_prefix: bool = field(
+        default=False,
+        metadata={"help": "cosine: decay over the steps after warmup (microsoft/Swin-Transformer's SwinV2 recipes) "
+                  "instead of over the whole run (microsoft/SimMIM's)."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace a previous run in --output_dir (the default output dir always is)."}
     )
@@ -317,6 +324,11 @@ class FineTuneRecipeArguments:
     )
     min_learning_rate: float = field(
         default=FINETUNING_DEFAULTS["min_learning_rate"], metadata={"help": "Cosine end, scaled like the lr."}
+    )
+    warmup_prefix: bool = field(
+        default=False,
+        metadata={"help": "Decay the cosine over the steps after warmup (microsoft/Swin-Transformer's SwinV2 "
+                  "fine-tuning) instead of over the whole run (microsoft/SimMIM's)."},
     )
     mixup: float = field(default=FINETUNING_DEFAULTS["mixup"], metadata={"help": "Mixup alpha (0 turns mixup off)."})
     cutmix: float = field(default=FINETUNING_DEFAULTS["cutmix"], metadata={"help": "CutMix alpha (0: off)."})

@@ -166,6 +166,7 @@ def finetuning_recipe(training_args, recipe_args, given):
         schedule="cosine",
         warmup_lr=recipe_args.warmup_learning_rate * scale,
         min_lr=recipe_args.min_learning_rate * scale,
+        warmup_prefix=recipe_args.warmup_prefix,
         no_weight_decay_names=recipe_args.no_weight_decay_names,
     )
 

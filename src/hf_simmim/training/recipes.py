@@ -271,6 +271,7 @@ def recipe_defaults(recipe):
         "preset": recipe.preset,
         "config_overrides": recipe.config_overrides,
         "adam_beta2": recipe.adam_beta2,
+        "warmup_prefix": recipe.warmup_prefix,
     }
     if recipe.stage == "pretraining":
         defaults.update(

@@ -133,6 +133,7 @@ def apply_learning_rate(training_args, recipe_args, given):
         min_lr=recipe_args.min_learning_rate * scale,
         milestones=tuple(recipe_args.lr_milestones),
         gamma=recipe_args.lr_decay_gamma,
+        warmup_prefix=recipe_args.warmup_prefix,
         stop_on_nonfinite_loss=recipe_args.stop_on_nonfinite_loss,
         no_weight_decay_names=recipe_args.no_weight_decay_names,
     )

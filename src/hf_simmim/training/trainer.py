@@ -78,6 +78,7 @@ class SimMIMTrainer(Trainer):
             schedule=self.recipe.schedule,
             milestones=self.recipe.milestones,
             gamma=self.recipe.gamma,
+            warmup_prefix=self.recipe.warmup_prefix,
         )
         self._created_lr_scheduler = True
         return self.lr_scheduler
