@@ -96,9 +96,6 @@ def test_cli_converts_without_a_config(v2_dir, tmp_path, capsys):
     assert_matches_official(model, inputs, outputs, "swinv2 (cli)")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hf_simmim/cli.py has no --norm_target / --norm_target_patch_size override yet"
-)
 def test_cli_converts_the_normalised_target_fixture_with_norm_target(v2_dir, tmp_path):
     folder, _, inputs, outputs = load_fixture(v2_dir, "swinv2_normtarget")
     out_dir = tmp_path / "converted"

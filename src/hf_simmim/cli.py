@@ -24,6 +24,10 @@ _OVERRIDES = {
     "mask_ratio": float,
     "drop_path_rate": float,
     "layer_norm_eps": float,
+    "window_size": int,
+    # the weights cannot tell the target: e.g. --norm_target local for a SwinV2 trained with the official NORM_TARGET
+    "norm_target": str,
+    "norm_target_patch_size": int,
 }
 
 
@@ -97,11 +101,11 @@ def build_parser():
         help="unpickle a checkpoint that torch.load(weights_only=True) refuses (runs code: trusted files only)",
     )
     _add_overrides(official)
-    hf = sources.add_parser("transformers", help="a transformers ViT/Swin ForMaskedImageModeling folder")
+    hf = sources.add_parser("transformers", help="a transformers ViT/Swin/Swinv2 ForMaskedImageModeling folder")
     hf.add_argument("model_dir")
     hf.add_argument("output_dir")
     _add_overrides(hf)
-    export = sources.add_parser("to-transformers", help="export an hf_simmim ViT/Swin MIM checkpoint to transformers")
+    export = sources.add_parser("to-transformers", help="export an hf_simmim ViT/Swin/SwinV2 checkpoint to transformers")
     export.add_argument("model_dir")
     export.add_argument("output_dir")
 
