@@ -46,15 +46,17 @@ def perturbed(model_class, name, seed=0, **overrides):
 
 
 def inputs(config, batch=4, seed=0):
-    pixel_values = torch.randn(batch, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(seed))
+    size = config.image_size
+    pixel_values = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     masks = SimMIMMaskGenerator.from_config(config, seed=seed)
     return pixel_values, torch.stack([torch.from_numpy(masks()) for _ in range(batch)]).bool()
 
 
 # ---------------------------------------------------------------------------------------------- config
 def test_unset_fields_take_transformers_resnet50_and_convnext_tiny():
-    """The defaults are transformers' own ResNetConfig / ConvNextConfig / ConvNextV2Config defaults (microsoft/resnet-50,
-    facebook/convnext-tiny-224) at 224 px; ConvNeXt's head norm eps is the official 1e-6 (transformers: 1e-12)."""
+    """The defaults are transformers' own ResNetConfig / ConvNextConfig / ConvNextV2Config defaults
+    (microsoft/resnet-50, facebook/convnext-tiny-224) at 224 px; ConvNeXt's head norm eps is the official 1e-6
+    (transformers: 1e-12)."""
     fields = ("num_channels", "hidden_sizes", "depths", "hidden_act")
     cases = [
         (SimMIMConfig(backbone="resnet"), ResNetConfig(), ("embedding_size", "layer_type")),
@@ -88,13 +90,16 @@ def test_saved_configs_hold_their_backbones_fields_only(tmp_path):
 
 CONFIG_ERRORS = {
     "sparse needs the hierarchical decoder": (
-        tiny_resnet(decoder_type="simmim"), r"conv_masking='sparse' with decoder_type='simmim'.*Set decoder_type='hierarchical'"
+        tiny_resnet(decoder_type="simmim"),
+        r"conv_masking='sparse' with decoder_type='simmim'.*Set decoder_type='hierarchical'",
     ),
     "masking modes are for CNNs": (dict(backbone="vit", conv_masking="sparse"), r"are for the convolutional backbones"),
     "unknown masking mode": (tiny_convnext(conv_masking="dense"), r"conv_masking='dense'"),
     "unknown decoder": (tiny_convnext(decoder_type="unet"), r"decoder_type='unet'"),
     "resnet stem stride": (tiny_resnet(patch_size=2), r"patch_size=2 with backbone='resnet'.*set patch_size=4"),
-    "decoder width": (tiny_resnet(decoder_hidden_size=40), r"decoder_hidden_size=40 must be divisible by encoder_stride=16"),
+    "decoder width": (
+        tiny_resnet(decoder_hidden_size=40), r"decoder_hidden_size=40 must be divisible by encoder_stride=16"
+    ),
     "stride not a power of 2": (
         tiny_convnext(image_size=48, patch_size=3, mask_patch_size=12), r"choose a patch_size that is a power of 2"
     ),
@@ -212,7 +217,7 @@ def test_official_initialisation_of_resnet():
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             assert torch.equal(module.weight, torch.ones_like(module.weight)) and not module.bias.any()
-            assert not module.running_mean.any() and torch.equal(module.running_var, torch.ones_like(module.running_var))
+            assert not module.running_mean.any() and torch.equal(module.running_var, torch.ones(module.num_features))
     decoder = model.decoder
     assert decoder.blocks[0].conv1.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert all(d.mask_token.abs().max() <= 0.02 for d in decoder.densify)
@@ -264,7 +269,8 @@ def test_mask_patch_target_is_spark_and_fcmae_normalised_pixels():
     """SparK's spark.py l. 113-120 / FCMAE's fcmae.py l. 164-184, written out: patchify into (B, L, p*p*C), standardise
     each row with its unbiased variance, mean squared error per masked patch, averaged over masked patches."""
     generator = torch.Generator().manual_seed(0)
-    images, reconstruction = torch.randn(2, 3, 16, 16, generator=generator), torch.randn(2, 3, 16, 16, generator=generator)
+    images = torch.randn(2, 3, 16, 16, generator=generator)
+    reconstruction = torch.randn(2, 3, 16, 16, generator=generator)
     masked_squares = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]], dtype=torch.bool)  # 8 px squares
 
     def patchify(x, p=8):
@@ -316,7 +322,8 @@ def test_layer_decay_groups_of_a_convnextv2_are_the_official_single_ids():
         prefix + "stages.2.layers.0.pwconv2.bias": 4, "simmim.pooler.fc_norm.weight": 5, "classifier.bias": 5,
     }
     assert {name: layer_of[name] for name in expected} == expected
-    assert {group["layer_id"]: group["lr"] for group in groups} == pytest.approx({k: 0.5 ** (5 - k) for k in range(1, 6)})
+    expected_lr = {k: 0.5 ** (5 - k) for k in range(1, 6)}
+    assert {group["layer_id"]: group["lr"] for group in groups} == pytest.approx(expected_lr)
 
 
 def test_weight_decay_follows_spark_in_pretraining():

@@ -229,14 +229,17 @@ def test_config_return_dict_false_gives_tuples(model_class):
 # ---------------------------------------------------------------------------------------------- config defaults
 def test_default_config_is_valid_for_every_backbone():
     """Unset geometry follows the backbone: Swin's defaults are the paper's Swin-B (the swin-base-window6-192
-    preset), ViT's the paper's ViT-B/16; the model builds and reconstructs images of the configured size."""
+    preset), ViT's the paper's ViT-B/16, ResNet's and ConvNeXt's ResNet-50 and ConvNeXt-T; the model builds and
+    reconstructs images of the configured size."""
     paper = PRESETS["swin-base-window6-192"]
     swin = SimMIMConfig(backbone="swin")
     for field in ("image_size", "patch_size", "window_size", "embed_dim", "depths", "num_heads"):
         assert getattr(swin, field) == paper[field], field
     vit = SimMIMConfig()
     assert (vit.image_size, vit.patch_size) == (PRESETS["vit-base-patch16-224"]["image_size"], 16)
-    for config in (swin, vit):
+    # the CNNs' are transformers' own defaults (microsoft/resnet-50, facebook/convnext-tiny-224): see test_cnn_models
+    cnns = [SimMIMConfig(backbone="resnet"), SimMIMConfig(backbone="convnext", convnext_version=2)]
+    for config in (swin, vit, *cnns):
         with torch.device("meta"):
             model = SimMIMForMaskedImageModeling(config)
             grid = torch.zeros(1, config.grid_size, config.grid_size, dtype=torch.bool)

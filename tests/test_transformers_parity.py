@@ -8,7 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import max_abs_diff, perturb_parameters_, tiny_swin, tiny_swinv2, tiny_vit
+from conftest import (
+    max_abs_diff,
+    perturb_parameters_,
+    tiny_convnextv2,
+    tiny_resnet,
+    tiny_swin,
+    tiny_swinv2,
+    tiny_vit,
+)
 from PIL import Image
 from transformers import (
     AutoImageProcessor,
@@ -410,6 +418,8 @@ def random_image(width, height, seed=0):
         (SimMIMForMaskedImageModeling, PLAIN_VIT, "ViTImageProcessor"),
         (SimMIMForMaskedImageModeling, SWIN, "ViTImageProcessor"),
         (SimMIMForImageClassification, tiny_vit(), "BeitImageProcessor"),
+        (SimMIMForImageClassification, tiny_resnet(), "ConvNextImageProcessor"),  # as microsoft/resnet-50
+        (SimMIMForMaskedImageModeling, tiny_convnextv2(), "ConvNextImageProcessor"),
     ],
 )
 @pytest.mark.parametrize("crop_pct", [1.0, 0.875])

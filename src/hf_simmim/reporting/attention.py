@@ -6,7 +6,8 @@ The weights come from the models' eager attention path, `model(pixel_values, out
 - Swin has no CLS token and attends inside windows only: each position's attention received, averaged over the heads
   and over the queries of its window. Each window's values sum to 1, so the map compares positions within a window;
   in the last stage of the paper's models (and of the tiny presets) one window covers the whole image.
-Each map is scaled to [0, 1] per image before it is coloured.
+Each map is scaled to [0, 1] per image before it is coloured. The convolutional encoders (ResNet, ConvNeXt) have no
+attention: they are refused, naming `hf-simmim reconstruct`.
 """
 
 import os
@@ -18,9 +19,9 @@ from ..models.modeling_swin import window_reverse
 from .pictures import denormalize, load_images, panel_grid
 
 ATTENTION_COLUMNS = ("image", "last-block attention")
+_WINDOW_CAPTION = "last block: attention received, mean over heads and the queries of each window"
 CAPTIONS = {
-    "vit": "CLS attention of the last block, mean over heads",
-    "swin": "last block: attention received, mean over heads and the queries of each window",
+    "vit": "CLS attention of the last block, mean over heads", "swin": _WINDOW_CAPTION, "swinv2": _WINDOW_CAPTION
 }
 
 
@@ -81,8 +82,15 @@ def attention_overlay(images, maps, opacity=0.6):
 def attention_images(checkpoint, image_paths, output_path):
     """Draw the last block's attention of a SimMIM checkpoint (pretraining or fine-tuned) over image files; save the
     picture as `output_path` (returned): a row per image, the image and its attention map."""
+    from ..models.configuration_simmim import SimMIMConfig
     from ..models.modeling_simmim import SimMIMModel
 
+    backbone = SimMIMConfig.from_pretrained(checkpoint).backbone
+    if backbone not in CAPTIONS:
+        raise ValueError(
+            f"{checkpoint} is a {backbone} model: a convolutional encoder has no attention to draw. Draw its "
+            "reconstructions with `hf-simmim reconstruct` instead."
+        )
     model = SimMIMModel.from_pretrained(checkpoint, attn_implementation="eager")  # the kernel that returns weights
     processor, batch = load_images(checkpoint, model.config, image_paths)
     maps = last_block_attention(model, batch["pixel_values"]).numpy()
