@@ -95,12 +95,36 @@ def is_hub_id(name):
 
 
 def describe_architecture(config):
+    """The encoder in a few words, e.g. `ViT (12 layers, width 768, 12 heads)`."""
     if config.backbone == "vit":
         return f"ViT ({config.num_hidden_layers} layers, width {config.hidden_size}, {config.num_attention_heads} heads)"
+    if config.backbone in ("swin", "swinv2"):
+        windows = list(getattr(config, "pretrained_window_sizes", None) or [])
+        pretrained = f", pretrained windows {windows}" if any(windows) else ""
+        return (
+            f"{'SwinV2' if config.backbone == 'swinv2' else 'Swin'} (embed dim {config.embed_dim}, depths "
+            f"{list(config.depths)}, heads {list(config.num_heads)}, window {config.window_size}{pretrained})"
+        )
+    kind = "ResNet" if config.backbone == "resnet" else f"ConvNeXt V{config.convnext_version}"
     return (
-        f"Swin (embed dim {config.embed_dim}, depths {list(config.depths)}, heads {list(config.num_heads)}, "
-        f"window {config.window_size})"
+        f"{kind} (widths {list(config.hidden_sizes)}, depths {list(config.depths)}, {config.conv_masking} masking)"
     )
+
+
+def describe_target(config):
+    """What the decoder learns to predict, for the card's opening sentence and its Loss row."""
+    return {
+        None: "the raw pixels",
+        "local": f"the pixels standardised over their {config.norm_target_patch_size}-pixel neighbourhood",
+        "patch": f"the pixels standardised within each {config.patch_size}-pixel patch",
+        "mask_patch": f"the pixels standardised within each {config.mask_patch_size}-pixel square",
+    }[config.norm_target]
+
+
+def describe_decoder(config):
+    if getattr(config, "decoder_type", "simmim") == "hierarchical":
+        return f"a light hierarchical decoder over the stage outputs (SparK-style, width {config.decoder_hidden_size})"
+    return f"one 1x1 convolution + PixelShuffle({config.encoder_stride})"
 
 
 def describe_masking(config):
@@ -206,6 +230,8 @@ def trainer_card_values(trainer, run_info):
         "masked_regions": masked_regions,
         "masking": masking,
         "loss_type": config.loss_type.upper(),
+        "target": describe_target(config),
+        "decoder": describe_decoder(config),
         "data_description": _sentence(run_info.get("data_description") or "not recorded"),
         "adam_beta1": args.adam_beta1,
         "adam_beta2": args.adam_beta2,
