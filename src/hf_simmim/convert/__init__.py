@@ -1,6 +1,7 @@
 """Checkpoints in and out: official SimMIM `.pth` files (`official`: microsoft/SimMIM's ViT and Swin,
-microsoft/Swin-Transformer's SwinV2), transformers' ViT/Swin/Swinv2 MIM checkpoints (`transformers_checkpoints`), and
-the export of our models to transformers' own ViT, BEiT, Swin and Swinv2 classes (`to_transformers`).
+microsoft/Swin-Transformer's SwinV2), transformers' ViT/Swin/Swinv2 MIM checkpoints and ResNet/ConvNext/ConvNextV2
+models and classifiers (`transformers_checkpoints`, `cnn_weights`), and the export of our models to transformers' own
+ViT, BEiT, Swin, Swinv2, ResNet, ConvNext and ConvNextV2 classes (`to_transformers`).
 
 Every direction infers the architecture from the weights (and the transformers config where there is one), so no
 hand-written config is needed; what a checkpoint cannot tell can be overridden by keyword.

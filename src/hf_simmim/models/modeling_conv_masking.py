@@ -100,11 +100,12 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         if not self.training or (visible is None and not synced):
             out = super().forward(features)
             return out if visible is None else out * visible
-        # statistics in float32 whatever the model's dtype, as cuDNN computes them for bf16/fp16 inputs
-        mean, var, count = self._batch_moments(features.float(), visible, synced)
+        # statistics in (at least) float32 whatever the model's dtype, as cuDNN computes them for bf16/fp16 inputs
+        precise = features.to(torch.promote_types(features.dtype, torch.float32))
+        mean, var, count = self._batch_moments(precise, visible, synced)
         self._update_running_stats(mean, var, count)
         scale = torch.rsqrt(var + self.eps) * self.weight
-        out = (features.float() - mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
+        out = (precise - mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
         out = out.to(features.dtype)
         return out if visible is None else out * visible
 
