@@ -51,7 +51,7 @@ CONFIG_ERRORS = {
     "mask_ratio -0.1": (vit(mask_ratio=-0.1), "mask_ratio"),
     "mask_ratio 1.5": (vit(mask_ratio=1.5), "mask_ratio"),
     "mask_ratio not a number": (vit(mask_ratio="0.6"), "mask_ratio"),
-    "unknown backbone": (vit(backbone="resnet"), r"backbone='resnet'"),
+    "unknown backbone": (vit(backbone="alexnet"), r"backbone='alexnet'"),
     "unknown loss_type": (vit(loss_type="l3"), r"loss_type='l3'"),
     "unknown mask_token_type": (vit(mask_token_type="random"), r"mask_token_type='random'"),
     "vit encoder_stride inconsistent": (vit(encoder_stride=16), r"encoder_stride=16"),
