@@ -39,6 +39,7 @@ from hf_simmim.training.contrastive import (
     train_dual_encoder,
     zero_shot_accuracy,
 )
+from hf_simmim.training.distributed import end_distributed_run
 from hf_simmim.training.runs import load_run_datasets, start_run
 
 logger = logging.getLogger("run_clip")
@@ -80,6 +81,7 @@ def main(argv=None):
         with open(os.path.join(training_args.output_dir, "zero_shot_results.json"), "w", encoding="utf-8") as handle:
             json.dump({"vision_model": vision_path, "held_out_images": len(images), **results}, handle, indent=2)
         print_summary(vision_path, results, len(images), len(names))
+    end_distributed_run()
     return 0
 
 

@@ -24,6 +24,7 @@ import sys
 
 from hf_simmim.data import detect_image_column, label_names, select_per_class
 from hf_simmim.training.arguments import parse_finetune_arguments
+from hf_simmim.training.distributed import end_distributed_run
 from hf_simmim.training.finetuning import (
     augmentation_for,
     finetuning_datasets,
@@ -77,6 +78,7 @@ def main(argv=None):
         results = evaluate_frozen_encoder(model_args, training_args, encoder, datasets, len(names))
         if training_args.process_index == 0:
             print_summary(model_args, results, training_args.output_dir)
+        end_distributed_run()
         return 0
 
     # ---------------------------------------------------------------- fine-tuning: recipe, trainer, train
@@ -89,6 +91,7 @@ def main(argv=None):
     results = finish_finetuning(trainer, result, datasets, run_info)
     if trainer.is_world_process_zero():
         print_summary(model_args, results, training_args.output_dir)
+    end_distributed_run()
     return 0
 
 

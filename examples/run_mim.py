@@ -32,6 +32,7 @@ import sys
 from hf_simmim.data import detect_image_column, pretraining_augmentation
 from hf_simmim.reporting.pictures import display_view
 from hf_simmim.training.arguments import parse_run_arguments
+from hf_simmim.training.distributed import end_distributed_run
 from hf_simmim.training.pretraining import (
     add_reconstruction_pictures,
     finish_pretraining,
@@ -103,6 +104,7 @@ def main(argv=None):
     skipped, loss_curve_path = finish_pretraining(trainer, result, datasets, run_info)
     if trainer.is_world_process_zero():
         print_summary(trainer, pictures, loss_curve_path, skipped)
+    end_distributed_run()
     return 0
 
 

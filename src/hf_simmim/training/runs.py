@@ -18,7 +18,8 @@ from ..data.statistics import channel_statistics
 from ..models.configuration_simmim import SimMIMConfig
 from ..models.image_processing_simmim import SimMIMImageProcessor
 from ..models.modeling_simmim import SimMIMForMaskedImageModeling
-from .arguments import DEFAULT_PRESET
+from .arguments import DEFAULT_PRESET, accelerator_available
+from .distributed import check_distributed_launch
 from .optim import LR_REFERENCE_BATCH_SIZE, scale_learning_rate, total_train_batch_size
 from .recipes import MULTISTEP_WARMUP_FRACTION, PRESET_BASE_LEARNING_RATES, SCHEDULE_LEARNING_RATES
 from .schedules import SimMIMRecipe
@@ -28,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def start_run(training_args):
-    """Logging as the examples want it (INFO on the main process, warnings elsewhere) and the run's seed."""
+    """Refuse a launch whose sharding this machine would silently drop (`check_distributed_launch`), before any
+    work; then logging as the examples want it (INFO on the main process, warnings elsewhere) and the run's seed."""
     import transformers
     from transformers.trainer_utils import set_seed
 
+    check_distributed_launch(accelerator=not training_args.use_cpu and accelerator_available())
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not training_args.should_log:
         logging.getLogger().setLevel(logging.WARNING)
