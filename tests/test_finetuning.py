@@ -122,6 +122,19 @@ def test_pooled_features_choose_block():
         pooled_features(model, x, block=3)
 
 
+@pytest.mark.parametrize("preset", ["resnet-tiny-test", "convnextv2-tiny-test"])
+def test_pooled_features_of_a_cnn_average_its_stage_map(preset):
+    config = SimMIMConfig.from_preset(preset)
+    model = SimMIMForMaskedImageModeling(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem = model.simmim.encoder.stem(x)
+        first_stage = model.simmim.encoder.stages[0](stem)
+        assert torch.allclose(pooled_features(model, x, block=1), first_stage.mean(dim=(2, 3)), atol=1e-5)
+        final = model.simmim(x, output_hidden_states=True).hidden_states[-1]
+        assert torch.allclose(pooled_features(model, x), final.mean(dim=(2, 3)), atol=1e-5)
+
+
 def test_knn_and_linear_probe_separate_clusters():
     generator = torch.Generator().manual_seed(0)
     centers = torch.randn(3, 16, generator=generator) * 4

@@ -308,10 +308,11 @@ def finetuning_card_values(trainer, run_info):
     model = trainer.accelerator.unwrap_model(trainer.model)
     config = model.config
     architecture = describe_architecture(config)
-    if config.backbone == "vit":
-        head = "mean-pooled patch tokens, fc_norm, linear"
-    else:
-        head = "average-pooled final tokens after the final norm, linear"
+    head = {
+        "vit": "mean-pooled patch tokens, fc_norm, linear",
+        "resnet": "average-pooled final feature map, linear",
+        "convnext": "average-pooled final feature map, LayerNorm, linear",
+    }.get(config.backbone, "average-pooled final tokens after the final norm, linear")
     mixup = trainer.mixup
     mixing = (
         f"mixup {mixup.mixup_alpha} / cutmix {mixup.cutmix_alpha}, label smoothing {mixup.label_smoothing}"

@@ -22,9 +22,10 @@ from .runs import parse_config_overrides, skipped_image_counts
 
 
 def pooled_features(model, pixel_values, block=None):
-    """Average-pooled patch tokens after `block` ViT blocks / Swin stages (default: the last, normalised).
+    """Average-pooled patch tokens after `block` ViT blocks / Swin, ResNet or ConvNeXt stages (default: the last).
 
-    `model` is a `SimMIMModel` (or any model whose `.simmim` is one). ViT's CLS token is left out.
+    `model` is a `SimMIMModel` (or any model whose `.simmim` is one). ViT's CLS token is left out; a CNN stage's
+    `(B, C, h, w)` map counts as `h * w` tokens.
     """
     encoder_model = getattr(model, "simmim", model)
     config = encoder_model.config
@@ -33,10 +34,8 @@ def pooled_features(model, pixel_values, block=None):
     if not 1 <= block <= depth:
         raise ValueError(f"block={block} must lie in 1..{depth} ({'blocks' if config.backbone == 'vit' else 'stages'}).")
     outputs = encoder_model(pixel_values, output_hidden_states=True, return_dict=True)
-    tokens = outputs.hidden_states[block]  # input of block `block` = output of the first `block` blocks
-    if config.backbone == "vit":
-        tokens = tokens[:, 1:]
-    return tokens.mean(dim=1)
+    # input of block `block` = output of the first `block` blocks (stages)
+    return encoder_model.encoder.patch_tokens(outputs.hidden_states[block]).mean(dim=1)
 
 
 @torch.no_grad()
