@@ -102,3 +102,39 @@ def test_two_processes_with_synchronised_batch_norm_train_as_one_at_twice_the_ba
     # each process normalising over its own half is another computation (here 4e-5 to 2.5e-4 apart)
     unsynchronised = two_process_losses(tmp_path, synchronised=False)
     assert max(abs(a - b) / b for a, b in zip(unsynchronised, one)) > 5e-5
+
+
+def test_run_mim_on_two_processes_synchronises_batch_norms_and_follows_one_process(tmp_path):
+    """`accelerate launch` x 2 CPU processes x batch 8 of a ResNet == 1 process x batch 16: the trainer makes its
+    masked batch norms synchronised (and says so), so their statistics are those of the whole batch."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    script = str(REPO_ROOT / "examples" / "run_mim.py")
+    common = ["--preset", "resnet-tiny-test", "--max_train_samples", "64", "--max_steps", "3", "--logging_steps", "1",
+              "--eval_strategy", "no", "--save_strategy", "no", "--num_reconstruction_images", "0", "--report_to",
+              "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runs = {
+        "one": [sys.executable, script, *common, "--per_device_train_batch_size", "16"],
+        "two": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO_ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(port),
+                script, *common, "--per_device_train_batch_size", "8"],
+    }
+    logs, losses = {}, {}
+    for name, command in runs.items():
+        finished = subprocess.run([*command, "--output_dir", str(tmp_path / name)], env=env, capture_output=True,
+                                  text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        logs[name] = finished.stderr
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        losses[name] = [entry["loss"] for entry in history if "loss" in entry]
+    assert "Synchronising" in logs["two"] and "Synchronising" not in logs["one"]
+    assert len(losses["two"]) == 3
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-5)

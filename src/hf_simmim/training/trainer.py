@@ -2,12 +2,17 @@
 the official schedule, a stop on a non-finite loss, uint8 batches normalised on the device, the SimMIM model card)
 and, for fine-tuning, layer-wise learning-rate decay and mixup / cutmix."""
 
+import logging
+
 import torch
 from transformers import Trainer
 
 from ..data.image_ops import normalize_pixel_batch
+from ..models.modeling_conv_masking import convert_to_sync_batchnorm
 from .optim import layer_decay_parameter_groups, no_weight_decay_parameter_names
 from .schedules import SimMIMRecipe, get_simmim_scheduler
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,7 +43,10 @@ class SimMIMTrainer(Trainer):
     - the loss is a per-batch mean, so it is averaged over gradient accumulation steps (never rescaled by a
       token count, which `Trainer` would do for a `forward(**kwargs)` model);
     - uint8 `pixel_values` (`SimMIMTransform(uint8=True)`) are normalised on the device with the image
-      processor's mean and std (`_prepare_inputs`), after the 4x smaller copy.
+      processor's mean and std (`_prepare_inputs`), after the 4x smaller copy;
+    - in a multi-process run the batch norms of a CNN (encoder and hierarchical decoder) compute their training
+      statistics over all processes, as SparK's SyncBatchNorm, keeping their visible-only statistics (torch's
+      `convert_sync_batchnorm` would replace them by modules that cannot skip masked positions).
     """
 
     def __init__(self, *args, recipe=None, model_card_writer=None, **kwargs):
@@ -46,6 +54,13 @@ class SimMIMTrainer(Trainer):
         self.recipe = recipe if recipe is not None else SimMIMRecipe()
         self.model_card_writer = model_card_writer
         self.model_accepts_loss_kwargs = False
+        if self.args.world_size > 1:
+            synchronised = convert_to_sync_batchnorm(self.model)
+            if synchronised:
+                logger.info(
+                    "Synchronising %d batch norms across the %d processes (statistics over the visible positions).",
+                    synchronised, self.args.world_size,
+                )
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
