@@ -28,6 +28,10 @@ _OVERRIDES = {
     # the weights cannot tell the target: e.g. --norm_target local for a SwinV2 trained with the official NORM_TARGET
     "norm_target": str,
     "norm_target_patch_size": int,
+    # a converted transformers ResNet / ConvNeXt takes its preset's masking and decoder unless told otherwise
+    "conv_masking": str,
+    "decoder_type": str,
+    "decoder_hidden_size": int,
 }
 
 
@@ -101,11 +105,11 @@ def build_parser():
         help="unpickle a checkpoint that torch.load(weights_only=True) refuses (runs code: trusted files only)",
     )
     _add_overrides(official)
-    hf = sources.add_parser("transformers", help="a transformers ViT/Swin/Swinv2 ForMaskedImageModeling folder")
+    hf = sources.add_parser("transformers", help="a transformers ViT/Swin/Swinv2 ForMaskedImageModeling or ResNet/ConvNext/ConvNextV2 model or classifier folder")
     hf.add_argument("model_dir")
     hf.add_argument("output_dir")
     _add_overrides(hf)
-    export = sources.add_parser("to-transformers", help="export an hf_simmim ViT/Swin/SwinV2 checkpoint to transformers")
+    export = sources.add_parser("to-transformers", help="export an hf_simmim checkpoint to transformers' own classes")
     export.add_argument("model_dir")
     export.add_argument("output_dir")
 

@@ -44,6 +44,7 @@ MODES = ("finetune", "linear_probe", "knn")
 # the backbone. "simmim" names the model type of every SimMIM config, whatever its backbone.
 MODEL_TYPE_PRESETS = {
     "vit": "vit-base-patch16-224", "swin": "swin-base-window6-192", "swinv2": "swinv2-base-window12-192",
+    "resnet": "resnet50-224", "convnext": "convnext-tiny-224",
 }
 MODEL_TYPES = ("simmim", *MODEL_TYPE_PRESETS)
 TRAIN_VAL_SPLIT_HELP = (
@@ -265,12 +266,14 @@ class FineTuneModelArguments:
     layer_decay: float | None = field(
         default=None,
         metadata={
-            "help": "Layer-wise lr decay (default: 0.65 ViT, 0.9 Swin, as the official configs; 1.0, i.e. none, "
+            "help": "Layer-wise lr decay (default: 0.65 ViT, 0.9 Swin, 0.75 SwinV2, 0.7 ResNet (SparK), 0.9 ConvNeXt, as "
+            "the official configs; 1.0, i.e. none, "
             "with --from_scratch, so the baseline's lower layers train at the full rate)."
         },
     )
     probe_block: int | None = field(
-        default=None, metadata={"help": "linear_probe / knn: features after this many blocks (ViT) or stages (Swin); default the last."}
+        default=None, metadata={"help": "linear_probe / knn: features after this many blocks (ViT) or stages (Swin, ResNet, "
+                  "ConvNeXt); default the last."}
     )
     knn_k: int = field(default=20, metadata={"help": "knn: neighbours that vote."})
     knn_temperature: float = field(default=0.07, metadata={"help": "knn: vote weight exp(similarity / T)."})
