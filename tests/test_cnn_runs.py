@@ -38,6 +38,12 @@ def test_pretrain_then_fine_tune(preset, overrides, tmp_path):
     assert (end - start).norm() < 0.1 * start.norm()  # started from the pretrained weights
     assert 0.0 <= json.loads((tuned / "all_results.json").read_text())["eval_top1"] <= 1.0
 
+    # the frozen encoder's pooled stage map serves k-NN as ViT's tokens do
+    argv = ["--model_name_or_path", str(pretrained), "--mode", "knn", "--samples_per_class", "2",
+            "--max_eval_samples", "10", "--report_to", "none", "--output_dir", str(tmp_path / "knn")]
+    assert load_script("examples/run_finetune.py").main(argv) == 0
+    assert 0.0 <= json.loads((tmp_path / "knn" / "all_results.json").read_text())["eval_top1"] <= 1.0
+
 
 # ---------------------------------------------------------------------------------------------- two processes
 STEPS, PER_RANK_BATCH = 3, 4
