@@ -541,3 +541,12 @@ def test_masked_batch_norm_statistics_are_those_of_the_visible_positions():
 def test_bad_config_fields_are_named(name, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         build_encoder(cnn_config(name, **overrides))
+
+
+def test_a_batch_with_nothing_visible_leaves_the_running_statistics_alone():
+    norm = MaskedBatchNorm2d(3).train()
+    features = torch.randn(2, 3, 4, 4) * 5 + 2
+    norm(features, torch.ones(2, 1, 4, 4))
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    norm(features, torch.zeros(2, 1, 4, 4))  # a stage where every position is masked
+    assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)

@@ -119,12 +119,12 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         totals = torch.cat([visible.sum().reshape(1), weighted.sum(dim=(0, 2, 3))])
         if synced:
             totals = _all_reduce(totals, group)
-        count = totals[0].clamp(min=1.0)
-        mean = totals[1:] / count
+        count = totals[0]
+        mean = totals[1:] / count.clamp(min=1.0)
         squares = ((features - mean[:, None, None]) * visible).square().sum(dim=(0, 2, 3))
         if synced:
             squares = _all_reduce(squares, group)
-        return mean, squares / count, count
+        return mean, squares / count.clamp(min=1.0), count
 
     @torch.no_grad()
     def _update_running_stats(self, mean, var, count):
@@ -133,8 +133,10 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
         unbiased = var * count / (count - 1.0).clamp(min=1.0)
-        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), momentum)
+        # a batch with no visible position at this resolution has no statistics: it must not pull them to 0
+        weight = (count > 0).to(self.running_mean.dtype) * momentum
+        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), weight)
+        self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), weight)
 
 
 def convert_to_sync_batchnorm(module, process_group=None):
