@@ -2,6 +2,7 @@
 mask snapped to the patch grid (any overlap), images of any size, and checkpoints that carry the pipeline's code for
 `trust_remote_code` where hf_simmim cannot be imported."""
 
+import copy
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ from hf_simmim.reporting.pictures import denormalize
 
 
 def save_checkpoint(folder, **config_fields):
+    torch.manual_seed(0)
     model = perturb_parameters_(SimMIMForMaskedImageModeling(SimMIMConfig(**config_fields)), std=0.05)
     model.save_pretrained(folder)
     SimMIMImageProcessor.from_model_config(model.config).save_pretrained(folder)
@@ -169,7 +171,13 @@ def test_visible_pixels_stay_bit_exact_for_every_kind_of_image(kind, inpainter, 
     assert (filled[to_fill] != original[to_fill]).mean() > 0.5
 
 
-def test_a_grey_image_is_filled_with_the_grey_of_the_rgb_prediction(inpainter):
+@pytest.mark.parametrize("red_bias", [None, 5.0])
+def test_a_grey_image_is_filled_with_the_grey_of_the_rgb_prediction(inpainter, red_bias):
+    if red_bias is not None:  # red predictions far above 255: clipped per channel before the grey, as in RGB
+        inpainter = copy.deepcopy(inpainter)
+        with torch.no_grad():
+            decoder = inpainter.model.decoder[0]
+            decoder.bias[: decoder.bias.numel() // 3] = red_bias
     grey = Image.fromarray(random_image(32, 32, seed=6)).convert("L")
     to_fill = np.zeros((32, 32), dtype=bool)
     to_fill[8:24, 8:24] = True

@@ -4,8 +4,11 @@ cropped and flipped with the image by `AugmentationPreset.augment`, and snapped 
 `models.masking.snap_mask_to_patches` (a patch is masked when at least half of its pixels are)."""
 
 import numpy as np
+from PIL import Image
 
-from .pixels import read_pixels
+from ..models.masking import mask_from_image
+from .image_ops import decoding, open_image
+from .pixels import cell_source, is_npy, read_pixels, reads_with_tifffile
 
 
 def check_user_masks(mask_strategy, mask_column):
@@ -24,9 +27,15 @@ def check_user_masks(mask_strategy, mask_column):
 
 
 def read_user_mask(cell):
-    """A mask cell -> float32 `(H, W)` array, 1.0 where any channel is nonzero, else 0.0. A mask that cannot be
-    decoded raises `UndecodableImage`."""
-    return (read_pixels(cell) != 0).any(axis=0).astype(np.float32)
+    """A mask cell -> float32 `(H, W)` array, 1.0 where any channel is nonzero, else 0.0; a mask image by
+    `mask_from_image` (its alpha band left out). A mask that cannot be decoded raises `UndecodableImage`."""
+    source = cell_source(cell)
+    is_image_file = source is not None and not is_npy(source) and not reads_with_tifffile(source)
+    if not (is_image_file or isinstance(cell, Image.Image)):
+        return (read_pixels(cell) != 0).any(axis=0).astype(np.float32)
+    image = open_image(cell)
+    with decoding():
+        return mask_from_image(image).astype(np.float32)
 
 
 def check_mask_size(mask, width, height):

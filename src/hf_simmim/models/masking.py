@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 import torch
+from PIL import Image
 
 MASK_STRATEGIES = ("random_block", "random_patch", "grid", "block_wise", "center", "user")
 # A patch of a user mask is masked when at least this share of its pixels is: the majority of what the patch shows is
@@ -240,3 +241,16 @@ class SimMIMMaskGenerator:
             f"model_patch_size={self.model_patch_size}, mask_ratio={self.mask_ratio}, mask_strategy="
             f"{self.mask_strategy!r}: {masked})"
         )
+
+
+def mask_from_image(image):
+    """A mask image -> bool `(H, W)`, True where any colour band is nonzero. The alpha band is left out: it says
+    nothing about the mask (an opaque "keep" area has alpha 255 everywhere); a palette image counts by its colours,
+    not its indices. Training's user masks and the inpainting pipeline read mask images by this one rule."""
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    bands = [index for index, band in enumerate(image.getbands()) if band != "A"]
+    if len(bands) == len(image.getbands()) == 1:
+        return np.asarray(image) != 0
+    return np.stack([np.asarray(image.getchannel(index)) != 0 for index in bands]).any(axis=0)
+

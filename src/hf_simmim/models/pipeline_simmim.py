@@ -47,6 +47,7 @@ from transformers.pipelines import Pipeline
 
 from .image_processing_simmim import SimMIMImageProcessor
 from .image_transforms import map_channels
+from .masking import mask_from_image
 
 INPAINTING_TASK = "image-inpainting"
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # RGB -> grey, as PIL's convert("L")
@@ -110,13 +111,13 @@ def box_mask(box, height, width):
 
 
 def pixel_mask(mask, height, width):
-    """A mask image (or its path; a pixel nonzero in any channel = fill, as training's user masks), a box `(x0, y0,
+    """A mask image (or its path; a pixel nonzero in any colour band = fill, alpha left out, as training's user masks;
+    `masking.mask_from_image`), a box `(x0, y0,
     x1, y1)`, or a bool or 0/1 array (True = fill) -> a bool (height, width) array of the pixels to fill."""
     if isinstance(mask, (str, os.PathLike)):
         mask = open_image_file(mask)
     if isinstance(mask, Image.Image):
-        mask = np.asarray(mask) != 0
-        mask = mask.any(axis=-1) if mask.ndim == 3 else mask
+        mask = mask_from_image(mask)
     elif isinstance(mask, (tuple, list)) and len(mask) == 4 and all(isinstance(v, numbers.Number) for v in mask):
         return checked_mask(box_mask(mask, height, width))
     elif torch.is_tensor(mask):
@@ -266,6 +267,10 @@ class SimMIMInpaintingPipeline(Pipeline):
         if predicted.shape[1:] != (height, width):
             predicted = resize_channels(predicted, width, height, self.image_processor.resample)
         if channels != predicted.shape[0]:  # a grey image shown to a 3-channel model
+            # clipped per channel first, as the RGB fill is, so the grey is PIL's grey of that RGB prediction
+            if np.issubdtype(original.dtype, np.integer):
+                info = np.iinfo(original.dtype)
+                predicted = np.clip(predicted, info.min, info.max)
             predicted = np.tensordot(LUMA, predicted, axes=1)[None]
         filled = original.copy()
         filled[to_fill] = cast_like(np.moveaxis(predicted, 0, -1)[to_fill], original.dtype)
