@@ -4,6 +4,7 @@ transformers' pipeline."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -132,3 +133,23 @@ def test_refusals_before_any_work(vit_checkpoint, tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="run_mim.py --output_dir"):
         script.main(["--vision_model_name_or_path", str(empty), "--output_dir", str(tmp_path / "out")])
+
+
+def test_captions_of_the_same_class_are_positives_in_the_loss():
+    """Labels [0, 0, 1]: image 0's targets are captions 0 and 1 (half each), image 2's caption 2 alone; the loss is
+    the mean of both directions' cross-entropies, written out by hand."""
+    from types import SimpleNamespace
+
+    from hf_simmim.training.contrastive import CaptionContrastiveTrainer
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 1.5, -1.0], [0.0, 0.3, 1.2]])
+    model = lambda **inputs: SimpleNamespace(logits_per_image=logits)  # noqa: E731
+    loss = CaptionContrastiveTrainer.compute_loss(None, model, {"labels": torch.tensor([0, 0, 1])})
+    targets = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+
+    def cross_entropy(rows):
+        log_softmax = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+        return -(targets * log_softmax).sum(axis=1).mean()
+
+    expected = (cross_entropy(logits.numpy()) + cross_entropy(logits.numpy().T)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
@@ -210,7 +211,7 @@ def dual_encoder(vision_path, vision_config, tokenizer, model_args, seed, random
 
 class CaptionCollator:
     """Rows of a `SeededImageDataset` (pixel values, label) -> a `VisionTextDualEncoderModel` batch: the images,
-    each label's caption tokenized, and `return_loss=True` (the contrastive loss)."""
+    each label's caption tokenized, and the labels (for `CaptionContrastiveTrainer`'s loss)."""
 
     def __init__(self, tokenizer, captions):
         self.tokenizer = tokenizer
@@ -218,9 +219,24 @@ class CaptionCollator:
 
     def __call__(self, rows):
         batch = collate_fn(rows)
-        texts = [self.captions[label] for label in batch.pop("labels").tolist()]
+        texts = [self.captions[label] for label in batch["labels"].tolist()]
         tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return {"pixel_values": batch["pixel_values"], **tokens, "return_loss": True}
+        return {"pixel_values": batch["pixel_values"], **tokens, "labels": batch["labels"]}
+
+
+class CaptionContrastiveTrainer(Trainer):
+    """`Trainer` with CLIP's symmetric contrastive loss, where every image-caption pair of the same class is a
+    positive: captions made from labels repeat within a batch, and CLIP's own loss (only the diagonal positive) would
+    push an image away from its own class's caption wherever another image of that class is in the batch."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, return_loss=False)
+        same_class = (labels[:, None] == labels[None, :]).float()
+        targets = same_class / same_class.sum(dim=1, keepdim=True)
+        logits = outputs.logits_per_image
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        return (loss, outputs) if return_outputs else loss
 
 
 def captioned_datasets(raw_datasets, processor, data_args, seed):
@@ -244,7 +260,7 @@ def train_dual_encoder(model, processor, training_args, datasets, collator, outp
     """Train `model` contrastively on `Trainer` and save it with its processor (tokenizer and image processor) to
     `output_dir`; return the `TrainOutput`."""
     args = dataclasses.replace(training_args, output_dir=output_dir)
-    trainer = Trainer(
+    trainer = CaptionContrastiveTrainer(
         model=model,
         args=args,
         train_dataset=datasets[0],
