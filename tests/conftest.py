@@ -75,6 +75,20 @@ def perturb_parameters_(model, std=0.1, seed=0):
     return model
 
 
+def randomize_batch_norms_(model, seed=0):
+    """`perturb_parameters_` (std 0.2) plus noisy batch-norm running statistics, so that no CNN weight is trivial
+    (zero GRN, 1e-6 layer scale, standard running statistics) and a conversion that drops or swaps one changes the
+    outputs."""
+    perturb_parameters_(model, std=0.2, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=generator))
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+    return model
+
+
 def max_abs_diff(a, b):
     return (a.detach().float() - b.detach().float()).abs().max().item()
 

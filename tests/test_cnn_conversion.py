@@ -7,8 +7,7 @@ facebook/convnext-tiny-224) and our presets."""
 
 import pytest
 import torch
-from conftest import max_abs_diff, perturb_parameters_, tiny_convnext, tiny_convnextv2, tiny_resnet
-from torch import nn
+from conftest import max_abs_diff, randomize_batch_norms_, tiny_convnext, tiny_convnextv2, tiny_resnet
 from transformers import (
     AutoImageProcessor,
     AutoModel,
@@ -25,7 +24,6 @@ from transformers import (
 )
 
 from hf_simmim import (
-    PRESETS,
     SimMIMConfig,
     SimMIMForImageClassification,
     SimMIMForMaskedImageModeling,
@@ -58,18 +56,6 @@ OURS = {"resnet": tiny_resnet(), "convnext": tiny_convnext(), "convnextv2": tiny
 OVERRIDES = dict(image_size=SIZE, decoder_hidden_size=64)
 
 
-def randomized(model, seed=0):
-    """Noisy weights and batch-norm running statistics, so that a weight dropped or swapped changes the outputs."""
-    perturb_parameters_(model, std=0.2, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=generator))
-                module.running_var.uniform_(0.5, 2.0, generator=generator)
-    return model.eval()
-
-
 def pixels(size=SIZE, seed=0):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -85,7 +71,7 @@ def assert_states_close(ours, theirs):
 @pytest.mark.parametrize("classifier", [False, True], ids=["model", "classifier"])
 def test_a_transformers_checkpoint_becomes_our_pretraining_model_with_the_same_encoder(name, classifier, tmp_path):
     config, base_class, classifier_class = THEIRS[name]
-    theirs = randomized((classifier_class if classifier else base_class)(config))
+    theirs = randomize_batch_norms_((classifier_class if classifier else base_class)(config)).eval()
     theirs.save_pretrained(tmp_path / "theirs")
     converted = convert_transformers_checkpoint(str(tmp_path / "theirs"), str(tmp_path / "ours"), **OVERRIDES)
     assert isinstance(converted, SimMIMForMaskedImageModeling)
@@ -129,7 +115,8 @@ def test_a_resnet_that_downsamples_elsewhere_is_refused_naming_the_field(tmp_pat
 # ---------------------------------------------------------------------------------------------- out
 @pytest.mark.parametrize("name", sorted(OURS))
 def test_our_classifier_exports_to_transformers_own_class(name, tmp_path):
-    ours = randomized(SimMIMForImageClassification(SimMIMConfig(**OURS[name], num_labels=3)), seed=2)
+    classifier = SimMIMForImageClassification(SimMIMConfig(**OURS[name], num_labels=3))
+    ours = randomize_batch_norms_(classifier, seed=2).eval()
     theirs = export_to_transformers(ours, str(tmp_path))
     assert type(theirs) is THEIRS[name][2]
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
@@ -148,7 +135,7 @@ def test_our_classifier_exports_to_transformers_own_class(name, tmp_path):
 def test_our_encoder_exports_with_its_pooler(name, tmp_path):
     """transformers' ResNet pools to (B, C, 1, 1), ours to (B, C); ConvNext normalises the pooled output with its
     final LayerNorm, our pooler's fc_norm."""
-    ours = randomized(SimMIMModel(SimMIMConfig(**OURS[name])), seed=3)
+    ours = randomize_batch_norms_(SimMIMModel(SimMIMConfig(**OURS[name])), seed=3).eval()
     export_to_transformers(ours, str(tmp_path))
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(reloaded) is THEIRS[name][1]
@@ -160,7 +147,7 @@ def test_our_encoder_exports_with_its_pooler(name, tmp_path):
 
 
 def test_a_pretraining_model_exports_its_encoder_with_a_fresh_final_norm(tmp_path, caplog):
-    ours = randomized(SimMIMForMaskedImageModeling(SimMIMConfig(**tiny_convnextv2())), seed=4)
+    ours = randomize_batch_norms_(SimMIMForMaskedImageModeling(SimMIMConfig(**tiny_convnextv2())), seed=4).eval()
     theirs = export_to_transformers(ours, str(tmp_path))
     assert type(theirs) is ConvNextV2Model
     assert torch.equal(theirs.layernorm.weight, torch.ones(24)) and not theirs.layernorm.bias.any()
@@ -173,7 +160,7 @@ def test_a_pretraining_model_exports_its_encoder_with_a_fresh_final_norm(tmp_pat
 
 def test_the_command_line_converts_both_ways(tmp_path):
     config, base_class, _ = THEIRS["convnextv2"]
-    theirs = randomized(base_class(config), seed=5)
+    theirs = randomize_batch_norms_(base_class(config), seed=5).eval()
     theirs.save_pretrained(tmp_path / "theirs")
     assert cli.main(["convert", "transformers", str(tmp_path / "theirs"), str(tmp_path / "ours")]) == 0
     assert cli.main(["convert", "to-transformers", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import max_abs_diff, perturb_parameters_
+from conftest import max_abs_diff, randomize_batch_norms_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import (
@@ -94,23 +94,10 @@ def transformers_config(config, num_labels=2):
     return fields
 
 
-def randomize_(model, seed=0):
-    """Noisy parameters and batch-norm running statistics, so that no weight is trivial (zero GRN, 1e-6 layer scale,
-    standard running statistics) and a conversion that drops or swaps one changes the outputs."""
-    perturb_parameters_(model, std=0.2, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=generator))
-                module.running_var.uniform_(0.5, 2.0, generator=generator)
-    return model
-
-
 def their_model(name, config, classifier=False, seed=0):
     config_class, base_class, classifier_class = transformers_classes(name)
     model_class = classifier_class if classifier else base_class
-    return randomize_(model_class(config_class(**transformers_config(config))), seed).eval()
+    return randomize_batch_norms_(model_class(config_class(**transformers_config(config))), seed).eval()
 
 
 def load_converted(encoder, converted):
@@ -182,10 +169,10 @@ def test_sparse_batch_norm_trains_as_transformers_with_an_empty_mask(name):
 @pytest.mark.parametrize("name", list(TINY))
 def test_export_to_transformers_gives_the_same_model_and_classifier(name):
     config = cnn_config(name)
-    encoder = randomize_(build_encoder(config), seed=3).eval()
+    encoder = randomize_batch_norms_(build_encoder(config), seed=3).eval()
     ours = {"encoder." + key: value for key, value in encoder.state_dict().items()}
     head = nn.Linear(config.hidden_sizes[-1], 2)
-    norm = randomize_(nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps), seed=4)
+    norm = randomize_batch_norms_(nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps), seed=4)
     if config.backbone == "convnext":
         ours.update({"pooler.fc_norm." + key: value for key, value in norm.state_dict().items()})
     exported, dropped = cnn_state_dict_to_transformers(ours, MODEL_TYPES[name])
@@ -255,7 +242,7 @@ def test_unknown_weights_are_refused():
 @pytest.mark.parametrize("training", [False, True])
 def test_pixels_under_the_mask_do_not_reach_the_encoder(name, conv_masking, training):
     config = cnn_config(name, conv_masking, **({"drop_path_rate": 0.3} if "convnext" in name else {}))
-    encoder = randomize_(build_encoder(config), seed=5).train(training)
+    encoder = randomize_batch_norms_(build_encoder(config), seed=5).train(training)
     x, mask = pixels(seed=2), random_masks(seed=2)
     under_mask = 1.0 - visible_at(mask, (64, 64))
     changed = x + 3.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9)) * under_mask
@@ -304,7 +291,7 @@ def test_sparse_encoder_equals_transformers_on_the_visible_crop(name, training):
 def test_token_mode_is_transformers_with_filled_pixels_and_the_mask_token_at_the_stem(name):
     config = cnn_config(name, "token")
     theirs = their_model(name, config)
-    encoder = randomize_(build_encoder(config), seed=6).eval()
+    encoder = randomize_batch_norms_(build_encoder(config), seed=6).eval()
     load_converted(encoder, cnn_state_dict_from_transformers(theirs.state_dict(), MODEL_TYPES[name]))
     x, mask = pixels(seed=3), random_masks(seed=3)
     stem_visible = (~mask).float().unsqueeze(1)  # the stem output is at the stride-4 patch grid
@@ -409,7 +396,7 @@ def test_gradient_checkpointing_per_stage_gives_the_same_gradients(name):
     gradients = []
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        encoder = randomize_(build_encoder(config), seed=7).train()
+        encoder = randomize_batch_norms_(build_encoder(config), seed=7).train()
         if checkpointed:
             enable_checkpointing(encoder)
         encoder(x, mask).last_hidden_state.square().sum().backward()
@@ -421,7 +408,7 @@ def test_gradient_checkpointing_per_stage_gives_the_same_gradients(name):
 @pytest.mark.parametrize("name, conv_masking", [("resnet", "sparse"), ("convnextv2", "token")])
 def test_encoder_compiles_without_graph_breaks(name, conv_masking):
     """One whole graph (no data-dependent Python control flow): masked batch norm and the mask token fill."""
-    encoder = randomize_(build_encoder(cnn_config(name, conv_masking)), seed=8).train()
+    encoder = randomize_batch_norms_(build_encoder(cnn_config(name, conv_masking)), seed=8).train()
     x, mask = pixels(), random_masks()
     compiled = torch.compile(encoder, backend="eager", fullgraph=True)
     assert max_abs_diff(compiled(x, mask).last_hidden_state, encoder(x, mask).last_hidden_state) < ATOL
@@ -429,7 +416,7 @@ def test_encoder_compiles_without_graph_breaks(name, conv_masking):
 
 @pytest.mark.parametrize("name", ["resnet", "convnextv2"])
 def test_channels_last_gives_the_same_outputs(name):
-    encoder = randomize_(build_encoder(cnn_config(name, "sparse")), seed=9).eval().double()
+    encoder = randomize_batch_norms_(build_encoder(cnn_config(name, "sparse")), seed=9).eval().double()
     x, mask = pixels().double(), random_masks()  # float64: see the crop test
     with torch.no_grad():
         expected = encoder(x, mask, output_hidden_states=True).hidden_states
@@ -479,7 +466,7 @@ def test_decoder_width_must_halve_down_to_the_pixels():
 def _synced_batch_norm_worker(rank, init_file, inputs, visible, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    norm = randomize_(MaskedBatchNorm2d(4), seed=10).train()
+    norm = randomize_batch_norms_(MaskedBatchNorm2d(4), seed=10).train()
     assert convert_to_sync_batchnorm(norm) == 1
     rows = slice(2 * rank, 2 * rank + 2)
     x = inputs[rows].clone().requires_grad_(True)
@@ -501,7 +488,7 @@ def test_synchronised_batch_norm_over_two_processes_equals_one_process_on_the_wh
         _synced_batch_norm_worker, args=(str(tmp_path / "init"), inputs, visible, str(tmp_path)), nprocs=2,
         start_method="fork",
     )
-    norm = randomize_(MaskedBatchNorm2d(4), seed=10).train()
+    norm = randomize_batch_norms_(MaskedBatchNorm2d(4), seed=10).train()
     x = inputs.clone().requires_grad_(True)
     out = norm(x, visible)
     (out * torch.arange(4.0).reshape(1, 4, 1, 1)).sum().backward()
