@@ -4,7 +4,6 @@ torchvision 0.28), at 224 px and at 32 px, then behaviours checked on pixels aga
 (torchvision's and timm's formulas applied by hand with the oracle's parameters)."""
 
 import json
-import math
 import random
 import re
 
@@ -14,7 +13,6 @@ from PIL import Image
 
 from hf_simmim import SimMIMImageProcessor
 from hf_simmim.data.augmentation import FILL, finetuning_augmentation, pretraining_augmentation, random_erasing
-from hf_simmim.data.image_ops import random_padded_crop
 from hf_simmim.models.image_transforms import to_normalized_array
 from hf_simmim.training.finetuning import eval_crop_pct
 
@@ -109,7 +107,7 @@ def test_finetuning_preset_has_the_official_crop_and_flip(oracle, size):
         crop = official["RandomCrop"]
         assert crop["size"] == [size, size] and not crop["pad_if_needed"] and crop["padding_mode"] == "constant"
         assert preset.crop == "random_padded" and preset.crop_padding == crop["padding"]
-        assert crop["fill"] == 0  # the black border of `random_padded_crop`, checked on pixels below
+        assert crop["fill"] == 0  # the black border of the padded crop, checked on pixels below
     # colour jitter is not in the official list (timm drops it when RandAugment is on), nor in ours
     assert list(official)[-4:] == ["RandAugment", "MaybeToTensor", "Normalize", "RandomErasing"]
 
@@ -195,8 +193,10 @@ def test_centre_crop_offsets_round_half_to_even_as_torchvision():
 # ---------------------------------------------------------------------------------------------- pixels
 def test_random_crop_with_padding_4_on_a_known_image(oracle):
     """torchvision's RandomCrop(32, padding=4): zero-pad 4 px on every side (40 x 40), then the window at (top, left)
-    with top, left uniform in 0..8. Reference: numpy's pad and a slice."""
+    with top, left uniform in 0..8; then the flip. Run through the fine-tuning preset the runs use. Reference:
+    numpy's pad and a slice."""
     crop = finetune_train(oracle, 32)["RandomCrop"]
+    preset = finetuning_augmentation(32, rand_augment=None, random_erasing=0.0)
     array = np.arange(32 * 32 * 3, dtype=np.int64).reshape(32, 32, 3) % 251
     padded = np.pad(array, ((crop["padding"],) * 2, (crop["padding"],) * 2, (0, 0)), constant_values=crop["fill"])
     image = Image.fromarray(array.astype(np.uint8))
@@ -204,8 +204,9 @@ def test_random_crop_with_padding_4_on_a_known_image(oracle):
     for seed in range(300):
         rng, replay = random.Random(seed), random.Random(seed)
         top, left = replay.randint(0, 8), replay.randint(0, 8)
-        out = np.asarray(random_padded_crop(image, 32, crop["padding"], rng))
-        np.testing.assert_array_equal(out, padded[top : top + 32, left : left + 32])
+        window = padded[top : top + 32, left : left + 32]
+        expected = window[:, ::-1] if replay.random() < 0.5 else window
+        np.testing.assert_array_equal(np.asarray(preset.augment(image, rng)), expected)
         seen.add((top, left))
     assert len(seen) == 81  # every window position is reached
 

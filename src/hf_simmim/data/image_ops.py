@@ -85,17 +85,6 @@ def resized_crop(image, box, size, resample=Image.BILINEAR):
     return to_rgb(load_pixels(image)).resize((size, size), resample, box=box)
 
 
-def random_padded_crop(image, size, padding, rng=random):
-    """torchvision's RandomCrop(size, padding): `padding` px of black border on every side, then a uniformly
-    placed `size` x `size` window (timm's crop for images of 32 px or less). An image not decoded yet is decoded
-    first (`load_pixels`)."""
-    image = to_rgb(load_pixels(image))
-    if image.width + 2 * padding < size or image.height + 2 * padding < size:
-        raise ValueError(f"a {image.width}x{image.height} image (padding included) cannot give a {size} px crop")
-    top, left = rng.randint(0, image.height + 2 * padding - size), rng.randint(0, image.width + 2 * padding - size)
-    return padded_crop(image, size, padding, top, left)
-
-
 def padded_crop(image, size, padding, top, left):
     """The `size` x `size` window at `(top, left)` of an RGB PIL image with `padding` px of black border."""
     if padding:
