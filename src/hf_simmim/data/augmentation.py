@@ -45,6 +45,7 @@ from .image_ops import (
     resized_crop,
     resized_crop_pixels,
 )
+from .user_masks import check_mask_size
 
 MAX_MAGNITUDE = 10.0
 FILL = (124, 116, 104)  # the ImageNet mean colour, in 0-255
@@ -265,7 +266,10 @@ class AugmentationPreset:
                 "work on any channels)."
             )
         if self.rand_augment and with_mask:
-            raise ValueError(f"RandAugment ({self.rand_augment}) would move the image away from its user mask.")
+            raise ValueError(
+                f"RandAugment ({self.rand_augment}) would move the image away from its user mask: build the preset "
+                "with rand_augment=None to train on user masks."
+            )
 
     def draw_geometry(self, width, height, rng=random):
         """The random crop and flip of a `width` x `height` image, `(crop, flip)`: `crop` is the resized crop's
@@ -306,8 +310,7 @@ class AugmentationPreset:
         is_array = isinstance(image, np.ndarray)
         self.check_input(rgb=not is_array, with_mask=mask is not None)
         width, height = (image.shape[2], image.shape[1]) if is_array else image.size
-        if mask is not None and mask.shape != (height, width):
-            raise ValueError(f"a {mask.shape[1]}x{mask.shape[0]} mask cannot be applied to a {width}x{height} image")
+        check_mask_size(mask, width, height)
         crop, flip = self.draw_geometry(width, height, rng)
         image = self.crop_pixels(image, crop) if is_array else self.crop_image(image, crop)
         if flip:

@@ -24,7 +24,6 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
 
 MASK_STRATEGIES = ("random_block", "random_patch", "grid", "block_wise", "center", "user")
 # A patch of a user mask is masked when at least this share of its pixels is: the majority of what the patch shows is
@@ -58,7 +57,10 @@ def snap_mask_to_patches(pixel_mask, patch_size, min_share=USER_MASK_MIN_SHARE):
     pixel_mask = np.asarray(pixel_mask, dtype=np.float32)
     height, width = pixel_mask.shape
     if height % patch_size or width % patch_size:
-        raise ValueError(f"a {width}x{height} mask does not split into {patch_size}-pixel patches")
+        raise ValueError(
+            f"a {width}x{height} mask does not split into {patch_size}-pixel patches: give a mask of the model's "
+            "image size (a multiple of patch_size)"
+        )
     patches = pixel_mask.reshape(height // patch_size, patch_size, width // patch_size, patch_size)
     return patches.mean(axis=(1, 3)) >= min_share
 

@@ -283,7 +283,8 @@ class SimMIMInpaintingPipeline(Pipeline):
             return np.broadcast_to(pixels, pixels.shape[:2] + (wanted,)).astype(np.float32)
         raise InpaintingInputError(
             f"The image has {channels} channel(s) but the model takes {wanted}"
-            + (": convert it to RGB (or grey), e.g. drop the alpha channel." if wanted == 3 else ".")
+            + (": convert it to RGB (or grey), e.g. drop the alpha channel." if wanted == 3 else
+               f": give an array of {wanted} channels (HWC or CHW), as the model was trained on.")
         )
 
     def _raw_values(self, normalized):
