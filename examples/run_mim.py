@@ -10,8 +10,10 @@ r"""SimMIM pretraining in one command, on `transformers.Trainer`.
 
 Model: --preset NAME | --config_file config.json | --model_name_or_path CHECKPOINT (continue pretraining).
 Data: --dataset_name (hub name or local path) | --train_dir [--validation_dir] (image folder, folder of .npy
-files, Parquet or Arrow) | nothing (the sample bundled with hf_simmim). --image_column_name if it cannot be
-detected. Photos are read as RGB; --num_channels N (1 for grayscale / 16-bit, N for multispectral) keeps each
+files, Parquet, Arrow or WebDataset .tar shards) | nothing (the sample bundled with hf_simmim). --image_column_name
+if it cannot be detected. --streaming --max_steps N reads the training images as a stream (shards split across
+processes, shuffled with --shuffle_buffer_size, resumed exactly); `hf-simmim shard DIR OUT` writes a folder as
+Parquet shards. Photos are read as RGB; --num_channels N (1 for grayscale / 16-bit, N for multispectral) keeps each
 image's own channels at full precision, normalised with the training images' per-channel mean and std (computed in a
 first pass unless --image_mean / --image_std are given). --mask_column NAME: masks from the data (--mask_strategy
 user). --display_channels R G B: the channels the pictures show.
@@ -40,6 +42,7 @@ from hf_simmim.training.pretraining import (
     pretraining_datasets,
     pretraining_run_info,
     pretraining_trainer,
+    streamed,
 )
 from hf_simmim.training.runs import (
     apply_learning_rate,
@@ -63,20 +66,22 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data and model, checked before training
     train_raw, eval_raw = load_run_datasets(data_args, training_args, model_args.cache_dir, model_args.token)
-    image_column = detect_image_column(train_raw, data_args.image_column_name)
+    stream = streamed(train_raw, data_args, training_args) if data_args.streaming else None
+    first_rows = stream.head if stream else train_raw
+    image_column = detect_image_column(first_rows, data_args.image_column_name)
     # the images decide how they are read (RGB photos, or their own channels) and, when not RGB, the normalisation
-    model, image_processor = load_pretraining_model(model_args, train_raw, image_column)
+    model, image_processor = load_pretraining_model(model_args, first_rows, image_column)
     check_recipe_backbone(recipe_args.recipe, model.config)
     display_view(model.config.num_channels, data_args.display_channels)
     augmentation = pretraining_augmentation(model.config.image_size)
     datasets = pretraining_datasets(
         train_raw, eval_raw, image_processor, augmentation, image_column, training_args.seed, data_args.eval_mask_seed,
-        data_args.mask_column,
+        data_args.mask_column, stream,
     )
     if datasets[1] is None:
         training_args.eval_strategy = "no"
     # the pictures show validation images, else training images, centre-cropped with fixed masks
-    pictures_source = pictures_dataset(datasets, image_processor, data_args.eval_mask_seed)
+    pictures_source = pictures_dataset(datasets, image_processor, data_args.eval_mask_seed, stream)
 
     # ---------------------------------------------------------------- recipe and trainer
     resolve_recipe_defaults(recipe_args, model_args)
@@ -85,7 +90,7 @@ def main(argv=None):
         (model_args, data_args, recipe_args), (train_raw, eval_raw), image_column, lr_rule, augmentation,
         image_processor,
     )
-    trainer = pretraining_trainer(model, image_processor, training_args, datasets, recipe, run_info)
+    trainer = pretraining_trainer(model, image_processor, training_args, datasets, recipe, run_info, resume_from)
     pictures = add_reconstruction_pictures(
         trainer, pictures_source, data_args.num_reconstruction_images, data_args.display_channels
     )

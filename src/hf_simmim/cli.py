@@ -5,6 +5,7 @@
     hf-simmim convert to-transformers SIMMIM_DIR OUTPUT_DIR
     hf-simmim reconstruct CHECKPOINT IMAGE... --output grid.png [--display_channels R G B] [--mask_strategy NAME]
     hf-simmim stats DATA [--image_column NAME] [--num_channels N]
+    hf-simmim shard DIR OUT [--shard_size 512MB] [--shuffle_seed N | --keep_order]
     hf-simmim attention CHECKPOINT IMAGE... --output map.png
     hf-simmim inpaint CHECKPOINT IMAGE (--mask MASK | --box x0,y0,x1,y1) --output filled.png
 
@@ -134,6 +135,18 @@ def build_parser():
         help="the model's channel count: 3 reads photos as RGB (default: the first image's own channels)",
     )
 
+    shard = commands.add_parser(
+        "shard", help="write a folder of images (or of .npy files, or Parquet/Arrow files) as Parquet shards for "
+        "run_mim.py --streaming",
+    )
+    shard.add_argument("source", help="a folder of images (class subfolders: a label column), of .npy files, or "
+                       "Parquet/Arrow file(s)")
+    shard.add_argument("output_dir", help="an empty folder for the shards: {split}-00000-of-0000N.parquet")
+    shard.add_argument("--shard_size", default="512MB", help="about this much per shard (e.g. 512MB, 1GB)")
+    shard.add_argument("--shuffle_seed", type=int, default=0, help="the rows are shuffled with it, so that each "
+                       "shard mixes the classes of a folder listed class by class")
+    shard.add_argument("--keep_order", action="store_true", help="keep the source's row order (no shuffle)")
+
     attention = commands.add_parser(
         "attention",
         help="draw the last block's attention over images (ViT: the CLS token's; Swin: received, per window)",
@@ -227,10 +240,27 @@ def _stats(args):
     return 0
 
 
+def _shard(args):
+    """`hf-simmim shard DIR OUT`: write the shards with a progress bar, and say how to train on them; 2 on bad input."""
+    from .data.shards import write_shards
+
+    try:
+        seed = None if args.keep_order else args.shuffle_seed
+        paths = write_shards(args.source, args.output_dir, args.shard_size, seed)
+    except (OSError, ValueError) as error:  # no such source, nothing in it, a folder holding shards already
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Wrote {len(paths)} shard(s) to {args.output_dir}. Train on them with:")
+    print(f"  python examples/run_mim.py --streaming --train_dir {args.output_dir} --max_steps N")
+    return 0
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "stats":
         return _stats(args)
+    if args.command == "shard":
+        return _shard(args)
     from .convert import UnsafeCheckpointError
     from .models.pipeline_simmim import InpaintingInputError
     from .reporting.pictures import check_image_files

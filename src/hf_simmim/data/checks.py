@@ -94,7 +94,8 @@ def check_columns(dataset, columns, split):
             )
 
 
-def check_image_dataset(dataset, image_column, min_image_size, split="train", processor=None, mask_column=None):
+def check_image_dataset(dataset, image_column, min_image_size, split="train", processor=None, mask_column=None,
+                        report=True):
     """Refuse, before training starts, a split that cannot train: empty, without `image_column` (or `mask_column`),
     with any image smaller than `min_image_size` (named by row and file), with no readable image at all; for a
     `processor` that does not convert to RGB, any image of another channel count or pixel type; with a
@@ -102,7 +103,8 @@ def check_image_dataset(dataset, image_column, min_image_size, split="train", pr
 
     Every image is checked, from its header only. Returns the rows whose header cannot be read, in order: give them
     to `SeededImageDataset(unreadable_rows=...)`, which leaves them out and counts them. Each is reported here (split,
-    row, file, reason), by the main process only: every process runs the check, and a run reports an image once.
+    row, file, reason), by the main process only: every process runs the check, and a run reports an image once
+    (`report=False`: not here, for rows that are reported when read, as a stream's first rows are).
     """
     check_not_empty(dataset, split)
     check_columns(dataset, [(image_column, "image", "--image_column_name"), (mask_column, "mask", "--mask_column")], split)
@@ -133,7 +135,7 @@ def check_image_dataset(dataset, image_column, min_image_size, split="train", pr
             f"{image_column!r}; e.g. {where}: {error}): check that the column holds images (PNG/JPEG bytes, paths "
             "or PIL images)."
         )
-    if is_main_process():
+    if report and is_main_process():
         for where, error in unreadable.values():
             report_skipped_image(where, error)
     return list(unreadable)

@@ -1,5 +1,6 @@
-"""Datasets for a run: a hub dataset, a folder of images, Parquet/Arrow files, or the sample bundled with the package;
-the image column; labels and class-balanced subsets for fine-tuning."""
+"""Datasets for a run: a hub dataset, a folder of images, Parquet/Arrow files or WebDataset `.tar` shards, or the
+sample bundled with the package, each as a `Dataset` or (`streaming=True`) an `IterableDataset`; the image column;
+labels and class-balanced subsets for fine-tuning."""
 
 import os
 from pathlib import Path
@@ -8,7 +9,10 @@ import numpy as np
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "picture", "photo", "pixel_values")
-DATA_FILE_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
+DATA_FILE_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
+# A local folder streamed (`load_local_dataset(streaming=True)`) is indexed, then served as this many shards (or one
+# per image when fewer): a power of two, so that any power-of-two number of processes and workers shares them evenly.
+FOLDER_STREAM_SHARDS = 256
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
@@ -22,10 +26,27 @@ def _data_files_format(files):
     formats = {DATA_FILE_FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in formats or len(formats) != 1:
         raise ValueError(
-            f"Cannot tell the format of {', '.join(files)}: give Parquet (.parquet) or Arrow (.arrow) files of one "
-            "kind, or a folder of images (imagefolder)."
+            f"Cannot tell the format of {', '.join(files)}: give Parquet (.parquet), Arrow (.arrow) or WebDataset "
+            "(.tar) files of one kind, or a folder of images (imagefolder)."
         )
     return formats.pop()
+
+
+def _files_by_split(path, files):
+    """The data `files` found at `path` grouped by the split their names say, by datasets' own patterns
+    (`train-00000-of-00004.parquet`, `validation-*`, `test.parquet`, ...); all in "train" when `path` is not a folder
+    or some file's name says no split."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    if not os.path.isdir(path):
+        return {"train": files}
+    found = {os.path.abspath(f) for f in files}
+    resolved = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+    by_split = {
+        str(split): sorted(f for f in map(os.path.abspath, names) if f in found) for split, names in resolved.items()
+    }
+    by_split = {split: names for split, names in by_split.items() if names}
+    return by_split if sum(map(len, by_split.values())) == len(found) else {"train": files}
 
 
 def _local_files(path):
@@ -82,21 +103,28 @@ def _numpy_files(path):
     return arrays
 
 
-def load_local_dataset(path, cache_dir=None):
-    """A local source -> `DatasetDict`: Parquet/Arrow file(s) (a file, a glob, or a folder of them), a folder of
+def load_local_dataset(path, cache_dir=None, streaming=False):
+    """A local source -> `DatasetDict` (`streaming=True`: `IterableDatasetDict`): Parquet/Arrow/WebDataset file(s)
+    (a file, a glob, or a folder of them, whose file names may say their split: `_files_by_split`), a folder of
     NumPy `.npy` files (`numpy_folder_dataset`), or a folder of images (`imagefolder`: class subfolders become the
-    `label` column)."""
+    `label` column). A folder streamed is indexed first (paths only), then served as `FOLDER_STREAM_SHARDS` shards,
+    so that processes and DataLoader workers share it."""
     import datasets
 
     files = _local_files(str(path))
     try:
         if files:
-            return datasets.load_dataset(_data_files_format(files), data_files={"train": files}, cache_dir=cache_dir)
+            return datasets.load_dataset(
+                _data_files_format(files), data_files=_files_by_split(str(path), files), cache_dir=cache_dir,
+                streaming=streaming,
+            )
         if os.path.isdir(path):
             arrays = _numpy_files(str(path))
             if arrays:
-                return numpy_folder_dataset(str(path), arrays)
-            return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+                folder = numpy_folder_dataset(str(path), arrays)
+            else:
+                folder = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+            return _as_stream(folder) if streaming else folder
     except (ValueError, FileNotFoundError) as error:
         if "corresponds to no data" in str(error) or "doesn't contain any data" in str(error):
             raise ValueError(
@@ -104,9 +132,18 @@ def load_local_dataset(path, cache_dir=None):
             ) from error
         raise
     raise FileNotFoundError(
-        f"{path!r} is neither a folder of images nor Parquet/Arrow file(s) nor a folder of .npy arrays: check the "
-        "path (globs like 'data/train-*.parquet' are accepted)."
+        f"{path!r} is neither a folder of images nor Parquet/Arrow/WebDataset file(s) nor a folder of .npy arrays: "
+        "check the path (globs like 'data/train-*.parquet' are accepted)."
     )
+
+
+def _as_stream(dataset_dict):
+    import datasets
+
+    return datasets.IterableDatasetDict({
+        split: dataset.to_iterable_dataset(num_shards=max(1, min(len(dataset), FOLDER_STREAM_SHARDS)))
+        for split, dataset in dataset_dict.items()
+    })
 
 
 def _split(dataset_dict, names):
@@ -125,16 +162,18 @@ def load_image_datasets(
     seed=42,
     cache_dir=None,
     token=None,
+    streaming=False,
 ):
     """The train and validation datasets of a run, from (first that applies):
 
     - `dataset_name`: a dataset on the Hugging Face hub (with `dataset_config_name`), or a local path;
-    - `train_dir` (and `validation_dir`): a folder of images, or Parquet/Arrow file(s);
+    - `train_dir` (and `validation_dir`): a folder of images, or Parquet/Arrow/WebDataset file(s);
     - nothing: the sample bundled with the package (no network needed).
 
     The validation set is the source's `validation`/`valid`/`val`/`test` split or `validation_dir`; otherwise a
     `validation_split_percentage` share of the training set, split with `seed` (the same in every process).
-    Returns `(train, validation)`; `validation` is `None` when there is none.
+    Returns `(train, validation)`; `validation` is `None` when there is none. `streaming=True`: both are
+    `IterableDataset`s, read as they are iterated, and nothing is held out of a stream (it has no length).
     """
     import datasets
 
@@ -142,16 +181,20 @@ def load_image_datasets(
         raise ValueError("Give either dataset_name or train_dir, not both.")
     if dataset_name is not None:
         if os.path.exists(dataset_name) or any(ch in dataset_name for ch in "*?["):
-            source = load_local_dataset(dataset_name, cache_dir)
+            source = load_local_dataset(dataset_name, cache_dir, streaming)
         else:
-            source = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, token=token)
+            source = datasets.load_dataset(
+                dataset_name, dataset_config_name, cache_dir=cache_dir, token=token, streaming=streaming
+            )
     elif train_dir is not None:
-        source = load_local_dataset(train_dir, cache_dir)
+        source = load_local_dataset(train_dir, cache_dir, streaming)
     else:
-        source = datasets.load_dataset("parquet", data_files=bundled_sample_data_files(), cache_dir=cache_dir)
+        source = datasets.load_dataset(
+            "parquet", data_files=bundled_sample_data_files(), cache_dir=cache_dir, streaming=streaming
+        )
 
-    if isinstance(source, datasets.Dataset):
-        source = datasets.DatasetDict({"train": source})
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        source = {"train": source}
     train = _split(source, ("train",))
     if train is None:
         if len(source) != 1:
@@ -159,9 +202,9 @@ def load_image_datasets(
         train = next(iter(source.values()))
     validation = _split(source, VALIDATION_SPLIT_NAMES)
     if validation_dir is not None:
-        validation_source = load_local_dataset(validation_dir, cache_dir)
+        validation_source = load_local_dataset(validation_dir, cache_dir, streaming)
         validation = next(iter(validation_source.values()))
-    if validation is None and validation_split_percentage and len(train) >= 2:
+    if validation is None and validation_split_percentage and not streaming and len(train) >= 2:
         count = max(1, int(round(len(train) * validation_split_percentage / 100.0)))
         if count < len(train):
             parts = train.train_test_split(test_size=count, seed=seed, shuffle=True)

@@ -231,6 +231,23 @@ def collate_fn(examples):
     return batch
 
 
+def seeded_per_sample(transform):
+    """`transform` set up for `seeded_sample`: its masks drawn from a seed given per sample."""
+    if transform.with_mask and transform.mask_seed is None:
+        transform.mask_seed = 0  # masks come from each sample's seeds: one seeded generator per sample
+    transform.rng = random.Random(0)  # replaced per sample; the `random` module would not pickle to workers
+    return transform
+
+
+def seeded_sample(transform, example, seed_words):
+    """`example` through `transform` (`seeded_per_sample`) with its random crop, flip and mask drawn from
+    `numpy.random.SeedSequence(seed_words)` instead of a global random stream: `(sample, error)` as
+    `SimMIMTransform.transform_row` gives them."""
+    augmentation_seed, mask_seed = (int(value) for value in np.random.SeedSequence(seed_words).generate_state(2))
+    transform.rng = random.Random(augmentation_seed)
+    return transform.transform_row(example, mask_seed)
+
+
 class SeededImageDataset(torch.utils.data.Dataset):
     """A `datasets.Dataset` served to the `Trainer` through `SimMIMTransform` (pretraining or fine-tuning, training
     or evaluation), with the random crop, flip and mask of each row drawn from `(seed, epoch, row)` instead of a
@@ -269,10 +286,7 @@ class SeededImageDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, transform, seed=0, split="train", unreadable_rows=()):
         transform.require_image_column(dataset.column_names)
         self.dataset = undecoded(dataset, transform.image_column, transform.mask_column)
-        self.transform = transform
-        if transform.with_mask and transform.mask_seed is None:
-            transform.mask_seed = 0  # masks come from the row seeds below: one seeded generator per row
-        transform.rng = random.Random(0)  # replaced per row below; the `random` module would not pickle to workers
+        self.transform = seeded_per_sample(transform)
         self.seed = int(seed)
         self.split = split
         # shared memory, so that DataLoader workers see the epoch and set the same bad-row flags. No lock: only the
@@ -322,10 +336,6 @@ class SeededImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def row_seeds(self, row):
-        """`(augmentation seed, mask seed)` of row `row` (of `dataset`) in the current epoch."""
-        state = np.random.SeedSequence([self.seed, self.epoch, int(row)]).generate_state(2)
-        return int(state[0]), int(state[1])
 
     def __getitems__(self, positions):
         positions = [int(p) for p in positions]
@@ -342,9 +352,7 @@ class SeededImageDataset(torch.utils.data.Dataset):
     def _sample(self, example, row, seeds_row):
         """`example` (row `row`) through the transform with the seeds of row `seeds_row`; None if its image cannot
         be decoded, which is then reported and flagged."""
-        augmentation_seed, mask_seed = self.row_seeds(seeds_row)
-        self.transform.rng = random.Random(augmentation_seed)
-        sample, error = self.transform.transform_row(example, mask_seed)
+        sample, error = seeded_sample(self.transform, example, [self.seed, self.epoch, int(seeds_row)])
         if error is not None:
             self._unreadable[row] = 1
             report_skipped_image(row_location(row, example[self.transform.image_column], self.split), error)

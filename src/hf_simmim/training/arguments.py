@@ -157,6 +157,17 @@ class DataArguments:
     train_val_split: float | None = field(default=None, metadata={"help": TRAIN_VAL_SPLIT_HELP})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the training images as a stream (datasets' IterableDataset: Parquet/Arrow or WebDataset "
+                  ".tar shards, a folder, or a hub dataset as it downloads) instead of loading them first: split "
+                  "across processes by shard, shuffled with a buffer, reshuffled every epoch, resumed exactly. Needs "
+                  "--max_steps; validation images (a validation split or --validation_dir) are read once, at start."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={"help": "--streaming: examples each DataLoader worker holds (undecoded) to shuffle the stream."},
+    )
     num_reconstruction_images: int = field(
         default=8, metadata={"help": "Validation images drawn in the reconstruction picture (0: no picture)."}
     )
@@ -605,6 +616,28 @@ def apply_model_type(model_args):
         model_args.preset = MODEL_TYPE_PRESETS[model_args.model_type]
 
 
+def check_streaming_arguments(data_args, training_args, given):
+    """Refuse, before anything loads, what a stream cannot do: count epochs (`--max_steps` is needed, unless a
+    resumed run takes it from its checkpoint), cut its first N images, or hold out a share of itself."""
+    if not data_args.streaming:
+        return
+    if training_args.max_steps <= 0 and training_args.resume_from_checkpoint is None:
+        raise ValueError(
+            "--streaming needs --max_steps: a stream has no length, so --num_train_epochs cannot be counted. Give "
+            "--max_steps N (e.g. epochs x images / total batch)."
+        )
+    refused = {
+        "max_train_samples": "streaming reads whole shards: name fewer shards (a glob such as 'data/train-0000*')",
+        "validation_split_percentage": "a stream has no length to hold a share out of: give --validation_dir or a "
+        "dataset with a validation split",
+    }
+    for name, fix in refused.items():
+        if name in given or (name == "validation_split_percentage" and "train_val_split" in given):
+            raise ValueError(f"--{name} does not apply with --streaming: {fix}.")
+    if data_args.shuffle_buffer_size < 1:
+        raise ValueError(f"--shuffle_buffer_size={data_args.shuffle_buffer_size}: give at least 1 (1: no shuffling).")
+
+
 def parse_run_arguments(argv=None, description=None):
     """Parse a run's arguments (a list like `sys.argv[1:]`, or one `.json` file) into
     `(ModelArguments, DataArguments, RecipeArguments, TrainingArguments, given)`, `given` being the names set
@@ -617,6 +650,7 @@ def parse_run_arguments(argv=None, description=None):
     apply_model_type(model_args)
     apply_train_val_split(data_args, given)
     apply_mask_column(model_args, data_args)
+    check_streaming_arguments(data_args, training_args, given)
     if model_args.trust_remote_code:
         logger.warning("--trust_remote_code changes nothing here: no checkpoint or dataset code is run.")
     for name, value in FORCED_TRAINING_ARGUMENTS.items():

@@ -1,13 +1,19 @@
 """Trainer callbacks of a SimMIM run: images/s in the logs (`ThroughputCallback`), the epoch that seeds crops and
-masks (`EpochCallback`), and reconstruction pictures at each evaluation and at the end (`ReconstructionCallback`)."""
+masks (`EpochCallback`), the exact resumption of a streamed run (`StreamResumeCallback`), and reconstruction
+pictures at each evaluation and at the end (`ReconstructionCallback`)."""
 
+import json
+import logging
 import math
 import os
 import time
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .optim import total_train_batch_size
+
+logger = logging.getLogger(__name__)
 
 
 def add_callback_first(trainer, callback):
@@ -65,6 +71,47 @@ class EpochCallback(TrainerCallback):
         epoch = int(math.floor((state.epoch or 0.0) + 1e-6))
         for dataset in self.datasets:
             dataset.set_epoch(epoch)
+
+
+STREAM_LAYOUT_FILE = "stream_layout.json"
+
+
+def check_stream_layout(checkpoint, layout):
+    """Refuse to resume a streamed run from `checkpoint` with another `layout` (`pretraining.stream_layout`) than
+    the one its checkpoint recorded: the replayed stream would not be the one it trained on."""
+    path = os.path.join(checkpoint, STREAM_LAYOUT_FILE)
+    if not os.path.isfile(path):
+        logger.warning("%s has no %s: the stream is replayed as if its layout had not changed.", checkpoint,
+                       STREAM_LAYOUT_FILE)
+        return
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    changed = [f"{name} {saved.get(name)} -> {value}" for name, value in layout.items() if saved.get(name) != value]
+    if changed:
+        raise ValueError(
+            f"{checkpoint} was trained on a stream read with another layout ({'; '.join(changed)}), which orders its "
+            "images: resume with the checkpoint's values for an exact continuation, or pass --ignore_data_skip to "
+            "start the stream again from its beginning."
+        )
+
+
+class StreamResumeCallback(TrainerCallback):
+    """Exact resumption of a streamed run (`data.streaming.StreamingImageDataset`): a resumed run's stream replays,
+    undecoded, the batches its checkpoint was trained on (`replay`; the Trainer's own skipping, which would decode
+    and augment them, is off), and every checkpoint records the stream's `layout` (`check_stream_layout`)."""
+
+    def __init__(self, dataset, layout, replay=True):
+        self.dataset, self.layout, self.replay = dataset, layout, replay
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.replay:
+            self.dataset.start_batch = state.global_step * args.gradient_accumulation_steps
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(checkpoint):
+            with open(os.path.join(checkpoint, STREAM_LAYOUT_FILE), "w", encoding="utf-8") as handle:
+                json.dump(self.layout, handle, indent=2)
 
 
 class ReconstructionCallback(TrainerCallback):

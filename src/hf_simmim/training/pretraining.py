@@ -4,35 +4,79 @@ and evaluates on, the trainer with its callbacks, and what it writes when traini
 import functools
 import logging
 import os
+from typing import NamedTuple
 
-from ..data.checks import check_image_dataset
+from ..data.checks import check_image_dataset, check_not_empty
+from ..data.streaming import StreamingImageDataset, stream_head
 from ..data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from ..reporting.model_card import write_model_card
 from ..reporting.pictures import save_loss_curve
-from .callbacks import EpochCallback, ReconstructionCallback, ThroughputCallback, add_callback_first, tensorboard_writer
+from .callbacks import (
+    EpochCallback,
+    ReconstructionCallback,
+    StreamResumeCallback,
+    ThroughputCallback,
+    add_callback_first,
+    check_stream_layout,
+    tensorboard_writer,
+)
 from .recipes import RECIPES
 from .runs import describe_data, skipped_image_counts
 from .trainer import SimMIMTrainer
 
 logger = logging.getLogger(__name__)
 
+STREAM_HEAD_SIZE = 256  # first images of a stream read before training: checked, and deciding how images are read
+
+
+class Stream(NamedTuple):
+    """A streamed training set (`--streaming`): its first images (`data.streaming.stream_head`), the shuffle buffer,
+    this process and the number of processes."""
+
+    head: object
+    buffer_size: int
+    rank: int
+    world_size: int
+
+
+def streamed(train, data_args, training_args):
+    """The `Stream` of a streamed `train` (`datasets.IterableDataset`); its first `STREAM_HEAD_SIZE` images decide
+    how images are read (`load_pretraining_model`) and are checked before training."""
+    head = stream_head(train, STREAM_HEAD_SIZE)
+    check_not_empty(head, "train")
+    logger.info(
+        "Streaming %d shard(s) over %d process(es), shuffle buffer %d; the first %d images decide how images are read "
+        "(and, for images that are not RGB photos, their normalisation unless --image_mean / --image_std are given).",
+        train.num_shards, training_args.world_size, data_args.shuffle_buffer_size, len(head),
+    )
+    return Stream(head, data_args.shuffle_buffer_size, training_args.process_index, training_args.world_size)
+
 
 def pretraining_datasets(train, validation, processor, augmentation, image_column, seed, eval_mask_seed,
-                         mask_column=None):
+                         mask_column=None, stream=None):
     """`(train, eval)` `SeededImageDataset`s, after reading every image's header (`check_image_dataset`): images
     smaller than a masked square, of another channel count or pixel type than the processor reads, or whose user
     mask (`mask_column`) is missing or of another size are refused, and those whose header cannot be read are
     reported once and left out. Training rows of RGB photos are uint8 (the trainer normalises them on the device: 4x
     less to copy from the DataLoader workers); evaluation rows are centre crops with masks fixed by `eval_mask_seed`
-    (or their user masks). `eval` is None without validation images."""
-    train_unreadable = check_image_dataset(
-        train, image_column, processor.mask_patch_size, "train", processor, mask_column
-    )
+    (or their user masks). `eval` is None without validation images.
+
+    With a `stream` (`streamed`), `train` is served by a `StreamingImageDataset`, and only the stream's first images
+    are checked before training; the others are read as training goes."""
     train_transform = SimMIMTransform(
         processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation,
         mask_column=mask_column,
     )
-    train_dataset = SeededImageDataset(train, train_transform, seed=seed, unreadable_rows=train_unreadable)
+    checked = stream.head if stream is not None else train
+    train_unreadable = check_image_dataset(
+        checked, image_column, processor.mask_patch_size, "train", processor, mask_column, report=stream is None
+    )
+    if stream is not None:
+        train_dataset = StreamingImageDataset(
+            train, train_transform, seed, stream.buffer_size, stream.rank, stream.world_size
+        )
+    else:
+        train_dataset = SeededImageDataset(train, train_transform, seed=seed, unreadable_rows=train_unreadable)
     if validation is None:
         return train_dataset, None
     validation_unreadable = check_image_dataset(
@@ -51,17 +95,19 @@ def evaluation_transform(processor, image_column, mask_column=None):
     return SimMIMTransform(processor, train=False, image_column=image_column, keep_columns=(), mask_column=mask_column)
 
 
-def pictures_dataset(datasets, processor, mask_seed):
+def pictures_dataset(datasets, processor, mask_seed, stream=None):
     """The rows the reconstruction pictures show: the evaluation dataset of `datasets` (`(train, eval)`), else the
     training rows as evaluation rows (centre crops, masks fixed by `mask_seed` or their user masks), still reported
-    as "train" rows and sharing the training flags, so that a bad image is reported and counted once."""
+    as "train" rows and sharing the training flags, so that a bad image is reported and counted once; with a
+    `stream`, its first images."""
     train_dataset, eval_dataset = datasets
     if eval_dataset is not None:
         return eval_dataset
-    transform = train_dataset.transform
-    return train_dataset.with_transform(
-        evaluation_transform(processor, transform.image_column, transform.mask_column), mask_seed
-    )
+    columns = train_dataset.transform.image_column, train_dataset.transform.mask_column
+    transform = evaluation_transform(processor, *columns)
+    if stream is not None:
+        return SeededImageDataset(stream.head, transform, mask_seed)
+    return train_dataset.with_transform(transform, mask_seed)
 
 
 def pretraining_run_info(args, datasets, image_column, lr_rule, augmentation, processor=None):
@@ -80,10 +126,34 @@ def pretraining_run_info(args, datasets, image_column, lr_rule, augmentation, pr
     }
 
 
-def pretraining_trainer(model, processor, training_args, datasets, recipe, run_info):
-    """`SimMIMTrainer` with images/s in the logs and the epoch that seeds crops and masks."""
+class StreamingSimMIMTrainer(SimMIMTrainer):
+    """`SimMIMTrainer` whose training batches come from a `StreamingImageDataset`: they are this process's share
+    already (`split_dataset_by_node`), so their DataLoader is not handed to accelerate, which would split them again
+    (`IterableDatasetShard`) or read every batch on the main process and send each process a slice
+    (`dispatch_batches`). The Trainer moves each batch to the device (`_prepare_inputs`)."""
+
+    def get_train_dataloader(self):
+        args = self.args
+        return self.train_dataset.dataloader(
+            self._train_batch_size, self.data_collator, num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory, prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+        )
+
+
+def pretraining_trainer(model, processor, training_args, datasets, recipe, run_info, resume_from=None):
+    """`SimMIMTrainer` with images/s in the logs and the epoch that seeds crops and masks; for a streamed training set
+    (`StreamingImageDataset`), `StreamingSimMIMTrainer` with exact resumption from `resume_from`
+    (`StreamResumeCallback`: the stream replays what the checkpoint trained on, unless `--ignore_data_skip`)."""
     train_dataset, eval_dataset = datasets
-    trainer = SimMIMTrainer(
+    streaming = isinstance(train_dataset, StreamingImageDataset)
+    if streaming:
+        replay = not training_args.ignore_data_skip
+        training_args.ignore_data_skip = True  # the Trainer's own skipping would decode and augment every image
+        layout = stream_layout(training_args, train_dataset)
+        if resume_from is not None and replay:
+            check_stream_layout(resume_from, layout)
+    trainer = (StreamingSimMIMTrainer if streaming else SimMIMTrainer)(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -94,8 +164,24 @@ def pretraining_trainer(model, processor, training_args, datasets, recipe, run_i
         model_card_writer=functools.partial(write_model_card, run_info=run_info),
     )
     add_callback_first(trainer, ThroughputCallback())
-    trainer.add_callback(EpochCallback(train_dataset))
+    if streaming:
+        trainer.add_callback(StreamResumeCallback(train_dataset, layout, replay))
+    else:
+        trainer.add_callback(EpochCallback(train_dataset))
     return trainer
+
+
+def stream_layout(training_args, dataset):
+    """What orders a streamed run's samples besides its seed's data: a resumed run must have the same."""
+    return {
+        "num_shards": dataset.num_shards,
+        "processes": training_args.world_size,
+        "dataloader_num_workers": training_args.dataloader_num_workers,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "seed": dataset.seed,
+        "shuffle_buffer_size": dataset.buffer_size,
+    }
 
 
 def add_reconstruction_pictures(trainer, pictures_dataset, num_images, display_channels=None):

@@ -9,11 +9,13 @@ import os
 import shutil
 
 import torch
+from accelerate.utils import gather_object
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.checks import check_not_empty, run_pixel_format
 from ..data.loading import load_image_datasets
+from ..data.streaming import StreamingImageDataset, stream_head
 from ..data.statistics import channel_statistics
 from ..models.configuration_simmim import SimMIMConfig
 from ..models.image_processing_simmim import SimMIMImageProcessor
@@ -45,7 +47,11 @@ def start_run(training_args):
 def load_run_datasets(data_args, training_args, cache_dir=None, token=None):
     """`(train, validation)` of a run from its data arguments (the main process loads first; the others reuse
     its cache), cut to `max_train_samples` and `max_eval_samples`. An empty training split is refused; an empty
-    validation split becomes None, with a warning. `token` reaches a hub dataset."""
+    validation split becomes None, with a warning. `token` reaches a hub dataset.
+
+    With `data_args.streaming`, `train` is a `datasets.IterableDataset` (`StreamingImageDataset` serves it) and the
+    validation images are read once, here, into a `Dataset` (the first `max_eval_samples` of them)."""
+    streaming = getattr(data_args, "streaming", False)
     with training_args.main_process_first(desc="loading the dataset"):
         train, validation = load_image_datasets(
             data_args.dataset_name,
@@ -56,12 +62,19 @@ def load_run_datasets(data_args, training_args, cache_dir=None, token=None):
             seed=training_args.seed,
             cache_dir=cache_dir,
             token=token,
+            streaming=streaming,
         )
-    if data_args.max_train_samples is not None:
+        if streaming and validation is not None:
+            validation = stream_head(validation, data_args.max_eval_samples)
+        elif streaming:
+            logger.info("Streaming: no validation images (a stream has no share to hold out); give --validation_dir "
+                        "or a dataset with a validation split to evaluate.")
+    if data_args.max_train_samples is not None and not streaming:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if validation is not None and data_args.max_eval_samples is not None:
         validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
-    check_not_empty(train, "train")
+    if not streaming:  # a stream's first images are checked when the run reads them (`stream_head`)
+        check_not_empty(train, "train")
     if validation is not None and len(validation) == 0:
         logger.warning("The validation split is empty: the run has no evaluation.")
         validation = None
@@ -88,7 +101,10 @@ def describe_data(data_args, train, validation, image_column, processor=None):
             source += f", validation `{data_args.validation_dir}`"
     else:
         source = "the CIFAR-10 sample bundled with hf_simmim (32x32 images)"
-    counts = f"{len(train):,} training images" + (f", {len(validation):,} validation images" if validation else "")
+    counts = f"{len(train):,} training images" if hasattr(train, "__len__") else (
+        f"training images streamed from {train.num_shards} shard(s)"
+    )
+    counts += f", {len(validation):,} validation images" if validation else ""
     details = [f"image column `{image_column}`"] + [describe_pixels(processor)] * (processor is not None)
     if getattr(data_args, "mask_column", None):
         details.append(f"user masks from column `{data_args.mask_column}`")
@@ -388,12 +404,18 @@ def load_pretraining_model(model_args, train=None, image_column=None):
 
 def skipped_image_counts(train_dataset, eval_dataset=None, trainer=None):
     """`{"train_skipped_images": n, "eval_skipped_images": m}`: the distinct images of each `SeededImageDataset`
-    that could not be decoded (and were skipped): found by the header check or by a read so far. With a `trainer`, counted over all its processes: then
-    call it on every process."""
+    that could not be decoded (and were skipped): found by the header check or by a read so far; of a
+    `StreamingImageDataset`, found by the reads of this run so far. With a `trainer`, counted over all its
+    processes: then call it on every process."""
 
     def count(dataset):
         if dataset is None:
             return 0
+        if isinstance(dataset, StreamingImageDataset):
+            digests = dataset.skipped.digests()
+            if trainer is not None:
+                digests = set().union(*gather_object([digests]))
+            return len(digests)
         return count_unreadable_images(trainer, dataset) if trainer is not None else int(dataset.unreadable_mask.sum())
 
     return {"train_skipped_images": count(train_dataset), "eval_skipped_images": count(eval_dataset)}
