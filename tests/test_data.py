@@ -575,3 +575,28 @@ def test_cifar10_small_statistics_survive_the_pipeline(cifar10_small_dir, proces
     images = pixel_values * std[:, None, None] + mean[:, None, None]
     assert images.min() >= -1e-6 and images.max() <= 1 + 1e-6
     torch.testing.assert_close(images.mean(dim=(0, 2, 3)), torch.tensor([0.4913, 0.4821, 0.4465]), rtol=0, atol=0.02)
+
+
+def test_a_folder_of_data_files_named_by_split_loads_as_those_splits(tmp_path):
+    """`train-00000-of-00002.parquet`, `validation-...` (as `hf-simmim shard` and the hub name them) are splits; a
+    folder whose file names say no split is all training data."""
+    import datasets
+
+    from hf_simmim.data import load_image_datasets
+
+    def write(path, first, count):
+        datasets.Dataset.from_dict({"image": [f"{i}.png" for i in range(first, first + count)]}).to_parquet(str(path))
+
+    named, plain = tmp_path / "named", tmp_path / "plain"
+    named.mkdir(), plain.mkdir()
+    write(named / "train-00000-of-00002.parquet", 0, 3)
+    write(named / "train-00001-of-00002.parquet", 3, 3)
+    write(named / "validation-00000-of-00001.parquet", 6, 2)
+    write(plain / "part-a.parquet", 0, 3)
+    write(plain / "part-b.parquet", 3, 2)
+    train, validation = load_image_datasets(train_dir=str(named), validation_split_percentage=0)
+    assert train["image"] == [f"{i}.png" for i in range(6)] and validation["image"] == ["6.png", "7.png"]
+    train, validation = load_image_datasets(train_dir=str(plain), validation_split_percentage=0)
+    assert len(train) == 5 and validation is None
+    streamed, streamed_validation = load_image_datasets(train_dir=str(named), streaming=True)
+    assert streamed.num_shards == 2 and [row["image"] for row in streamed_validation] == ["6.png", "7.png"]

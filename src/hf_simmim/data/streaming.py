@@ -11,7 +11,8 @@ function of the run's seed and layout (processes, workers, batch size) alone.
 Exact resumption is deterministic replay: a run resumed after `b` batches of each process has every DataLoader
 worker read (without decoding) the examples of the batches it had served, then go on from the next one. The replay
 costs one pass over the undecoded examples already trained on since the start of the run (reading and shuffling
-rows, no image decoding or augmentation); `benchmarks`-style figures are in the README.
+rows, no image decoding or augmentation): `benchmarks/streaming_replay.py` measures it against the training data
+path.
 
 An image that cannot be decoded is skipped, reported (`image_ops.report_skipped_image`) and counted once as a
 distinct image (`SkippedImages`); the next example of the stream whose image decodes stands in for it with its
@@ -133,6 +134,12 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
         transform.require_image_column(stream.column_names or [transform.image_column, transform.mask_column])
         self.num_shards, self.world_size, self.rank = stream.num_shards, world_size, rank
         self.seed, self.buffer_size, self.split = int(seed), buffer_size, split
+        if self.num_shards % world_size and rank == 0:
+            logger.warning(
+                "%d shard(s) for %d processes: each process reads every shard and keeps one example in %d. Write a "
+                "multiple of %d shards (hf-simmim shard --shard_size) for each to read only its own.",
+                self.num_shards, world_size, world_size, world_size,
+            )
         self.stream = undecoded_images(stream)
         self.array_dtype = array_dtype((self.stream.features or {}).get(transform.image_column))
         self.transform = seeded_per_sample(transform)
