@@ -97,6 +97,7 @@ def test_two_processes_read_disjoint_shards_reshuffled_every_epoch(tmp_path, wor
         assert epochs[rank][0][:20] != sorted(epochs[rank][0][:20])  # the buffer shuffles within shards
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more than the 2 CPUs of CI
 def test_a_resumed_stream_continues_at_the_same_sample_with_workers(tmp_path):
     """3 DataLoader workers for 2 shards per process: one idles, the two others serve batches in turn. A stream told
     that 5 batches were trained on serves the 6th batch on, the same pixels and masks (crossing an epoch)."""

@@ -172,7 +172,8 @@ def pretraining_trainer(model, processor, training_args, datasets, recipe, run_i
 
 
 def stream_layout(training_args, dataset):
-    """What orders a streamed run's samples besides its seed's data: a resumed run must have the same."""
+    """The settings that, with the data and the seed, decide which samples a streamed run trains on at each step: a
+    run resumed from a checkpoint must have the checkpoint's (`check_stream_layout`)."""
     return {
         "num_shards": dataset.num_shards,
         "processes": training_args.world_size,
