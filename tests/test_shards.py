@@ -2,7 +2,6 @@
 streaming=True)` (and `run_mim.py --streaming`) reads back with the same bytes and labels."""
 
 import io
-from pathlib import Path
 
 import datasets
 import numpy as np
