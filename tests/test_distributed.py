@@ -145,14 +145,14 @@ def test_two_machines_on_localhost_follow_one_process_at_twice_the_batch(tmp_pat
 
 def test_two_process_runs_exit_cleanly_every_time(tmp_path):
     """A worker that leaves a live gloo group behind can abort at interpreter exit after a finished run (seen as
-    `terminate called without an active exception`); the run destroys the group first. Five runs in a row."""
-    for attempt in range(5):
+    `terminate called without an active exception`); the run destroys the group first. Three runs in a row."""
+    for attempt in range(3):
         finished = subprocess.run(
             [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
              "--main_process_port", str(free_port()), str(RUN_MIM), *QUIET, "--max_steps", "1",
              "--max_train_samples", "32", "--per_device_train_batch_size", "8",
              "--output_dir", str(tmp_path / f"run{attempt}")],
-            env=ENV, capture_output=True, text=True, timeout=300,
+            env=ENV, capture_output=True, text=True, timeout=150,
         )
         assert finished.returncode == 0, f"attempt {attempt}: " + finished.stderr[-3000:]
         assert "terminate called" not in finished.stderr
