@@ -94,7 +94,13 @@ def _box(text):
 def build_parser():
     parser = argparse.ArgumentParser(prog="hf-simmim", description="SimMIM for Hugging Face transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_convert_parser(commands)
+    _add_picture_parsers(commands)
+    _add_data_parsers(commands)
+    return parser
 
+
+def _add_convert_parser(commands):
     convert = commands.add_parser("convert", help="convert checkpoints into (or out of) hf_simmim")
     sources = convert.add_subparsers(dest="source", required=True)
     official = sources.add_parser("official", help="a microsoft/SimMIM pretraining checkpoint (.pth)")
@@ -106,7 +112,11 @@ def build_parser():
         help="unpickle a checkpoint that torch.load(weights_only=True) refuses (runs code: trusted files only)",
     )
     _add_overrides(official)
-    hf = sources.add_parser("transformers", help="a transformers ViT/Swin/Swinv2 ForMaskedImageModeling or ResNet/ConvNext/ConvNextV2 model or classifier folder")
+    hf = sources.add_parser(
+        "transformers",
+        help="a transformers ViT/Swin/Swinv2 ForMaskedImageModeling or ResNet/ConvNext/ConvNextV2 model or classifier "
+        "folder",
+    )
     hf.add_argument("model_dir")
     hf.add_argument("output_dir")
     _add_overrides(hf)
@@ -114,6 +124,9 @@ def build_parser():
     export.add_argument("model_dir")
     export.add_argument("output_dir")
 
+
+def _add_picture_parsers(commands):
+    """reconstruct, attention and inpaint: a checkpoint and images in, a picture out."""
     reconstruct = commands.add_parser("reconstruct", help="draw a reconstruction grid for images")
     reconstruct.add_argument("checkpoint")
     reconstruct.add_argument("images", nargs="+")
@@ -125,6 +138,25 @@ def build_parser():
     )
     reconstruct.add_argument("--mask_strategy", default=None, help="draw masks this way (default: the checkpoint's)")
 
+    attention = commands.add_parser(
+        "attention",
+        help="draw the last block's attention over images (ViT: the CLS token's; Swin: received, per window)",
+    )
+    attention.add_argument("checkpoint")
+    attention.add_argument("images", nargs="+")
+    attention.add_argument("--output", default="attention.png")
+
+    inpaint = commands.add_parser("inpaint", help="fill a region of an image with the model's prediction")
+    inpaint.add_argument("checkpoint")
+    inpaint.add_argument("images", nargs=1, metavar="image", help="the image (any size; resized to the model's)")
+    region = inpaint.add_mutually_exclusive_group(required=True)
+    region.add_argument("--mask", help="a mask image of the image's size: its nonzero pixels are filled")
+    region.add_argument("--box", type=_box, metavar="x0,y0,x1,y1", help="a box to fill, in pixels (x1, y1 excluded)")
+    inpaint.add_argument("--output", default="filled.png")
+
+
+def _add_data_parsers(commands):
+    """stats and shard: a dataset in."""
     stats = commands.add_parser(
         "stats", help="print the per-channel mean and std of a dataset's training images (run_mim.py's --image_mean/std)"
     )
@@ -146,23 +178,6 @@ def build_parser():
     shard.add_argument("--shuffle_seed", type=int, default=0, help="the rows are shuffled with it, so that each "
                        "shard mixes the classes of a folder listed class by class")
     shard.add_argument("--keep_order", action="store_true", help="keep the source's row order (no shuffle)")
-
-    attention = commands.add_parser(
-        "attention",
-        help="draw the last block's attention over images (ViT: the CLS token's; Swin: received, per window)",
-    )
-    attention.add_argument("checkpoint")
-    attention.add_argument("images", nargs="+")
-    attention.add_argument("--output", default="attention.png")
-
-    inpaint = commands.add_parser("inpaint", help="fill a region of an image with the model's prediction")
-    inpaint.add_argument("checkpoint")
-    inpaint.add_argument("images", nargs=1, metavar="image", help="the image (any size; resized to the model's)")
-    region = inpaint.add_mutually_exclusive_group(required=True)
-    region.add_argument("--mask", help="a mask image of the image's size: its nonzero pixels are filled")
-    region.add_argument("--box", type=_box, metavar="x0,y0,x1,y1", help="a box to fill, in pixels (x1, y1 excluded)")
-    inpaint.add_argument("--output", default="filled.png")
-    return parser
 
 
 def _convert(args):
