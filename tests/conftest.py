@@ -6,6 +6,7 @@ on a developer machine, but fail under CI (`CI` set), so CI can never silently s
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +30,13 @@ def load_script(relative_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port():
+    """A loopback port nothing listens on now, for a test's process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def running_in_ci():

@@ -113,20 +113,17 @@ def test_two_processes_with_synchronised_batch_norm_train_as_one_at_twice_the_ba
 def test_run_mim_on_two_processes_synchronises_batch_norms_and_follows_one_process(tmp_path):
     """`accelerate launch` x 2 CPU processes x batch 8 of a ResNet == 1 process x batch 16: the trainer makes its
     masked batch norms synchronised (and says so), so their statistics are those of the whole batch."""
-    import socket
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT
+    from conftest import REPO_ROOT, free_port
 
     script = str(REPO_ROOT / "examples" / "run_mim.py")
     common = ["--preset", "resnet-tiny-test", "--max_train_samples", "64", "--max_steps", "3", "--logging_steps", "1",
               "--eval_strategy", "no", "--save_strategy", "no", "--num_reconstruction_images", "0", "--report_to",
               "none"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     runs = {
         "one": [sys.executable, script, *common, "--per_device_train_batch_size", "16"],
         "two": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",

@@ -4,19 +4,17 @@ localhost train as one process at twice the batch."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-from conftest import tiny_swin, tiny_vit
+from conftest import free_port, tiny_swin, tiny_vit
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling
 from hf_simmim.training.distributed import check_distributed_launch
 from hf_simmim.training.recipes import OPTIMIZER_DEFAULTS
@@ -29,12 +27,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 QUIET = ["--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--num_reconstruction_images", "0",
          "--report_to", "none"]
 SHORT_RUN = ["--max_train_samples", "128", "--max_steps", "4", *QUIET]
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launcher_environment(config_name, monkeypatch):

@@ -8,23 +8,17 @@ modules accelerate's FSDP2 policy picks from `_no_split_modules` (tests/distribu
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from hf_simmim import SimMIMForMaskedImageModeling
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_worker(mode, backbone, out_dir):

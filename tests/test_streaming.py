@@ -4,7 +4,6 @@ skipped and counted, and a run killed with SIGKILL resumed to the same weights a
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -17,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script
+from conftest import free_port, load_script
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor
 from hf_simmim.data import SimMIMTransform, collate_fn, detect_image_column, load_image_datasets
 from hf_simmim.data.streaming import StreamingImageDataset
@@ -227,12 +226,6 @@ def test_a_streamed_run_killed_and_resumed_ends_with_the_weights_of_an_uninterru
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6, msg=name)
     assert json.loads((full / "all_results.json").read_text())["train_skipped_images"] == 1
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_processes_stream_their_shares_and_count_an_undecodable_image_once(tmp_path):
