@@ -81,7 +81,6 @@ def main(argv=None):
         with open(os.path.join(training_args.output_dir, "zero_shot_results.json"), "w", encoding="utf-8") as handle:
             json.dump({"vision_model": vision_path, "held_out_images": len(images), **results}, handle, indent=2)
         print_summary(vision_path, results, len(images), len(names))
-    end_distributed_run()
     return 0
 
 
@@ -106,4 +105,6 @@ def print_summary(vision_path, results, num_images, num_classes):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    end_distributed_run()  # once main's objects are gone
+    sys.exit(exit_code)

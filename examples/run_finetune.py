@@ -78,7 +78,6 @@ def main(argv=None):
         results = evaluate_frozen_encoder(model_args, training_args, encoder, datasets, len(names))
         if training_args.process_index == 0:
             print_summary(model_args, results, training_args.output_dir)
-        end_distributed_run()
         return 0
 
     # ---------------------------------------------------------------- fine-tuning: recipe, trainer, train
@@ -91,7 +90,6 @@ def main(argv=None):
     results = finish_finetuning(trainer, result, datasets, run_info)
     if trainer.is_world_process_zero():
         print_summary(model_args, results, training_args.output_dir)
-    end_distributed_run()
     return 0
 
 
@@ -114,4 +112,6 @@ def print_summary(model_args, results, output_dir):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    end_distributed_run()  # once main's objects are gone
+    sys.exit(exit_code)

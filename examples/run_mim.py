@@ -109,7 +109,6 @@ def main(argv=None):
     skipped, loss_curve_path = finish_pretraining(trainer, result, datasets, run_info)
     if trainer.is_world_process_zero():
         print_summary(trainer, pictures, loss_curve_path, skipped)
-    end_distributed_run()
     return 0
 
 
@@ -144,4 +143,6 @@ def print_summary(trainer, pictures, loss_curve_path, skipped):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    end_distributed_run()  # once main's objects are gone
+    sys.exit(exit_code)

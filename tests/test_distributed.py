@@ -148,3 +148,17 @@ def test_two_process_runs_exit_cleanly_every_time(tmp_path):
         )
         assert finished.returncode == 0, f"attempt {attempt}: " + finished.stderr[-3000:]
         assert "terminate called" not in finished.stderr
+
+
+def test_no_data_parallel_module_is_alive_when_the_group_is_destroyed(tmp_path):
+    """A DDP module alive at destroy_process_group would free the group later, holding the GIL, and deadlock with a
+    gloo thread that waits for the GIL to free a finished collective's tensors (a worker that never exits)."""
+    finished = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "tests" / "destroy_check_worker.py"), str(RUN_MIM), *QUIET, "--max_steps", "1",
+         "--max_train_samples", "32", "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path)],
+        env=ENV, capture_output=True, text=True, timeout=150,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    counts = sorted(re.findall(r"rank (\d): (\d+) DistributedDataParallel alive at destroy", finished.stdout))
+    assert counts == [("0", "0"), ("1", "0")], finished.stdout[-3000:]

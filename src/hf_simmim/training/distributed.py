@@ -7,6 +7,7 @@ quietly trains something else: without an accelerator its state is MULTI_CPU (gl
 with every parameter replicated. A run that would silently do something other than its config says is refused here.
 """
 
+import gc
 import importlib.util
 import logging
 import os
@@ -45,8 +46,15 @@ def check_distributed_launch(accelerator):
 
 
 def end_distributed_run():
-    """Destroy the process group, after every process has arrived, so that no worker exits while another still
-    talks to it (a process that leaves a live gloo group can abort at interpreter exit)."""
+    """Destroy the default process group, after the run's objects are gone: call it once the run's function has
+    returned, on every process.
+
+    A worker that leaves a live gloo group to interpreter exit can abort (`terminate called without an active
+    exception`), so the group is destroyed. But a DistributedDataParallel module still alive then (a Trainer keeps
+    its wrapped model) would hold the group's last reference: freeing it later, the module's reducer joins gloo's
+    threads while holding the GIL, and a gloo thread still freeing a finished collective's tensors waits for the
+    GIL: a deadlock (seen in about 1 of 12 two-process runs under load). Collected first, the modules leave the
+    group's last reference to Python, which frees it without the GIL."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        gc.collect()  # a Trainer and its wrapped model sit in reference cycles
         torch.distributed.destroy_process_group()
