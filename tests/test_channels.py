@@ -272,3 +272,38 @@ def test_the_decoder_and_loss_follow_num_channels(channels):
     pixel_mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, None].float()
     expected = ((pixels - output.reconstruction).abs() * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / channels
     torch.testing.assert_close(output.loss, expected)
+
+
+def test_a_checkpoint_normalised_for_16_bit_pixels_refuses_8_bit_images_unless_statistics_are_given(tmp_path):
+    """Fine-tuning (and continued pretraining) keep the checkpoint's mean and std: computed on 16-bit pixels, they
+    do not describe 8-bit ones (a 12-bit scan scaled by 1/65535 has a mean near 0.03, by 1/255 near 8)."""
+    from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling
+    from hf_simmim.training.arguments import parse_finetune_arguments, parse_run_arguments
+    from hf_simmim.training.finetuning import load_classification_model
+    from hf_simmim.training.runs import data_image_processor, load_image_processor, saved_normalisation
+
+    def images(dtype, high):
+        arrays = [RNG.integers(0, high, size=(32, 32)).astype(dtype) for _ in range(2)]
+        cells = []
+        for array in arrays:
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="PNG")
+            cells.append({"bytes": buffer.getvalue(), "path": None})
+        return datasets.Dataset.from_dict({"image": cells})
+
+    sixteen, eight = images(np.uint16, 4096), images(np.uint8, 256)
+    config = SimMIMConfig.from_preset("vit-tiny-test", num_channels=1)
+    data_image_processor(config, {}, sixteen, "image").save_pretrained(tmp_path)
+    SimMIMForMaskedImageModeling(config).save_pretrained(tmp_path)
+    saved = saved_normalisation(str(tmp_path), {})
+    assert saved["rescale_factor"] == pytest.approx(1 / 65535)
+    with pytest.raises(ValueError, match=r"normalises uint16 pixels .* hold uint8 pixels .* Convert the images to uint16"):
+        data_image_processor(config, saved, eight, "image")
+    finetune_args = parse_finetune_arguments(["--model_name_or_path", str(tmp_path)])[0]
+    with pytest.raises(ValueError, match=r"normalises uint16 pixels .* hold uint8 pixels"):
+        load_classification_model(finetune_args, 2, train=eight, image_column="image")
+    kept = data_image_processor(config, saved, sixteen, "image")
+    assert list(kept.image_mean) == pytest.approx(saved["image_mean"])
+    given = ["--model_name_or_path", str(tmp_path), "--image_mean", "0.5", "--image_std", "0.2"]
+    processor = load_image_processor(parse_run_arguments(given)[0], config, {}, eight, "image")
+    assert (list(processor.image_mean), processor.rescale_factor) == ([0.5], pytest.approx(1 / 255))

@@ -16,6 +16,7 @@ channels of 64 x 64 px.
 """
 
 import io
+import math
 import os
 from dataclasses import dataclass
 
@@ -51,6 +52,14 @@ class PixelHeader:
 def rescale_factor_for(dtype):
     """The factor that brings pixels of `dtype` to [0, 1]: 1/255 for uint8, 1/65535 for uint16, else 1."""
     return RESCALE_FACTORS.get(np.dtype(dtype).name, 1.0)
+
+
+def pixel_type_of(rescale_factor):
+    """The pixel type a rescale factor is for, in words (the inverse of `rescale_factor_for`)."""
+    for name, factor in RESCALE_FACTORS.items():
+        if math.isclose(factor, rescale_factor):
+            return f"{name} pixels"
+    return "floating-point pixels" if rescale_factor == 1.0 else f"pixels scaled by {rescale_factor:.6g}"
 
 
 def channel_axis(shape, num_channels=None):

@@ -113,8 +113,9 @@ def load_classification_model(model_args, num_labels, id2label=None, train=None,
             **overrides, **labels,
         )
     saved = saved_normalisation(source, {"cache_dir": model_args.cache_dir}) if source else {}
-    # keep the normalisation the encoder was pretrained with (not its resampling: fine-tuning evaluates bicubic)
-    normalisation = {key: saved[key] for key in ("image_mean", "image_std") if key in saved}
+    # keep the normalisation the encoder was pretrained with, for the same pixel type (not its resampling:
+    # fine-tuning evaluates bicubic)
+    normalisation = {key: saved[key] for key in ("image_mean", "image_std", "rescale_factor") if key in saved}
     crop_pct = eval_crop_pct(model.config.image_size)
     return model, data_image_processor(model.config, normalisation, train, image_column, crop_pct=crop_pct)
 

@@ -15,6 +15,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.checks import check_not_empty, run_pixel_format
 from ..data.loading import load_image_datasets
+from ..data.pixels import pixel_type_of
 from ..data.streaming import StreamingImageDataset, stream_head
 from ..data.statistics import channel_statistics
 from ..models.configuration_simmim import SimMIMConfig
@@ -329,16 +330,17 @@ def check_rgb_model(config):
 
 
 def saved_normalisation(source, hub_kwargs, flag=None):
-    """`{image_mean, image_std, resample}` of the image processor saved at `source` (ours, or transformers' own,
-    e.g. an exported BEiT / ViT one), or `{}` when there is none; with `flag` (the argument that named `source`), a
-    missing or unreadable processor is an error naming it."""
+    """`{image_mean, image_std, resample, rescale_factor}` of the image processor saved at `source` (ours, or
+    transformers' own, e.g. an exported BEiT / ViT one), each where saved, or `{}` when there is none; with `flag`
+    (the argument that named `source`), a missing or unreadable processor is an error naming it. `rescale_factor`:
+    the pixel scale its mean and std are for (`data_image_processor` checks the run's images against it)."""
     try:
         saved, _ = ImageProcessingMixin.get_image_processor_dict(source, **hub_kwargs)
     except (OSError, ValueError) as error:
         if flag:
             raise ValueError(f"{flag} {source}: no image processor could be read there ({error}).") from error
         return {}
-    return {key: saved[key] for key in ("image_mean", "image_std", "resample") if key in saved}
+    return {key: saved[key] for key in ("image_mean", "image_std", "resample", "rescale_factor") if key in saved}
 
 
 def load_image_processor(model_args, config, hub_kwargs, train=None, image_column=None):
@@ -353,18 +355,30 @@ def load_image_processor(model_args, config, hub_kwargs, train=None, image_colum
     given = {key: getattr(model_args, key) for key in ("image_mean", "image_std") if getattr(model_args, key)}
     if len(given) == 1:
         raise ValueError("Give --image_mean and --image_std together (one value per channel each).")
+    if given:  # statistics given for these images: the saved ones, and the pixel scale they were for, are not used
+        saved.pop("rescale_factor", None)
     return data_image_processor(config, {**saved, **given}, train, image_column)
 
 
 def data_image_processor(config, normalisation, train=None, image_column=None, **processor_kwargs):
     """The `SimMIMImageProcessor` of `config` for the images of `train` (`data.checks.run_pixel_format`: RGB photos,
     or each image's own channels at its precision; `train=None`: RGB photos), normalised with `normalisation`
-    (`image_mean`, `image_std`, `resample`, each where given). Images that are not RGB photos and have no mean and
-    std given are normalised with their own per-channel statistics, from a pass over `train`
+    (`image_mean`, `image_std`, `resample`, each where given; `rescale_factor`: the pixel scale a saved mean and std
+    are for, which these images must share). Images that are not RGB photos and have no mean and std given are
+    normalised with their own per-channel statistics, from a pass over `train`
     (`data.statistics.channel_statistics`); RGB photos default to ImageNet's."""
     convert_rgb, rescale_factor = True, 1 / 255
     if train is not None:
         convert_rgb, rescale_factor = run_pixel_format(train, image_column, config.num_channels)
+    normalisation = dict(normalisation)
+    saved_scale = normalisation.pop("rescale_factor", None)
+    if saved_scale is not None and not math.isclose(saved_scale, rescale_factor):
+        raise ValueError(
+            f"The checkpoint's image processor normalises {pixel_type_of(saved_scale)} (rescale_factor "
+            f"{saved_scale:.6g}), but these images hold {pixel_type_of(rescale_factor)} (rescale_factor "
+            f"{rescale_factor:.6g}): its image_mean and image_std do not describe them. Convert the images to "
+            f"{pixel_type_of(saved_scale)}, or, to continue pretraining, give --image_mean and --image_std for them."
+        )
     fields = {**processor_kwargs, "do_convert_rgb": convert_rgb, "rescale_factor": rescale_factor, **normalisation}
     if not convert_rgb and not {"image_mean", "image_std"} <= set(normalisation):
         statistics = channel_statistics(train, image_column, config.num_channels, rescale_factor)
