@@ -53,7 +53,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- the image tower's SimMIM checkpoint
     vision_path = model_args.vision_model_name_or_path
     pretraining = [sys.executable, str(PRETRAINING_SCRIPT), "--output_dir", vision_path]
-    ensure_checkpoint(vision_path, vision_path == DEFAULT_OUTPUT_DIR, pretraining)
+    ensure_checkpoint(vision_path, vision_path == DEFAULT_OUTPUT_DIR, pretraining, training_args)
     vision_config = load_vision_config(vision_path)
     image_processor = SimMIMImageProcessor.from_checkpoint(vision_path, vision_config)
 

@@ -3,6 +3,9 @@ image tower of transformers' VisionTextDualEncoderModel, saved and reloaded, and
 transformers' pipeline."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from transformers import VisionTextDualEncoderModel, VisionTextDualEncoderProces
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMImageProcessor
 from hf_simmim.data import bundled_sample_data_files
 
-from conftest import load_script, perturb_parameters_, tiny_swin, tiny_vit
+from conftest import free_port, load_script, perturb_parameters_, tiny_swin, tiny_vit
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 HELD_OUT = 12
@@ -153,3 +156,32 @@ def test_captions_of_the_same_class_are_positives_in_the_loss():
 
     expected = (cross_entropy(logits.numpy()) + cross_entropy(logits.numpy().T)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_several_processes_pretrain_the_missing_image_tower_once_per_machine(tmp_path):
+    """Under a launcher, one process pretrains (as a process of its own, without the launcher's RANK / WORLD_SIZE)
+    while the other waits; both then use its checkpoint."""
+    fake_pretraining = (
+        "import os, pathlib, sys, time; time.sleep(2); out = pathlib.Path(sys.argv[1]); out.mkdir(exist_ok=True); "
+        "(out / 'config.json').write_text('{}'); "
+        "open(out / 'runs.txt', 'a').write(os.environ.get('RANK', 'no RANK') + ' ' + os.environ.get('WORLD_SIZE', '-') + '\\n')"
+    )
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys\n"
+        "from transformers import TrainingArguments\n"
+        "from hf_simmim.training.contrastive import ensure_checkpoint\n"
+        "from hf_simmim.training.distributed import end_distributed_run\n"
+        f"args = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, use_cpu=True)\n"
+        f"command = [sys.executable, '-c', {fake_pretraining!r}, {str(tmp_path / 'tower')!r}]\n"
+        f"print('returned', ensure_checkpoint({str(tmp_path / 'tower')!r}, True, command, args))\n"
+        "end_distributed_run()\n"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(worker)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count(f"returned {tmp_path / 'tower'}") == 2
+    assert (tmp_path / "tower" / "runs.txt").read_text() == "no RANK -\n"

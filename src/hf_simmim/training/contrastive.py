@@ -42,6 +42,7 @@ from ..models.modeling_simmim import SimMIMModel
 from .arguments import DEFAULT_OUTPUT_DIR, accelerator_available, argument_parser
 from .callbacks import EpochCallback
 from .finetuning import accuracy_ks, finetuning_datasets
+from .distributed import single_process_environment
 from .runs import check_rgb_model
 
 logger = logging.getLogger(__name__)
@@ -133,21 +134,29 @@ def parse_contrastive_arguments(argv=None, description=None):
     return model_args, data_args, training_args
 
 
-def ensure_checkpoint(path, is_default, pretraining_command):
+def ensure_checkpoint(path, is_default, pretraining_command, training_args):
     """`path` when it holds a checkpoint (or names no local folder: a hub id). The default folder, when it holds
     no checkpoint, is made by running `pretraining_command` (a list, e.g. `[python, run_mim.py, --output_dir,
-    path]`); another local folder without one is refused, naming that command."""
-    has_checkpoint = os.path.isfile(os.path.join(path, "config.json"))
-    if has_checkpoint or not (is_default or os.path.exists(path)):
+    path]`) as a single-process run, by one process on each machine while the others wait; another local folder
+    without one is refused, naming that command."""
+    if has_checkpoint(path) or not (is_default or os.path.exists(path)):
         return path
     command = " ".join(pretraining_command)
     if not is_default:
         raise ValueError(
             f"--vision_model_name_or_path {path}: no checkpoint there (config.json). Make one with `{command}`."
         )
-    logger.warning("No SimMIM checkpoint in %s: pretraining one first with `%s`.", path, command)
-    subprocess.run(pretraining_command, check=True)
+    with training_args.main_process_first(local=True, desc="pretraining the image tower"):
+        if training_args.local_process_index == 0 and not has_checkpoint(path):
+            logger.warning("No SimMIM checkpoint in %s: pretraining one first with `%s`.", path, command)
+            subprocess.run(pretraining_command, check=True, env=single_process_environment())
+    if not has_checkpoint(path):  # this machine's main process failed: its error is in its log
+        raise RuntimeError(f"No SimMIM checkpoint in {path} after `{command}` on this machine's main process.")
     return path
+
+
+def has_checkpoint(path):
+    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def load_vision_config(path):

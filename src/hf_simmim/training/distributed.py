@@ -17,6 +17,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 CPU_MULTI_PROCESS_CONFIG = "examples/accelerate_configs/cpu_2proc.yaml"
+# what torchrun sets for each process it starts (besides TORCHELASTIC_*)
+LAUNCHER_VARIABLES = {
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+}
 
 
 def requested_by_launcher(name):
@@ -43,6 +48,15 @@ def check_distributed_launch(accelerator):
                 "DeepSpeed was requested on a machine without a GPU: its ZeRO configs need accelerators. Use "
                 f"{CPU_MULTI_PROCESS_CONFIG} for a multi-process CPU run."
             )
+
+
+def single_process_environment():
+    """This process's environment without what a launcher (torchrun, `accelerate launch`) set for it: a command
+    started with it runs as a process of its own, not as a member of this run's process group."""
+    return {
+        name: value for name, value in os.environ.items()
+        if name not in LAUNCHER_VARIABLES and not name.startswith(("TORCHELASTIC_", "ACCELERATE_"))
+    }
 
 
 def end_distributed_run():
