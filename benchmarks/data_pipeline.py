@@ -2,9 +2,10 @@
 
 The path measured is the one `run_mim.py` gives the `Trainer`: `SeededImageDataset` (per-row seeded crop,
 flip and mask) through `SimMIMTransform`, batched by a `torch.utils.data.DataLoader` with `collate_fn`. Reported:
-the time per image of each stage in one process (open, decode + crop + resize, flip, mask), images/s of one
-process, and images/s of a DataLoader with each number of workers asked for. Compare the last column with the
-training step's images/s (benchmarks/throughput.py): the GPU waits on data when it is lower.
+the time per image of each stage in one process (open; the augmentation: decode, crop, resize and flip; uint8
+array; mask), images/s of one process, and images/s of a DataLoader with each number of workers asked for. Compare
+the last column with the training step's images/s (benchmarks/throughput.py): the GPU waits on data when it is
+lower.
 
     python benchmarks/data_pipeline.py --image_dir /data/imagenet/train --workers 0,8,15   # your JPEGs
     python benchmarks/data_pipeline.py --workers 0,1                                         # generated JPEGs
@@ -29,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hf_simmim import SimMIMConfig, SimMIMImageProcessor  # noqa: E402
-from hf_simmim.data.augmentation import RESAMPLE, pretraining_augmentation  # noqa: E402
-from hf_simmim.data.image_ops import open_image, random_horizontal_flip, random_resized_crop, to_uint8_array  # noqa: E402
+from hf_simmim.data.augmentation import pretraining_augmentation  # noqa: E402
+from hf_simmim.data.image_ops import open_image, to_uint8_array  # noqa: E402
 from hf_simmim.data.loading import bundled_sample_data_files  # noqa: E402
 from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn  # noqa: E402
 
@@ -99,15 +100,14 @@ def stage_times(paths, processor):
     rng = random.Random(0)
     mask_generator = processor.mask_generator(seed=0)
     augmentation = pretraining_augmentation(processor.image_size)
-    totals = {"open": 0.0, "decode+crop+resize": 0.0, "flip+to_uint8": 0.0, "mask": 0.0}
+    totals = {"open": 0.0, "decode+crop+resize+flip": 0.0, "to_uint8": 0.0, "mask": 0.0}
     for path in paths:
         t0 = time.perf_counter()
         image = open_image(path)
         t1 = time.perf_counter()
-        image = random_resized_crop(image, processor.image_size, augmentation.crop_scale, augmentation.crop_ratio, rng,
-                                    RESAMPLE[augmentation.resample])
+        image = augmentation.augment(image, rng)
         t2 = time.perf_counter()
-        to_uint8_array(random_horizontal_flip(image, augmentation.hflip_prob, rng))
+        to_uint8_array(image)
         t3 = time.perf_counter()
         mask_generator()
         t4 = time.perf_counter()

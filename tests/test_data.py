@@ -18,7 +18,7 @@ from hf_simmim.data.checks import check_image_dataset
 from hf_simmim.data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from hf_simmim.data.image_ops import normalize_pixel_batch
 from hf_simmim.models.image_transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resize_center_crop, to_normalized_array, to_rgb
-from hf_simmim.data.image_ops import random_resized_crop, random_resized_crop_box, reduce_on_decode
+from hf_simmim.data.image_ops import random_resized_crop_box, reduce_on_decode, resized_crop
 
 
 def rgb_array(image):
@@ -213,12 +213,13 @@ def test_reduce_on_decode_keeps_the_crop_at_least_the_output_size():
     assert reduce_on_decode(png, box, 64) == (png, box)
 
 
-def test_random_resized_crop_from_a_reduced_jpeg_matches_a_full_decode():
+def test_resized_crop_from_a_reduced_jpeg_matches_a_full_decode():
     data = jpeg_file(smooth_photo(1600, 1200))
-    lazy = random_resized_crop(Image.open(io.BytesIO(data)), 96, rng=random.Random(3))
+    box = random_resized_crop_box(1600, 1200, rng=random.Random(3))
+    lazy = resized_crop(Image.open(io.BytesIO(data)), box, 96)
     full_image = Image.open(io.BytesIO(data))
     full_image.load()  # decoded in full: no reduction
-    full = random_resized_crop(full_image, 96, rng=random.Random(3))
+    full = resized_crop(full_image, box, 96)
     assert lazy.size == full.size == (96, 96) and lazy.mode == "RGB"
     difference = np.abs(np.asarray(lazy, dtype=int) - np.asarray(full, dtype=int))
     assert difference.mean() < 2.0 and np.percentile(difference, 99) <= 8
@@ -237,11 +238,11 @@ def test_training_crop_uses_the_processors_resampling_filter():
         return transform({"image": [image]})["pixel_values"][0]
 
     rng_check = random.Random(5)
-    random_resized_crop_box(60, 50, rng=rng_check)
+    box = random_resized_crop_box(60, 50, rng=rng_check)
     flipped = rng_check.random() < 0.5  # the transform draws the crop, then the flip, from its rng
 
     def expected(resample):
-        crop = random_resized_crop(image, 32, rng=random.Random(5), resample=resample)
+        crop = image.resize((32, 32), resample, box=box)
         return to_normalized_array(crop.transpose(Image.FLIP_LEFT_RIGHT) if flipped else crop)
 
     np.testing.assert_array_equal(transformed(), expected(Image.BILINEAR))

@@ -68,16 +68,6 @@ def reduce_on_decode(image, box, size):
     return image, (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
 
 
-def random_resized_crop(image, size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), rng=random, resample=Image.BILINEAR):
-    """The paper's RandomResizedCrop of any PIL image (converted to RGB) to `size` x `size`. `resample` as
-    torchvision's default, bilinear, which the official SimMIM pretraining uses (its fine-tuning uses bicubic).
-
-    An image opened but not decoded yet (`open_image`) is decoded here, after the crop box is drawn from its
-    header's size and before the resize, at reduced scale when the crop allows it (`reduce_on_decode`); a failing
-    decode raises `UndecodableImage`."""
-    return resized_crop(image, random_resized_crop_box(image.width, image.height, scale, ratio, rng), size, resample)
-
-
 def resized_crop(image, box, size, resample=Image.BILINEAR):
     """The `box` of a PIL image (converted to RGB) resized to `size` x `size`, decoded at reduced scale when the
     box allows it (`reduce_on_decode`)."""
@@ -110,10 +100,6 @@ def padded_crop_pixels(pixels, size, padding, top, left):
 def flip_pixels(pixels):
     """A CHW (or HW) array mirrored left to right."""
     return np.ascontiguousarray(pixels[..., ::-1])
-
-
-def random_horizontal_flip(image, p=0.5, rng=random):
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < p else image
 
 
 def to_uint8_array(image):
