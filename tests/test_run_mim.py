@@ -228,10 +228,16 @@ def test_images_smaller_than_the_mask_patch_are_refused(run_mim, tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(run_mim, tmp_path, caplog):
+    """The loss diverges at step 2 (1e38 x the step-1 gradients); no log is due before step 5, but step 2's
+    checkpoint is: the loss is read before it is saved, so only step 1's checkpoint exists, named as the one to
+    resume from."""
     out = tmp_path / "out"
-    argv = TINY + ["--learning_rate", "1e38", "--warmup_steps", "0", "--eval_strategy", "no", "--output_dir", str(out)]
+    argv = TINY + ["--learning_rate", "1e38", "--warmup_steps", "0", "--eval_strategy", "no", "--logging_steps", "5",
+                   "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(out)]
     assert run_mim.main(argv) == 1
-    assert "at optimizer step 2" in caplog.text
+    assert "at optimizer step 2 (epoch 0.25); found at step 2" in caplog.text
+    assert f"resume from {out / 'checkpoint-1'}, the last checkpoint, saved before step 2" in caplog.text
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
     assert not (out / "model.safetensors").exists()
 
 

@@ -1,5 +1,5 @@
 """The SimMIM recipe on Trainer: parameter groups, learning-rate scaling, schedules, the transform inside Trainer,
-callbacks, the non-finite loss stop, argument defaults, dataset loading and checks."""
+callbacks, argument defaults, dataset loading and checks."""
 
 import io
 import math
@@ -25,7 +25,7 @@ from hf_simmim.data.transforms import SeededImageDataset, SimMIMPretrainingDatas
 from hf_simmim.data.checks import check_image_dataset
 from hf_simmim.data.loading import detect_image_column, load_image_datasets
 from hf_simmim.training.callbacks import EpochCallback, ThroughputCallback, add_callback_first
-from hf_simmim.training.trainer import NonFiniteLossError, SimMIMTrainer
+from hf_simmim.training.trainer import SimMIMTrainer
 from hf_simmim.training.schedules import SimMIMLRLambda, SimMIMRecipe, get_simmim_scheduler
 from hf_simmim.training.optim import scale_learning_rate
 
@@ -395,54 +395,6 @@ def test_throughput_and_learning_rate_reach_the_logs(tmp_path, sample):
     assert len(training_logs) == 2
     assert all(e["images_per_second"] > 0 and e["learning_rate"] > 0 for e in training_logs)
     assert all("images_per_second" in e for e in trainer.state.log_history if "loss" in e)
-
-
-class NaNAtStep(torch.utils.data.Dataset):
-    """8 rows of valid inputs, except NaN pixels in the rows of the `bad_step`-th batch (batch size 2)."""
-
-    def __init__(self, bad_step):
-        generator = torch.Generator().manual_seed(0)
-        self.pixels = torch.randn(8, 3, 32, 32, generator=generator)
-        self.pixels[2 * (bad_step - 1) : 2 * bad_step] = float("nan")
-        self.masks = torch.rand(8, 8, 8, generator=generator) > 0.5
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return {"pixel_values": self.pixels[index], "bool_masked_pos": self.masks[index]}
-
-
-def test_a_nan_loss_stops_training_before_the_optimizer_step(tmp_path):
-    model = tiny_model()
-    snapshots = {}
-
-    class Snapshot(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            snapshots[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    args = training_args(tmp_path, per_device_train_batch_size=2, max_steps=4, train_sampling_strategy="sequential")
-    trainer = SimMIMTrainer(model=model, args=args, train_dataset=NaNAtStep(bad_step=3), data_collator=collate_fn)
-    trainer.add_callback(Snapshot())
-    with pytest.raises(NonFiniteLossError, match="at optimizer step 3") as raised:
-        trainer.train()
-    assert raised.value.step == 3
-    assert sorted(snapshots) == [1, 2]
-    for name, param in model.named_parameters():  # nothing applied from the NaN step
-        assert torch.equal(param.detach(), snapshots[2][name]), name
-
-
-def test_the_nan_stop_can_be_turned_off(tmp_path):
-    args = training_args(tmp_path, per_device_train_batch_size=2, max_steps=2, train_sampling_strategy="sequential")
-    trainer = SimMIMTrainer(
-        model=tiny_model(),
-        args=args,
-        train_dataset=NaNAtStep(bad_step=1),
-        data_collator=collate_fn,
-        recipe=SimMIMRecipe(stop_on_nonfinite_loss=False),
-    )
-    trainer.train()  # trains on NaN, as plain Trainer would
-    assert any(torch.isnan(p).any() for p in trainer.model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- arguments

@@ -90,7 +90,9 @@ class SimMIMRecipe:
             at each of `milestones`), or `"trainer"` (`TrainingArguments.lr_scheduler_type`).
         warmup_lr, min_lr: absolute learning rates (already scaled like the peak learning rate).
         milestones: for `"multistep"`: fractions of the run in (0, 1] or absolute steps.
-        stop_on_nonfinite_loss: raise `NonFiniteLossError` on a NaN/inf loss, before the optimizer step.
+        stop_on_nonfinite_loss: raise `NonFiniteLossError` naming the first optimizer step with a NaN/inf loss,
+            at the next logging, evaluation or checkpoint step (before it saves) or at the end of training: the
+            check runs on the device, without a sync per step. `False`: no check at all.
         no_weight_decay_names: substrings of parameter names also exempt from weight decay (an opt-in beyond the
             official exemptions, e.g. `"relative_position_bias_table,mask_token"`); a comma-separated string or a
             sequence.

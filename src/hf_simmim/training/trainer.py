@@ -1,11 +1,14 @@
 """`SimMIMTrainer` and `SimMIMFineTuneTrainer`: `transformers.Trainer` with the SimMIM recipe (weight decay groups,
-the official schedule, a stop on a non-finite loss, uint8 batches normalised on the device, the SimMIM model card)
-and, for fine-tuning, layer-wise learning-rate decay and mixup / cutmix."""
+the official schedule, a stop on a non-finite loss checked without a per-step sync, uint8 batches normalised on the
+device, the SimMIM model card) and, for fine-tuning, layer-wise learning-rate decay and mixup / cutmix."""
 
 import logging
+import os
+import re
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.image_ops import normalize_pixel_batch
 from ..models.modeling_conv_masking import convert_to_sync_batchnorm
@@ -16,16 +19,78 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; raised before the optimizer applies that step."""
+    """The training loss was NaN or infinite at optimizer step `step` (`epoch`, `loss`, on process `process`).
 
-    def __init__(self, step, epoch, loss):
+    The loss is checked on the device and read only where `Trainer` synchronises anyway (logging, evaluation and
+    checkpoint steps, and the end of training), so the error is raised at `found_at`, the first such step after
+    `step`: steps `step` to `found_at` were applied to the weights in memory, but no checkpoint holds them.
+    `checkpoint` is the last one saved before `step` in the output directory, or `None`.
+    """
+
+    def __init__(self, step, epoch, loss, found_at, process=0, checkpoint=None):
         self.step, self.epoch, self.loss = step, epoch, loss
-        super().__init__(
-            f"The training loss is {loss} at optimizer step {step} (epoch {epoch:.2f}); stopped before applying "
-            "that step, so no weight was updated with it. Try a lower learning rate, "
-            "fp32 instead of bf16/fp16, or check the data; resume from the last good checkpoint with "
-            "--resume_from_checkpoint."
+        self.found_at, self.process, self.checkpoint = found_at, process, checkpoint
+        where = f" on process {process}" if process else ""
+        applied = f"step {step} was" if found_at == step else f"steps {step} to {found_at} were"
+        resume = (
+            f"resume from {checkpoint}, the last checkpoint, saved before step {step}, with --resume_from_checkpoint"
+            if checkpoint is not None
+            else "no checkpoint was saved before it: start again"
         )
+        super().__init__(
+            f"The training loss was {loss} at optimizer step {step} (epoch {epoch:.2f}){where}; found at step "
+            f"{found_at} (the loss is read from the device only at logging, evaluation and checkpoint steps and at "
+            f"the end, so that training never waits for it). Training stopped there: {applied} applied to the "
+            "weights in memory, which must not be used, and no checkpoint was saved from them. Try a lower "
+            f"learning rate, fp32 instead of bf16/fp16, or check the data; {resume}."
+        )
+
+
+class NonFiniteLossRecord:
+    """The first optimizer step whose training loss was NaN/inf, kept on the device: `record` runs at every
+    micro-step with tensor operations only (no device-to-host copy, no collective), `read` once in a while."""
+
+    def __init__(self):
+        self.step = None  # 0-dim int64 on the loss's device; 0 while every loss was finite
+        self.epoch = self.loss = None
+        self.last_recorded = self.last_read = 0  # optimizer steps, on the host
+
+    def record(self, loss, step, epoch):
+        loss = loss.detach().float()
+        if self.step is None:
+            self.step = torch.zeros((), dtype=torch.int64, device=loss.device)
+            self.epoch = torch.zeros((), dtype=torch.float32, device=loss.device)
+            self.loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = (self.step == 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.epoch = torch.where(first, epoch, self.epoch)
+        self.loss = torch.where(first, loss, self.loss)
+        self.last_recorded = step
+
+    def read(self, gather):
+        """(step, epoch, loss, process) of the first non-finite loss of any process, the same on every process,
+        or `None`; `gather` is `Accelerator.gather`. Every process must call it at the same step: one sync and one
+        collective, a second one only when a process found a non-finite loss."""
+        self.last_read = self.last_recorded
+        if self.step is None:
+            return None
+        steps = gather(self.step.reshape(1)).cpu()
+        if not steps.any():
+            return None
+        values = gather(torch.stack([self.epoch, self.loss]).reshape(1, 2)).cpu()
+        return earliest_nonfinite_loss(steps.tolist(), values.tolist())
+
+
+def earliest_nonfinite_loss(steps, values):
+    """Agreement over processes: `steps[i]` is process i's first step with a non-finite loss (0: none) and
+    `values[i]` its (epoch, loss). Returns (step, epoch, loss, process) of the earliest, lowest process first on a
+    tie, or `None`."""
+    found = [(step, process) for process, step in enumerate(steps) if step > 0]
+    if not found:
+        return None
+    step, process = min(found)
+    epoch, loss = values[process]
+    return step, epoch, loss, process
 
 
 class SimMIMTrainer(Trainer):
@@ -36,8 +101,10 @@ class SimMIMTrainer(Trainer):
     - weight decay groups from `no_weight_decay_parameter_names` (`get_decay_parameter_names`): the official
       exemptions, plus the recipe's opt-in `no_weight_decay_names`;
     - the official warmup + cosine/multistep schedule (`create_scheduler`), per `recipe`;
-    - a NaN/inf loss stops training with the step number, before the optimizer step (`training_step`); all
-      processes agree, so a distributed run stops everywhere instead of hanging;
+    - a NaN/inf loss stops training, naming the first step that had one: checked on the device at each step
+      (`training_step`, no sync) and read where `Trainer` synchronises anyway, before it logs, evaluates or saves
+      a checkpoint and at the end (`_maybe_log_save_evaluate`, `train`), so no checkpoint holds a step taken
+      after it; all processes agree, so a distributed run stops everywhere instead of hanging;
     - `create_model_card` writes the SimMIM model card (`model_card_writer(trainer)`), also used by
       `push_to_hub`;
     - the loss is a per-batch mean, so it is averaged over gradient accumulation steps (never rescaled by a
@@ -54,6 +121,7 @@ class SimMIMTrainer(Trainer):
         self.recipe = recipe if recipe is not None else SimMIMRecipe()
         self.model_card_writer = model_card_writer
         self.model_accepts_loss_kwargs = False
+        self.nonfinite_losses = None  # a `NonFiniteLossRecord` during `train()` when the recipe stops on one
         if self.args.world_size > 1:
             synchronised = convert_to_sync_batchnorm(self.model)
             if synchronised:
@@ -98,18 +166,36 @@ class SimMIMTrainer(Trainer):
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def train(self, *args, **kwargs):
+        self.nonfinite_losses = NonFiniteLossRecord() if self.recipe.stop_on_nonfinite_loss else None
+        output = super().train(*args, **kwargs)
+        self._stop_on_nonfinite_loss()  # a run whose last step neither logged nor saved
+        return output
+
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self.recipe.stop_on_nonfinite_loss:
-            bad = (~torch.isfinite(loss)).float().reshape(1)
-            if self.args.world_size > 1:
-                bad = self.accelerator.reduce(bad, reduction="sum")
-            if bad.item() > 0:
-                step = self.state.global_step + 1
-                epoch = self.state.epoch or 0.0
-                value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
-                raise NonFiniteLossError(step, epoch, value)
+        if self.nonfinite_losses is not None:
+            self.nonfinite_losses.record(loss, self.state.global_step + 1, self.state.epoch or 0.0)
         return loss
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Trainer reads the loss here to log it (a sync), evaluates and saves checkpoints: reading the record at the
+        # same points costs no extra wait and keeps every checkpoint from holding a step after a non-finite loss.
+        control = self.control
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self._stop_on_nonfinite_loss()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _stop_on_nonfinite_loss(self):
+        record = self.nonfinite_losses
+        if record is None or record.last_read == record.last_recorded:
+            return
+        found = record.read(self.accelerator.gather)
+        if found is not None:
+            step, epoch, loss, process = found
+            raise NonFiniteLossError(
+                step, epoch, loss, self.state.global_step, process, last_checkpoint_before(self.args.output_dir, step)
+            )
 
     def create_model_card(self, *args, **kwargs):
         if self.model_card_writer is None:
@@ -146,6 +232,19 @@ class SimMIMFineTuneTrainer(SimMIMTrainer):
         if self.mixup is not None:
             inputs = self.mixup(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
+
+
+def last_checkpoint_before(output_dir, step):
+    """The latest `checkpoint-N` folder of `output_dir` with N < `step`, or `None`."""
+    if not os.path.isdir(output_dir):
+        return None
+    earlier = [
+        (int(name.rsplit("-", 1)[1]), name)
+        for name in os.listdir(output_dir)
+        if re.fullmatch(f"{PREFIX_CHECKPOINT_DIR}-[0-9]+", name) and os.path.isdir(os.path.join(output_dir, name))
+    ]
+    earlier = [(number, name) for number, name in earlier if number < step]
+    return os.path.join(output_dir, max(earlier)[1]) if earlier else None
 
 
 def count_unreadable_images(trainer, dataset):
