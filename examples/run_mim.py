@@ -76,7 +76,7 @@ def main(argv=None):
     augmentation = pretraining_augmentation(model.config.image_size)
     datasets = pretraining_datasets(
         train_raw, eval_raw, image_processor, augmentation, image_column, training_args.seed, data_args.eval_mask_seed,
-        data_args.mask_column, stream,
+        data_args.mask_column, stream, data_args.augmentation_device, training_args.device,
     )
     if datasets[1] is None:
         training_args.eval_strategy = "no"

@@ -32,10 +32,12 @@ from ..models.image_transforms import (
 )
 from ..models.masking import snap_mask_to_patches
 from .augmentation import pretraining_augmentation, random_erasing
+from .device_augmentation import device_augmentation_problem
 from .image_ops import (
     UndecodableImage,
     cell_path,
     decode_image,
+    load_pixels,
     open_image,
     report_skipped_image,
     row_location,
@@ -75,6 +77,11 @@ class SimMIMTransform:
             pinned memory and to the GPU, and no float work per image on the CPU. The batch is normalised where
             it is used (`normalize_pixel_batch`; `SimMIMTrainer` does it on the device). Not with random erasing,
             which works on normalised pixels. Images that keep their own channels are always given normalised.
+        device_crop: training rows hold the whole image (uint8 CHW, decoded at full size), its `crop_box` (left,
+            top, right, bottom) and `flip`, drawn as `augmentation` draws them (the same draws from the same rng),
+            for `device_augmentation.DeviceAugmentation` to crop, resize and flip the batch on its device. Needs
+            `uint8`, RGB photos, a preset the device does (resized crop and flip) and no user masks; images must
+            share one size to make a batch.
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class SimMIMTransform:
         uint8=False,
         augmentation=None,
         mask_column=None,
+        device_crop=False,
     ):
         self.processor = image_processor
         self.rgb = image_processor.converts_to_rgb
@@ -112,6 +120,14 @@ class SimMIMTransform:
             self.augmentation.check_input(rgb=self.rgb, with_mask=self.mask_column is not None)
         if self.uint8 and train and self.augmentation.random_erasing:
             raise ValueError("uint8=True cannot be combined with random erasing (it needs normalised pixels).")
+        self.device_crop = device_crop and train
+        if self.device_crop:
+            problem = device_augmentation_problem(self.augmentation, self.rgb, self.mask_column)
+            if problem or not self.uint8:
+                raise ValueError(
+                    f"device_crop=True cannot crop these images on the device: {problem or 'it needs uint8=True'}. "
+                    "Use --augmentation_device cpu."
+                )
 
     def image_to_array(self, cell, mask_cell=None):
         """A dataset cell -> CHW array; with `mask_cell` (a user mask), `(array, (g, g) patch mask)`. Raises
@@ -131,6 +147,14 @@ class SimMIMTransform:
         if mask_cell is None:
             return array
         return array, snap_mask_to_patches(mask, p.patch_size)
+
+    def uncropped_image(self, cell):
+        """A dataset cell -> `(uint8 CHW array of the whole image, {"crop_box": ..., "flip": ...})`, the geometry drawn
+        first, as `AugmentationPreset.augment` draws it. Raises `UndecodableImage` when the image cannot be decoded."""
+        image = open_image(cell)
+        crop, flip = self.augmentation.draw_geometry(*image.size, self.rng)
+        array = to_uint8_array(to_rgb(load_pixels(image)))
+        return array, {"crop_box": np.asarray(crop, dtype=np.int64), "flip": flip}
 
     def _rgb_view(self, cell, mask):
         """`(RGB PIL image at the model's size, mask or None)`: augmented, or resized and centre-cropped."""
@@ -176,15 +200,17 @@ class SimMIMTransform:
         """One row (column -> value) -> `(output row, error)`: the output holds `pixel_values` (None when the image
         cannot be decoded; `error` is then that `UndecodableImage`, else None), `bool_masked_pos` (the row's user
         mask, or drawn, seeded by `mask_index` with `mask_seed`) and the kept columns."""
-        error, user_mask = None, None
+        error, user_mask, geometry = None, None, {}
         try:
-            if self.mask_column:
+            if self.device_crop:
+                pixel_values, geometry = self.uncropped_image(example[self.image_column])
+            elif self.mask_column:
                 pixel_values, user_mask = self.image_to_array(example[self.image_column], example[self.mask_column])
             else:
                 pixel_values = self.image_to_array(example[self.image_column])
         except UndecodableImage as undecodable:
             pixel_values, error = None, undecodable
-        output = {"pixel_values": pixel_values}
+        output = {"pixel_values": pixel_values, **geometry}
         if self.with_mask:
             output["bool_masked_pos"] = user_mask if self.mask_column else self._mask(mask_index)
         output.update({column: example[column] for column in self.keep_columns if column in example})
@@ -216,15 +242,26 @@ class SimMIMTransform:
 
 def collate_fn(examples):
     """Rows from `SimMIMTransform` -> a batch of tensors; rows whose image could not be read are dropped.
-    `pixel_values` stay uint8 when the transform gave uint8 (`SimMIMTransform(uint8=True)`), else float32."""
+    `pixel_values` stay uint8 when the transform gave uint8 (`SimMIMTransform(uint8=True)`), else float32; rows of
+    `SimMIMTransform(device_crop=True)` add `crop_box` (int64 `(B, 4)`) and `flip` (bool `(B,)`)."""
     rows = [row for row in examples if row.get("pixel_values") is not None]
     if not rows:
         raise ValueError("No image of this batch could be decoded; check the dataset's image column.")
     arrays = [np.asarray(r["pixel_values"]) for r in rows]
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) > 1:
+        sizes = " and ".join(f"{shape[-1]}x{shape[-2]}" for shape in shapes[:2])
+        raise ValueError(
+            f"This batch holds images of different sizes ({sizes} px): uncropped images (--augmentation_device "
+            "accelerator) must all have one size. Use --augmentation_device cpu, or resize the images to one size."
+        )
     dtype = torch.uint8 if all(a.dtype == np.uint8 for a in arrays) else torch.float32
     batch = {"pixel_values": torch.stack([torch.as_tensor(a, dtype=dtype) for a in arrays])}
     if "bool_masked_pos" in rows[0]:
         batch["bool_masked_pos"] = torch.stack([torch.as_tensor(np.asarray(r["bool_masked_pos"])).bool() for r in rows])
+    if "crop_box" in rows[0]:
+        batch["crop_box"] = torch.as_tensor(np.stack([r["crop_box"] for r in rows]))
+        batch["flip"] = torch.as_tensor([bool(r["flip"]) for r in rows])
     for key in ("label", "labels"):
         if key in rows[0]:
             batch["labels"] = torch.as_tensor([r[key] for r in rows])

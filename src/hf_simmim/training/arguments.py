@@ -178,6 +178,17 @@ class DataArguments:
                   "nonzero = masked), cropped and flipped with the image; a patch is masked when at least half of "
                   "its pixels are. Sets --mask_strategy user."},
     )
+    augmentation_device: str = field(
+        default="auto",
+        metadata={"help": "Where the training crop and flip run. cpu: DataLoader workers crop each image. "
+                  "accelerator: workers only decode (uint8, whole image) and draw each image's crop box and flip, "
+                  "the same draws as the CPU path; the batch is cropped, resized (PIL's bilinear, within one grey "
+                  "level) and flipped on the device the model trains on. Needs training images all of one size "
+                  "(e.g. CIFAR), RGB, not streamed, without --mask_column. auto: accelerator when the model trains "
+                  "on an accelerator and the images qualify and are at most twice the model's size (the CPU path "
+                  "would decode them in full too), else cpu.",
+                  "choices": ["cpu", "accelerator", "auto"]},
+    )
     display_channels: list[int] | None = field(
         default=None,
         metadata={"help": "The channels the reconstruction pictures show as red, green and blue (one index: as "

@@ -6,7 +6,10 @@ import logging
 import os
 from typing import NamedTuple
 
+import torch
+
 from ..data.checks import check_image_dataset, check_not_empty
+from ..data.device_augmentation import DeviceAugmentation, device_augmentation_problem, image_sizes
 from ..data.streaming import StreamingImageDataset, stream_head
 from ..data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from ..reporting.model_card import write_model_card
@@ -53,23 +56,28 @@ def streamed(train, data_args, training_args):
 
 
 def pretraining_datasets(train, validation, processor, augmentation, image_column, seed, eval_mask_seed,
-                         mask_column=None, stream=None):
+                         mask_column=None, stream=None, augmentation_device="cpu", device="cpu"):
     """`(train, eval)` `SeededImageDataset`s, after reading every image's header (`check_image_dataset`): images
     smaller than a masked square, of another channel count or pixel type than the processor reads, or whose user
     mask (`mask_column`) is missing or of another size are refused, and those whose header cannot be read are
     reported once and left out. Training rows of RGB photos are uint8 (the trainer normalises them on the device: 4x
-    less to copy from the DataLoader workers); evaluation rows are centre crops with masks fixed by `eval_mask_seed`
-    (or their user masks). `eval` is None without validation images.
+    less to copy from the DataLoader workers), cropped on the CPU or, as `augmentation_device` and `device` (where
+    the model trains) decide (`crops_on_device`), uncropped with their crop box and flip for the device to crop;
+    evaluation rows are centre crops with masks fixed by `eval_mask_seed` (or their user masks). `eval` is None
+    without validation images.
 
     With a `stream` (`streamed`), `train` is served by a `StreamingImageDataset`, and only the stream's first images
     are checked before training; the others are read as training goes."""
-    train_transform = SimMIMTransform(
-        processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation,
-        mask_column=mask_column,
-    )
     checked = stream.head if stream is not None else train
     train_unreadable = check_image_dataset(
         checked, image_column, processor.mask_patch_size, "train", processor, mask_column, report=stream is None
+    )
+    device_crop = crops_on_device(
+        augmentation_device, train, processor, augmentation, image_column, mask_column, stream, device
+    )
+    train_transform = SimMIMTransform(
+        processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation,
+        mask_column=mask_column, device_crop=device_crop,
     )
     if stream is not None:
         train_dataset = StreamingImageDataset(
@@ -87,6 +95,39 @@ def pretraining_datasets(train, validation, processor, augmentation, image_colum
         split="validation", unreadable_rows=validation_unreadable,
     )
     return train_dataset, eval_dataset
+
+
+def crops_on_device(requested, train, processor, augmentation, image_column, mask_column=None, stream=None,
+                    device="cpu"):
+    """Whether the training crop and flip run on the device the model trains on (`--augmentation_device`):
+    - "cpu": never;
+    - "accelerator": always, refusing (naming the fix) what the device path cannot do: a streamed training set,
+      images that are not all of one size (found from the headers), images that are not RGB photos, user masks,
+      or an augmentation other than the resized crop and flip;
+    - "auto": when the model trains on an accelerator (not the CPU) and the device path can take the images, and
+      they are at most twice the model's size: then the CPU path would decode them in full too (it decodes a JPEG
+      at reduced scale only for a crop of at least twice the model's size), so moving the resize to the device
+      only takes work off the DataLoader workers."""
+    if requested == "cpu" or (requested == "auto" and torch.device(device).type == "cpu"):
+        return False
+    problem = device_augmentation_problem(augmentation, processor.converts_to_rgb, mask_column)
+    if problem is None and stream is not None:
+        problem = "a streamed training set is read as training goes, so its image sizes are not known before"
+    sizes = {} if problem else image_sizes(train, image_column)
+    if len(sizes) > 1:
+        problem = "the training images are not all of one size (" + ", ".join(
+            f"{where} is {width}x{height} px" for (width, height), where in sizes.items()
+        ) + "): resize them to one size first"
+    if requested == "accelerator" and problem:
+        raise ValueError(
+            f"--augmentation_device accelerator cannot crop these training images on the device: {problem}. Use "
+            "--augmentation_device cpu."
+        )
+    on_device = requested == "accelerator" or (
+        not problem and max(*next(iter(sizes))) <= 2 * augmentation.image_size
+    )
+    logger.info("Training crops and flips run on the %s.", "device of the batch" if on_device else "CPU")
+    return on_device
 
 
 def evaluation_transform(processor, image_column, mask_column=None):
@@ -153,7 +194,11 @@ def pretraining_trainer(model, processor, training_args, datasets, recipe, run_i
         layout = stream_layout(training_args, train_dataset)
         if resume_from is not None and replay:
             check_stream_layout(resume_from, layout)
+    device_transform = {}  # the crop on the device, run by `SimMIMTrainer._prepare_inputs` (passed only when used)
+    if getattr(train_dataset.transform, "device_crop", False):
+        device_transform["device_transform"] = DeviceAugmentation(train_dataset.transform.augmentation)
     trainer = (StreamingSimMIMTrainer if streaming else SimMIMTrainer)(
+        **device_transform,
         model=model,
         args=training_args,
         train_dataset=train_dataset,
