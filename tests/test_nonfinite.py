@@ -295,17 +295,7 @@ def syncs_per_step(trainer_class, tmp_path, monkeypatch, uint8=False):
     return {name: (more[name] - few[name]) / 3 for name in more.keys() | few.keys() if more[name] != few[name]}
 
 
-@pytest.mark.parametrize(
-    "uint8",
-    [
-        False,
-        pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-            "data.image_ops.normalize_pixel_batch copies the mean and std from the host at every batch (a blocking "
-            "copy on an accelerator); issue 13"
-        ))),
-    ],
-    ids=["float-pixels", "uint8-pixels"],
-)
+@pytest.mark.parametrize("uint8", [False, True], ids=["float-pixels", "uint8-pixels"])
 def test_the_trainer_adds_no_synchronising_call_per_step_to_plain_trainer(tmp_path, monkeypatch, uint8):
     reference = syncs_per_step(Trainer, tmp_path, monkeypatch)  # transformers' own per-step reads
     ours = syncs_per_step(SimMIMTrainer, tmp_path, monkeypatch, uint8)

@@ -10,6 +10,7 @@ decoded at 1/2, 1/4 or 1/8 scale by libjpeg when the crop still keeps at least t
 """
 
 import contextlib
+import functools
 import io
 import logging
 import math
@@ -188,8 +189,14 @@ def normalize_pixel_batch(pixel_values, image_mean, image_std):
     the batch's device, computed as `to_normalized_array` does (`x * a + b`); a float batch is returned as is."""
     if pixel_values.dtype != torch.uint8:
         return pixel_values
-    a, b = normalization_coefficients(image_mean, image_std)
-    a = torch.as_tensor(a, device=pixel_values.device).view(1, -1, 1, 1)
-    b = torch.as_tensor(b, device=pixel_values.device).view(1, -1, 1, 1)
+    a, b = coefficients_on(pixel_values.device, tuple(image_mean), tuple(image_std))
     return pixel_values.float().mul_(a).add_(b)
+
+
+@functools.lru_cache(maxsize=16)
+def coefficients_on(device, image_mean, image_std):
+    """`normalization_coefficients` as `(1, C, 1, 1)` tensors on `device`, copied there once: a copy from host memory
+    to a GPU waits for the work queued before it, which every batch would otherwise do."""
+    a, b = normalization_coefficients(image_mean, image_std)
+    return (torch.as_tensor(a, device=device).view(1, -1, 1, 1), torch.as_tensor(b, device=device).view(1, -1, 1, 1))
 

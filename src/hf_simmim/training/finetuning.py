@@ -49,8 +49,8 @@ class MixupCutmix:
     def soft_targets(self, labels, lam):
         off = self.label_smoothing / self.num_classes
         on = 1.0 - self.label_smoothing + off
-        one_hot = torch.full((labels.shape[0], self.num_classes), off)
-        one_hot.scatter_(1, labels.view(-1, 1).cpu(), on)
+        one_hot = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)
+        one_hot.scatter_(1, labels.view(-1, 1), on)
         return one_hot * lam + one_hot.flip(0) * (1.0 - lam)
 
     def __call__(self, batch):
