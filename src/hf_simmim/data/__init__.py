@@ -3,6 +3,7 @@ collator, dataset loading and the checks before training."""
 
 from .augmentation import AugmentationPreset, finetuning_augmentation, pretraining_augmentation
 from .checks import check_image_dataset, check_not_empty
+from .device_augmentation import DeviceAugmentation
 from .image_ops import UndecodableImage, decode_image, normalize_pixel_batch, open_image
 from .loading import (
     bundled_sample_data_files,
@@ -19,6 +20,7 @@ from .transforms import SeededImageDataset, SimMIMPretrainingDataset, SimMIMTran
 __all__ = [
     "AugmentationPreset",
     "ChannelStatistics",
+    "DeviceAugmentation",
     "PixelHeader",
     "SeededImageDataset",
     "SimMIMPretrainingDataset",
