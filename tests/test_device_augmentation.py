@@ -151,21 +151,18 @@ def test_resize_gives_pils_pixels(height, width, size, resample, scale):
     assert difference.max() <= 1 and (difference > 0).double().mean() <= 0.005
 
 
-class DeviceCropTrainer(SimMIMTrainer):
-    """`SimMIMTrainer` with the device step its `_prepare_inputs` is to run (the batch is on the CPU here, which is
-    the device): the crop before the uint8 normalisation."""
+class RecordingTrainer(SimMIMTrainer):
+    """`SimMIMTrainer` that records how many batches reached it with crop boxes and the pixel shapes its model got."""
 
     instances = []
 
-    def __init__(self, *args, device_transform=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.crop, self.cropped_batches, self.model_inputs = device_transform, 0, []
-        DeviceCropTrainer.instances.append(self)
+        self.cropped_batches, self.model_inputs = 0, []
+        RecordingTrainer.instances.append(self)
 
     def _prepare_inputs(self, inputs):
-        if self.crop is not None and "crop_box" in inputs:
-            self.cropped_batches += 1
-            inputs = self.crop(inputs)
+        self.cropped_batches += "crop_box" in inputs
         prepared = super()._prepare_inputs(inputs)
         self.model_inputs.append(prepared["pixel_values"].shape)
         return prepared
@@ -177,7 +174,7 @@ def test_prepared_batch_is_the_cpu_paths_normalised_batch(coordinate_rows, tmp_p
     image_processor = processor()
     model = SimMIMForMaskedImageModeling(SimMIMConfig(**tiny_vit()))
     args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
-    trainer = DeviceCropTrainer(
+    trainer = RecordingTrainer(
         model=model, args=args, processing_class=image_processor,
         device_transform=DeviceAugmentation(pretraining_augmentation(SIZE)),
     )
@@ -236,8 +233,8 @@ def test_a_short_run_through_the_device_path_trains(tmp_path, monkeypatch):
               for i in range(32)]
     train_file = str(tmp_path / "train.parquet")
     image_dataset(arrays).to_parquet(train_file)
-    monkeypatch.setattr(pretraining, "SimMIMTrainer", DeviceCropTrainer)
-    DeviceCropTrainer.instances.clear()
+    monkeypatch.setattr(pretraining, "SimMIMTrainer", RecordingTrainer)
+    RecordingTrainer.instances.clear()
     out = tmp_path / "out"
     argv = [
         "--train_dir", train_file, "--validation_split_percentage", "25", "--preset", "vit-tiny-test",
@@ -245,7 +242,7 @@ def test_a_short_run_through_the_device_path_trains(tmp_path, monkeypatch):
         "--num_reconstruction_images", "0", "--augmentation_device", "accelerator", "--output_dir", str(out),
     ]
     assert run_mim.main(argv) == 0
-    trainer = DeviceCropTrainer.instances[-1]
+    trainer = RecordingTrainer.instances[-1]
     assert trainer.cropped_batches == 4
     assert all(shape[-2:] == (SIZE, SIZE) for shape in trainer.model_inputs)
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]

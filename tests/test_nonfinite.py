@@ -306,6 +306,15 @@ def test_the_trainer_adds_no_synchronising_call_per_step_to_plain_trainer(tmp_pa
     assert old.get("item", 0) - reference.get("item", 0) == 1, (old, reference)
 
 
+def test_the_scripts_do_not_read_every_loss_on_the_host():
+    """transformers' `logging_nan_inf_filter` (on by default) reads each step's loss on the host, the sync the check
+    above avoids: the scripts' defaults turn it off."""
+    from hf_simmim.training.arguments import parse_finetune_arguments, parse_run_arguments
+
+    assert parse_run_arguments([])[3].logging_nan_inf_filter is False
+    assert parse_finetune_arguments(["--model_name_or_path", "ckpt"])[3].logging_nan_inf_filter is False
+
+
 if __name__ == "__main__":
     from hf_simmim.training.distributed import end_distributed_run
 

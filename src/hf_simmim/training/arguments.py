@@ -455,6 +455,9 @@ def simmim_training_defaults():
         # the copy does not make the CPU wait for the previous step before it queues the next
         "accelerator_config": {"non_blocking": True} if accelerator else None,
         "ddp_find_unused_parameters": False,  # every parameter takes part in the SimMIM loss
+        # Trainer's filter reads every step's loss on the host (a sync per step) and would log a NaN loss as the
+        # mean of the others; the recipe's non-finite check reads it only where the Trainer waits anyway
+        "logging_nan_inf_filter": False,
         **FORCED_TRAINING_ARGUMENTS,
     }
 

@@ -194,11 +194,9 @@ def pretraining_trainer(model, processor, training_args, datasets, recipe, run_i
         layout = stream_layout(training_args, train_dataset)
         if resume_from is not None and replay:
             check_stream_layout(resume_from, layout)
-    device_transform = {}  # the crop on the device, run by `SimMIMTrainer._prepare_inputs` (passed only when used)
-    if getattr(train_dataset.transform, "device_crop", False):
-        device_transform["device_transform"] = DeviceAugmentation(train_dataset.transform.augmentation)
+    device_crop = getattr(train_dataset.transform, "device_crop", False)
     trainer = (StreamingSimMIMTrainer if streaming else SimMIMTrainer)(
-        **device_transform,
+        device_transform=DeviceAugmentation(train_dataset.transform.augmentation) if device_crop else None,
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -110,16 +110,19 @@ class SimMIMTrainer(Trainer):
     - the loss is a per-batch mean, so it is averaged over gradient accumulation steps (never rescaled by a
       token count, which `Trainer` would do for a `forward(**kwargs)` model);
     - uint8 `pixel_values` (`SimMIMTransform(uint8=True)`) are normalised on the device with the image
-      processor's mean and std (`_prepare_inputs`), after the 4x smaller copy;
+      processor's mean and std (`_prepare_inputs`), after the 4x smaller copy; with `device_transform`
+      (`data.DeviceAugmentation`), training batches of uncropped uint8 images are first cropped, resized and
+      flipped there;
     - in a multi-process run the batch norms of a CNN (encoder and hierarchical decoder) compute their training
       statistics over all processes, as SparK's SyncBatchNorm, keeping their visible-only statistics (torch's
       `convert_sync_batchnorm` would replace them by modules that cannot skip masked positions).
     """
 
-    def __init__(self, *args, recipe=None, model_card_writer=None, **kwargs):
+    def __init__(self, *args, recipe=None, model_card_writer=None, device_transform=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe if recipe is not None else SimMIMRecipe()
         self.model_card_writer = model_card_writer
+        self.device_transform = device_transform
         self.model_accepts_loss_kwargs = False
         self.nonfinite_losses = None  # a `NonFiniteLossRecord` during `train()` when the recipe stops on one
         if self.args.world_size > 1:
@@ -132,6 +135,8 @@ class SimMIMTrainer(Trainer):
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
+        if self.device_transform is not None:  # crops the training batches that carry crop boxes; others pass
+            inputs = self.device_transform(inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None and pixel_values.dtype == torch.uint8:
             processor = self.processing_class
