@@ -97,9 +97,12 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
     def split_heads(self, qkv):
-        """`(*batch, N, 3 * C)` projections -> query, key and value, each `(prod(batch), heads, N, head_dim)`."""
+        """`(*batch, N, 3 * C)` projections -> query, key and value, each `(prod(batch), heads, N, head_dim)`: views of
+        `qkv`. Unbound before the heads move ahead of the tokens, so that backward stacks the three gradients straight
+        into `qkv`'s layout (unbinding after the move costs another copy of the gradient into that layout)."""
         n = qkv.shape[-2]
-        return qkv.reshape(-1, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        heads = qkv.reshape(-1, n, 3, self.num_heads, self.head_dim).unbind(2)
+        return tuple(t.transpose(1, 2) for t in heads)
 
     def forward(self, x, attn_bias=None, output_attentions=False):
         q, k, v = self.split_heads(self.qkv(x))
