@@ -165,6 +165,7 @@ class Suite:
 
     def __init__(self, args, work_dir):
         self.args, self.work_dir = args, Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.budget_s
         self.out = Path(args.out) if args.out else None
         self.log_path = (self.out or self.work_dir) / "gpu_suite.log"
@@ -352,10 +353,10 @@ def schedule(args):
 
 def run_step(suite, key, part, limit_s):
     """Run one part within its limit and what is left of the budget; record its figures or its error, and save."""
-    timeout_s = min(limit_s or float("inf"), suite.remaining())
-    if timeout_s < 5:
+    if suite.remaining() < 5:
         suite.result["parts"][key] = {"status": "skipped", "error": "no time left in --budget_s"}
         return suite.save()
+    timeout_s = min(limit_s or float("inf"), suite.remaining())
     start = time.monotonic()
     try:
         record = {"status": "ok", **part(suite, timeout_s)}
