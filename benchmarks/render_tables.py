@@ -73,7 +73,8 @@ def end_to_end_rows(result):
     if part.get("status") not in ("ok", "partial"):  # partial: killed at its limit after some logged windows
         return []
     return [[
-        run_label(result), part["preset"], part["batch"], part["workers"], number(part["images_per_s"], 0),
+        run_label(result), part["preset"], part["batch"], part["workers"], part["crops_on"],
+        number(part["images_per_s"], 0),
         number(part.get("synthetic_images_per_s"), 0), number(part.get("ratio"), 2),
     ]]
 
@@ -101,9 +102,9 @@ def render(results):
         "ratio = our images/s over transformers' same architecture):",
         markdown_table(["run", "mode", "model", "batch", "images/s", "GFLOP/image", "MFU", "peak GiB",
                         "ours / transformers"], performance) if performance else "_no measurement yet_",
-        "End to end (`examples/run_mim.py` on generated 224-px JPEGs, dataloader workers) against the synthetic "
-        "step of the same model:",
-        markdown_table(["run", "model", "batch", "workers", "images/s end to end", "images/s synthetic",
+        "End to end (`examples/run_mim.py` on generated 224-px JPEGs, dataloader workers decoding, crops where "
+        "`--augmentation_device auto` put them) against the synthetic step of the same model:",
+        markdown_table(["run", "model", "batch", "workers", "crops on", "images/s end to end", "images/s synthetic",
                         "ratio"], end_to_end) if end_to_end else "_no measurement yet_",
         "Pretraining gain (`benchmarks/quality_cifar10.py`: ViT-Tiny/4 pretrained on the 10,000 unlabeled images of "
         "cifar10-small, fine-tuned on 100 labels per class, against the same fine-tuning from scratch; top-1 on "

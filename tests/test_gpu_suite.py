@@ -54,7 +54,10 @@ def test_tiny_suite_records_every_part(tiny_run):
         assert result["commit"] == head.stdout.strip()
     (saved,) = results.glob("gpu-suite-*-tiny.json")
     assert json.loads(saved.read_text()) == json.loads((out / saved.name).read_text()) == json.loads(json.dumps(result))
-    assert "run_mim.py" in (out / "gpu_suite.log").read_text()
+    log = (out / "gpu_suite.log").read_text()
+    assert "run_mim.py" in log
+    # the quality protocol's pretraining crops on the device the model trains on (--augmentation_device accelerator)
+    assert log.split("===== quality")[1].count("Training crops and flips run on the device of the batch") == 1
 
 
 @pytest.mark.slow
@@ -72,6 +75,7 @@ def test_tiny_suite_figures_are_sane(tiny_run):
     assert end_to_end["images_per_s"] == pytest.approx(sum(end_to_end["windows_images_per_s"]) / 2)
     assert end_to_end["synthetic_images_per_s"] == rows[1]["images_per_s"]
     assert end_to_end["ratio"] == pytest.approx(end_to_end["images_per_s"] / rows[1]["images_per_s"])
+    assert end_to_end["crops_on"] == "CPU"  # --augmentation_device auto on a CPU-trained model
 
     summary = parts["quality"]["summary"]
     assert 0.0 <= summary["top1_pretrained"] <= 1.0 and 0.0 <= summary["top1_scratch"] <= 1.0
