@@ -3,7 +3,6 @@ its time limits, refuses to start without its prerequisites; benchmarks/render_t
 from such results between the README's markers (speed is not asserted)."""
 
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -14,7 +13,6 @@ import accelerate
 import pytest
 import torch
 import transformers
-from PIL import Image
 
 from conftest import REPO_ROOT, load_script
 
@@ -177,8 +175,12 @@ def process_state(pid):
         return "gone"
 
 
-def test_jpeg_folder_links_distinct_images(suite, tmp_path):
-    folder = suite.write_jpeg_folder(tmp_path / "jpegs", count=10, unique=4, size=24, processes=2)
-    files = sorted(folder.glob("*.jpg"))
-    assert len(files) == 10 and len({os.stat(f).st_ino for f in files}) == 4
-    assert all(Image.open(f).size == (24, 24) for f in files)
+def test_jpeg_parquet_repeats_distinct_jpegs(suite, tmp_path):
+    import datasets
+
+    path = suite.write_jpeg_parquet(tmp_path / "jpegs.parquet", count=10, unique=4, size=24, processes=2)
+    rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    assert rows.features["image"] == datasets.Image() and len(rows) == 10
+    images = [rows[i]["image"] for i in range(10)]
+    assert all(image.format == "JPEG" and image.size == (24, 24) for image in images)
+    assert len({image.tobytes() for image in images}) == 4
