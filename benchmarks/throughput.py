@@ -197,7 +197,7 @@ def prepare(name, model, config, args, device, amp_dtype):
     optimizer.zero_grad(set_to_none=True)
     if args.compile:
         model.forward = torch.compile(model.forward)
-    for _ in range(max(args.warmup, 1)):  # the optimizer state exists, compilation is done
+    for _ in range(2):  # the optimizer state exists and compilation is done before bytes are counted
         step()
     allocated, peak_live = allocated_bytes(step, device)
     peak_mem = float("nan")
