@@ -5,13 +5,13 @@ about speed and pretraining gain, most important first, writing its one JSON aga
 Parts (`--parts`, default a,b,c), in this order, each a subprocess whose time limit is what is left of --budget_s:
   a  the training-step table of benchmarks/throughput.py, eager (ours and transformers', ViT-B/16@224 and Swin-B
      w6@192, batch 128, bf16): images/s, GFLOP/image, MFU, peak memory, ratio;
-  b  end to end: images/s of examples/run_mim.py (ViT-B/16@224, batch 128) on generated 224-px JPEGs with dataloader
-     workers (the median of its logged `images_per_second` after the first window), and its ratio to a's synthetic
-     images/s for the same model (target: at least 0.9);
+  b  end to end: images/s of examples/run_mim.py (ViT-B/16@224, batch 128) on generated 224-px JPEGs (one Parquet
+     file) with dataloader workers (the median of its logged `images_per_second` after the first window), and its
+     ratio to a's synthetic images/s for the same model (target: at least 0.9);
   c  the quality protocol of benchmarks/quality_cifar10.py, pretraining with `--augmentation_device accelerator`
-     (crops on the GPU), its epochs fitted to at most 5 minutes
-     (--quality_budget_s) from per-epoch times measured before (--quality_*_epoch_s; the JSON records the plan and
-     the times it took, to correct them): top-1 pretrained and from scratch, the gain, masked L1 and PSNR;
+     (crops on the GPU), its epochs fitted to at most 5 minutes (--quality_budget_s) from per-epoch times measured
+     before (--quality_*_epoch_s; the JSON records the plan and the times taken, to correct them): top-1 pretrained
+     and from scratch, the gain, masked L1 and PSNR;
   then, with the time left, a's table again with torch.compile (ViT, then Swin: one subprocess each).
 The result: benchmarks/results/gpu-suite-DATE-DEVICE.json (device, versions, date, commit, every figure and each
 part's status; a failed or timed-out part records its error and output tail and the suite goes on), copied with the
@@ -20,7 +20,8 @@ results. `--tiny` runs the same parts at CPU sizes (throughput --tiny for ViT, 2
 --smoke; no compiled table) into outputs/gpu_suite_tiny/: what CI runs; not GPU figures, never commit them.
 
 On the lent GPU machine (device tool; it has PyTorch, transformers, accelerate, timm but not datasets/evaluate):
-prepare here, in the repository root, once (.devdata/ and .whl/ are git-ignored):
+prepare here, in the repository root (.devdata/ and .whl/ are git-ignored; the device's copy of the tree has no
+.git, so the commit travels in a file, written again before each run):
 
     mkdir -p .devdata && cp -r ../shared/data/cifar10-small .devdata/
     (git rev-parse HEAD; git status --porcelain --untracked-files=no) > .devdata/commit.txt
@@ -34,8 +35,8 @@ then one `run` with carry [".devdata", ".whl"] and timeout_s 600:
     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT
 
 and copy the JSON that comes back into benchmarks/results/, then `python benchmarks/render_tables.py --write
-README.md`. The suite checks its prerequisites first (datasets and evaluate importable, the CIFAR data, a CUDA
-device unless --tiny) and names what is missing before any measurement.
+README.md`. The suite checks its prerequisites first (datasets for parts b and c, evaluate and the CIFAR data for
+part c, a CUDA device unless --tiny) and names what is missing before any measurement.
 """
 
 import argparse
