@@ -81,31 +81,37 @@ def test_allocation_counter_on_hand_computed_ops(throughput):
 
 
 def bytes_per_training_step(throughput, model, config, batch=4):
-    """Allocated bytes of one training step after a warm-up step, and the bytes of the parameters."""
+    """(allocated bytes, peak live bytes) of one training step after a warm-up step, and the parameters' bytes."""
     torch.manual_seed(0)
     pixel_values = torch.randn(batch, 3, config.image_size, config.image_size)
     generator = SimMIMMaskGenerator.from_config(config, seed=0)
     mask = torch.from_numpy(np.stack([generator() for _ in range(batch)])).flatten(1)
     step, _, _ = throughput.make_step(model.train(), pixel_values, mask, CPU, None)
     step()  # the optimizer state exists from here on
-    total, _ = throughput.allocated_bytes(step, CPU)
-    return total, sum(p.nbytes for p in model.parameters())
+    return throughput.allocated_bytes(step, CPU), sum(p.nbytes for p in model.parameters())
 
 
 @pytest.mark.parametrize(
-    "fields",
-    [tiny_swin(), tiny_swin(num_heads=[2, 4]), tiny_vit()],
+    "fields, peak_no_higher",
+    [(tiny_swin(), False), (tiny_swin(num_heads=[2, 4]), True), (tiny_vit(), True)],
     ids=["swin", "swin-more-heads", "plain-vit"],
 )
-def test_ours_allocates_no_more_per_step_than_transformers(throughput, fields):
+def test_ours_allocates_no_more_per_step_than_transformers(throughput, fields, peak_no_higher):
     """Same architecture (the ViT as transformers' plain ViT, which has no SimMIM variant), same batch and mask:
-    the bytes allocated in a full training step. Both allocate at least every gradient once."""
+    the bytes allocated in a full training step, each gradient at least once. The peak of live bytes too, except
+    with one head, where the math kernel keeps our whole fused qkv projection for backward (see throughput.py)."""
     config = SimMIMConfig(**fields)
     if config.backbone == "vit":
         config = throughput.plain_vit_config(config)
     torch.manual_seed(0)
-    ours, our_parameter_bytes = bytes_per_training_step(throughput, SimMIMForMaskedImageModeling(config), config)
-    theirs, their_parameter_bytes = bytes_per_training_step(throughput, throughput.transformers_model(config), config)
+    (ours, our_peak), our_parameter_bytes = bytes_per_training_step(
+        throughput, SimMIMForMaskedImageModeling(config), config
+    )
+    (theirs, their_peak), their_parameter_bytes = bytes_per_training_step(
+        throughput, throughput.transformers_model(config), config
+    )
     assert our_parameter_bytes == their_parameter_bytes
     assert their_parameter_bytes < theirs
     assert our_parameter_bytes < ours <= theirs
+    if peak_no_higher:
+        assert our_peak <= their_peak
