@@ -99,7 +99,7 @@ def render(results):
     quality = [row for result in results for row in quality_rows(result)]
     sections = [
         "Training step on random data (`benchmarks/throughput.py`: forward, backward, AdamW; bf16 autocast on GPUs; "
-        "ratio = our images/s over transformers' same architecture):",
+        "ours / transformers: our speed over transformers' at the same architecture, >1 when ours is faster):",
         markdown_table(["run", "mode", "model", "batch", "images/s", "GFLOP/image", "MFU", "peak GiB",
                         "ours / transformers"], performance) if performance else "_no measurement yet_",
         "End to end (`examples/run_mim.py` on generated 224-px JPEGs, dataloader workers decoding, crops where "
