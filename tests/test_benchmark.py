@@ -1,14 +1,10 @@
-"""benchmarks/throughput.py in its tiny CPU form produces its table (speed is not asserted)."""
+"""The quality and data-pipeline benchmarks run in their CPU forms (speed is not asserted)."""
 
 import json
 
 import pytest
 
 from conftest import load_script
-
-
-def _load_benchmark():
-    return load_script("benchmarks/throughput.py")
 
 
 def test_quality_benchmark_smoke_runs_the_package_paths(tmp_path, cifar10_small_dir):
