@@ -197,7 +197,10 @@ class Suite:
 
     def run(self, label, command, timeout_s):
         """Run `command` from the repository root in its own process group, its output appended to the log;
-        killed (with its dataloader workers) after `timeout_s`. Returns (exit code or None on timeout, output)."""
+        killed (with its dataloader workers) after `timeout_s`, or sooner when the suite's budget runs out (a part
+        may have spent some of its time before, e.g. writing its data). Returns (exit code or None on timeout,
+        output)."""
+        timeout_s = max(0.0, min(timeout_s, self.remaining()))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}

@@ -180,6 +180,14 @@ def test_to_normalized_array_is_the_textbook_formula():
     np.testing.assert_allclose(out, expected, rtol=0, atol=2e-6)
 
 
+def test_normalize_pixel_batch_is_the_textbook_formula_for_per_channel_and_scalar_statistics():
+    """A processor may hold one mean and std for all channels (a scalar), as transformers' processors allow."""
+    batch = torch.from_numpy(np.random.RandomState(1).randint(0, 256, (2, 3, 4, 5), dtype=np.uint8))
+    for mean, std in ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), (0.5, 0.25)):
+        expected = (batch.double() / 255.0 - torch.tensor(mean).reshape(-1, 1, 1)) / torch.tensor(std).reshape(-1, 1, 1)
+        torch.testing.assert_close(normalize_pixel_batch(batch, mean, std).double(), expected, rtol=0, atol=2e-6)
+
+
 def smooth_photo(width, height):
     """A smooth RGB image (gradients and a disc), so a decode at reduced scale is close to a full one."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)

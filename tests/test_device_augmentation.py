@@ -18,7 +18,12 @@ from transformers import TrainingArguments
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMImageProcessor
 from hf_simmim.data import SeededImageDataset, SimMIMTransform, collate_fn, normalize_pixel_batch
 from hf_simmim.data.augmentation import AugmentationPreset, finetuning_augmentation, pretraining_augmentation
-from hf_simmim.data.device_augmentation import DeviceAugmentation, resized_crops
+from hf_simmim.data.device_augmentation import (
+    PILLOW_CHOOSES_PASS_ORDER,
+    DeviceAugmentation,
+    resized_crops,
+    vertical_pass_first,
+)
 from hf_simmim.training import pretraining
 from hf_simmim.training.pretraining import crops_on_device
 from hf_simmim.training.trainer import SimMIMTrainer
@@ -124,11 +129,13 @@ def test_crop_boxes_follow_the_official_laws_over_many_draws():
     [
         (48, 64, 32, "bilinear", (0.67, 1.0)),  # shrinking
         (40, 56, 64, "bilinear", (0.08, 1.0)),  # enlarging
-        (120, 100, 64, "bilinear", (0.08, 1.0)),  # Pillow 13 runs the vertical pass first here
+        (300, 60, 32, "bilinear", (0.08, 1.0)),  # Pillow 13 runs the vertical pass first here
         (96, 96, 32, "bicubic", (0.08, 1.0)),
     ],
 )
 def test_resize_gives_pils_pixels(height, width, size, resample, scale):
+    if (height, width) == (300, 60):  # the case is there for the other pass order: it must take it
+        assert vertical_pass_first(height, width, size) == PILLOW_CHOOSES_PASS_ORDER
     rng, draws = np.random.default_rng(1), random.Random(2)
     y, x = np.mgrid[0:height, 0:width]
     images, boxes, flips, expected = [], [], [], []
@@ -194,7 +201,7 @@ def test_images_of_mixed_sizes_are_refused_naming_the_flag():
     assert not crops_on_device("auto", mixed, processor(), augmentation, "image", device="cuda")
     transform = SimMIMTransform(processor(), train=True, keep_columns=(), uint8=True, device_crop=True)
     rows = [transform.transform_row({"image": cell})[0] for cell in undecoded_cells(mixed)]
-    with pytest.raises(ValueError, match="different sizes.*40x32.*--augmentation_device cpu"):
+    with pytest.raises(ValueError, match="different shapes.*3x32x40.*--augmentation_device cpu"):
         collate_fn(rows)
 
 
@@ -203,7 +210,7 @@ def undecoded_cells(dataset):
     return [{"bytes": cell["bytes"], "path": None} for cell in cells]
 
 
-def test_auto_crops_on_the_device_only_on_an_accelerator_with_small_images_of_one_size():
+def test_auto_crops_on_the_device_only_on_a_cuda_gpu_with_small_images_of_one_size():
     augmentation = pretraining_augmentation(SIZE)
     small, large = image_dataset([coordinate_image(48, 40)] * 3), image_dataset([coordinate_image(80, 64)] * 3)
     assert crops_on_device("auto", small, processor(), augmentation, "image", device="cuda")
@@ -211,6 +218,9 @@ def test_auto_crops_on_the_device_only_on_an_accelerator_with_small_images_of_on
     assert not crops_on_device("auto", large, processor(), augmentation, "image", device="cuda")  # > 2 x 32 px
     assert crops_on_device("accelerator", large, processor(), augmentation, "image", device="cpu")
     assert not crops_on_device("cpu", small, processor(), augmentation, "image", device="cuda")
+    assert not crops_on_device("auto", small, processor(), augmentation, "image", device="mps")
+    with pytest.raises(ValueError, match="MPS devices have no float64.*--augmentation_device cpu"):
+        crops_on_device("accelerator", small, processor(), augmentation, "image", device="mps")
 
 
 def test_what_the_device_cannot_do_is_refused():

@@ -158,7 +158,7 @@ def test_captions_of_the_same_class_are_positives_in_the_loss():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_several_processes_pretrain_the_missing_image_tower_once_per_machine(tmp_path):
+def test_several_processes_pretrain_the_missing_image_tower_once(tmp_path):
     """Under a launcher, one process pretrains (as a process of its own, without the launcher's RANK / WORLD_SIZE)
     while the other waits; both then use its checkpoint."""
     fake_pretraining = (

@@ -50,14 +50,17 @@ def bicubic(distance, a=-0.5):
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-FILTERS = {"bilinear": (bilinear, 1.0), "bicubic": (bicubic, 2.0)}  # kernel, support at scale 1
+FILTERS = {"bilinear": bilinear, "bicubic": bicubic}
 
 
 def device_augmentation_problem(augmentation, rgb=True, mask_column=None):
     """Why `augmentation` (an `AugmentationPreset`) cannot run on the device, or None: only the resized crop and
     flip (no RandAugment, no random erasing) of 8-bit RGB images without user masks is implemented there."""
     if augmentation.crop != "random_resized" or augmentation.resample not in FILTERS:
-        return f"its crop is {augmentation.crop} ({augmentation.resample}); the device does random_resized crops"
+        return (
+            f"its crop is {augmentation.crop} ({augmentation.resample}); the device does random_resized crops with "
+            f"{' or '.join(FILTERS)} resampling"
+        )
     if augmentation.rand_augment or augmentation.random_erasing:
         return "RandAugment and random erasing run on the CPU only"
     if not rgb:
@@ -88,7 +91,7 @@ def resampling_matrices(starts, ends, in_size, out_size, resample="bilinear"):
     pixel `i` is centred at `start + (i + 0.5) * scale` and weighs source pixel `x` by the filter at
     `(x + 0.5 - centre) / max(scale, 1)`, over the pixels of the axis; the weights sum to 1 and are rounded to
     22-bit fixed point."""
-    kernel, _ = FILTERS[resample]
+    kernel = FILTERS[resample]
     starts = starts.to(torch.float64)
     scale = (ends.to(torch.float64) - starts) / out_size
     filter_scale = scale.clamp(min=1.0)
@@ -143,7 +146,10 @@ class DeviceAugmentation:
     def __init__(self, augmentation):
         problem = device_augmentation_problem(augmentation)
         if problem:
-            raise ValueError(f"The {augmentation.name} augmentation cannot run on the device: {problem}.")
+            raise ValueError(
+                f"The {augmentation.name} augmentation cannot run on the device: {problem}. Use "
+                "--augmentation_device cpu."
+            )
         self.augmentation = augmentation
 
     def __call__(self, inputs):

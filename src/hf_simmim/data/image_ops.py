@@ -189,8 +189,13 @@ def normalize_pixel_batch(pixel_values, image_mean, image_std):
     the batch's device, computed as `to_normalized_array` does (`x * a + b`); a float batch is returned as is."""
     if pixel_values.dtype != torch.uint8:
         return pixel_values
-    a, b = coefficients_on(pixel_values.device, tuple(image_mean), tuple(image_std))
+    a, b = coefficients_on(pixel_values.device, channel_values(image_mean), channel_values(image_std))
     return pixel_values.float().mul_(a).add_(b)
+
+
+def channel_values(values):
+    """A scalar or one value per channel -> a tuple (hashable, for the cache below)."""
+    return tuple(np.atleast_1d(values).tolist())
 
 
 @functools.lru_cache(maxsize=16)
@@ -199,4 +204,3 @@ def coefficients_on(device, image_mean, image_std):
     to a GPU waits for the work queued before it, which every batch would otherwise do."""
     a, b = normalization_coefficients(image_mean, image_std)
     return (torch.as_tensor(a, device=device).view(1, -1, 1, 1), torch.as_tensor(b, device=device).view(1, -1, 1, 1))
-

@@ -250,11 +250,13 @@ def collate_fn(examples):
     arrays = [np.asarray(r["pixel_values"]) for r in rows]
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
-        sizes = " and ".join(f"{shape[-1]}x{shape[-2]}" for shape in shapes[:2])
-        raise ValueError(
-            f"This batch holds images of different sizes ({sizes} px): uncropped images (--augmentation_device "
-            "accelerator) must all have one size. Use --augmentation_device cpu, or resize the images to one size."
+        shown = " and ".join("x".join(map(str, shape)) for shape in shapes[:2])
+        fix = (
+            "uncropped images (--augmentation_device accelerator) must all have one size: use --augmentation_device "
+            "cpu, or resize the images to one size" if "crop_box" in rows[0]
+            else "the transform must give every row the model's channels and size"
         )
+        raise ValueError(f"This batch holds pixel arrays of different shapes ({shown}, channels x height x width): {fix}.")
     dtype = torch.uint8 if all(a.dtype == np.uint8 for a in arrays) else torch.float32
     batch = {"pixel_values": torch.stack([torch.as_tensor(a, dtype=dtype) for a in arrays])}
     if "bool_masked_pos" in rows[0]:

@@ -41,8 +41,8 @@ from ..models.configuration_simmim import SimMIMConfig
 from ..models.modeling_simmim import SimMIMModel
 from .arguments import DEFAULT_OUTPUT_DIR, accelerator_available, argument_parser
 from .callbacks import EpochCallback
-from .finetuning import accuracy_ks, finetuning_datasets
 from .distributed import single_process_environment
+from .finetuning import accuracy_ks, finetuning_datasets
 from .runs import check_rgb_model
 
 logger = logging.getLogger(__name__)
@@ -137,8 +137,9 @@ def parse_contrastive_arguments(argv=None, description=None):
 def ensure_checkpoint(path, is_default, pretraining_command, training_args):
     """`path` when it holds a checkpoint (or names no local folder: a hub id). The default folder, when it holds
     no checkpoint, is made by running `pretraining_command` (a list, e.g. `[python, run_mim.py, --output_dir,
-    path]`) as a single-process run, by one process on each machine while the others wait; another local folder
-    without one is refused, naming that command."""
+    path]`) as a single-process run, by the main process while the others wait (by each machine's main process
+    with `--save_on_each_node`: machines that share no filesystem); another local folder without one is refused,
+    naming that command."""
     if has_checkpoint(path) or not (is_default or os.path.exists(path)):
         return path
     command = " ".join(pretraining_command)
@@ -146,12 +147,17 @@ def ensure_checkpoint(path, is_default, pretraining_command, training_args):
         raise ValueError(
             f"--vision_model_name_or_path {path}: no checkpoint there (config.json). Make one with `{command}`."
         )
-    with training_args.main_process_first(local=True, desc="pretraining the image tower"):
-        if training_args.local_process_index == 0 and not has_checkpoint(path):
+    per_machine = training_args.save_on_each_node
+    with training_args.main_process_first(local=per_machine, desc="pretraining the image tower"):
+        main_process = training_args.local_process_index == 0 if per_machine else training_args.process_index == 0
+        if main_process and not has_checkpoint(path):
             logger.warning("No SimMIM checkpoint in %s: pretraining one first with `%s`.", path, command)
             subprocess.run(pretraining_command, check=True, env=single_process_environment())
-    if not has_checkpoint(path):  # this machine's main process failed: its error is in its log
-        raise RuntimeError(f"No SimMIM checkpoint in {path} after `{command}` on this machine's main process.")
+    if not has_checkpoint(path):  # the main process failed (its error is in its log), or wrote where this one cannot see
+        raise RuntimeError(
+            f"No SimMIM checkpoint in {path} after `{command}` on the main process: see its log; if the machines "
+            "share no filesystem, pass --save_on_each_node."
+        )
     return path
 
 

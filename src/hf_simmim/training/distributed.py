@@ -17,7 +17,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 CPU_MULTI_PROCESS_CONFIG = "examples/accelerate_configs/cpu_2proc.yaml"
-# what torchrun sets for each process it starts (besides TORCHELASTIC_*)
+# what torchrun sets for each process it starts (besides TORCHELASTIC_*; MPI launchers' variables by prefix)
 LAUNCHER_VARIABLES = {
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
     "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
@@ -55,7 +55,8 @@ def single_process_environment():
     started with it runs as a process of its own, not as a member of this run's process group."""
     return {
         name: value for name, value in os.environ.items()
-        if name not in LAUNCHER_VARIABLES and not name.startswith(("TORCHELASTIC_", "ACCELERATE_"))
+        if name not in LAUNCHER_VARIABLES
+        and not name.startswith(("TORCHELASTIC_", "ACCELERATE_", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "PMI_"))
     }
 
 
@@ -68,7 +69,9 @@ def end_distributed_run():
     its wrapped model) would hold the group's last reference: freeing it later, the module's reducer joins gloo's
     threads while holding the GIL, and a gloo thread still freeing a finished collective's tensors waits for the
     GIL: a deadlock (seen in about 1 of 12 two-process runs under load). Collected first, the modules leave the
-    group's last reference to Python, which frees it without the GIL."""
+    group's last reference to Python, which frees it without the GIL. No barrier before: its work, still being
+    freed on a gloo thread, was the one that waited for the GIL; every run's last collective has already
+    brought the processes together."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gc.collect()  # a Trainer and its wrapped model sit in reference cycles
         torch.distributed.destroy_process_group()

@@ -104,13 +104,16 @@ def crops_on_device(requested, train, processor, augmentation, image_column, mas
     - "accelerator": always, refusing (naming the fix) what the device path cannot do: a streamed training set,
       images that are not all of one size (found from the headers), images that are not RGB photos, user masks,
       or an augmentation other than the resized crop and flip;
-    - "auto": when the model trains on an accelerator (not the CPU) and the device path can take the images, and
-      they are at most twice the model's size: then the CPU path would decode them in full too (it decodes a JPEG
-      at reduced scale only for a crop of at least twice the model's size), so moving the resize to the device
-      only takes work off the DataLoader workers."""
-    if requested == "cpu" or (requested == "auto" and torch.device(device).type == "cpu"):
+    - "auto": when the model trains on a CUDA GPU and the device path can take the images, and they are at most
+      twice the model's size: then the CPU path would decode them in full too (it decodes a JPEG at reduced scale
+      only for a crop of at least twice the model's size), so moving the resize to the device only takes work off
+      the DataLoader workers."""
+    device_type = torch.device(device).type
+    if requested == "cpu" or (requested == "auto" and device_type != "cuda"):
         return False
     problem = device_augmentation_problem(augmentation, processor.converts_to_rgb, mask_column)
+    if problem is None and device_type == "mps":
+        problem = "Apple's MPS devices have no float64, in which the device resize builds its weights"
     if problem is None and stream is not None:
         problem = "a streamed training set is read as training goes, so its image sizes are not known before"
     sizes = {} if problem else image_sizes(train, image_column)
@@ -124,7 +127,7 @@ def crops_on_device(requested, train, processor, augmentation, image_column, mas
             "--augmentation_device cpu."
         )
     on_device = requested == "accelerator" or (
-        not problem and max(*next(iter(sizes))) <= 2 * augmentation.image_size
+        not problem and bool(sizes) and max(*next(iter(sizes))) <= 2 * augmentation.image_size
     )
     logger.info("Training crops and flips run on the %s.", "device of the batch" if on_device else "CPU")
     return on_device

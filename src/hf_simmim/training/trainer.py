@@ -135,7 +135,7 @@ class SimMIMTrainer(Trainer):
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
-        if self.device_transform is not None:  # crops the training batches that carry crop boxes; others pass
+        if self.device_transform is not None:  # after the copy: the workers sent whole images, cropped here
             inputs = self.device_transform(inputs)
         pixel_values = inputs.get("pixel_values")
         if pixel_values is not None and pixel_values.dtype == torch.uint8:
