@@ -130,7 +130,8 @@ def tiny_swinv2(**overrides):
 # Tiny CNNs: 32-px images, three stages (stride 16), SparK's sparse masking and hierarchical decoder.
 TINY_RESNET = dict(
     backbone="resnet", image_size=32, patch_size=4, embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 2, 1],
-    layer_type="basic", mask_patch_size=8, conv_masking="sparse", decoder_type="hierarchical", decoder_hidden_size=32,
+    layer_type="basic", drop_path_rate=0.0, mask_patch_size=8, conv_masking="sparse", decoder_type="hierarchical",
+    decoder_hidden_size=32,
 )
 TINY_CONVNEXT = dict(
     backbone="convnext", image_size=32, patch_size=4, hidden_sizes=[8, 16, 24], depths=[1, 2, 1], convnext_version=1,

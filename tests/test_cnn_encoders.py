@@ -45,11 +45,11 @@ COMMON = dict(num_channels=3, mask_token_type="learned", initializer_range=0.02,
 TINY = {
     "resnet": dict(
         backbone="resnet", embedding_size=8, hidden_sizes=[16, 32, 48, 64], depths=[1, 2, 1, 1],
-        layer_type="bottleneck", hidden_act="relu",
+        layer_type="bottleneck", hidden_act="relu", drop_path_rate=0.0,
     ),
     "resnet-basic": dict(
         backbone="resnet", embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[2, 1, 1, 1], layer_type="basic",
-        hidden_act="relu",
+        hidden_act="relu", drop_path_rate=0.0,
     ),
     "convnext": dict(
         backbone="convnext", patch_size=4, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], hidden_act="gelu",
@@ -241,7 +241,7 @@ def test_unknown_weights_are_refused():
 @pytest.mark.parametrize("conv_masking", MODES)
 @pytest.mark.parametrize("training", [False, True])
 def test_pixels_under_the_mask_do_not_reach_the_encoder(name, conv_masking, training):
-    config = cnn_config(name, conv_masking, **({"drop_path_rate": 0.3} if "convnext" in name else {}))
+    config = cnn_config(name, conv_masking, drop_path_rate=0.3)
     encoder = randomize_batch_norms_(build_encoder(config), seed=5).train(training)
     x, mask = pixels(seed=2), random_masks(seed=2)
     under_mask = 1.0 - visible_at(mask, (64, 64))
@@ -311,6 +311,23 @@ def test_coarse_maps_are_visible_where_any_covered_cell_is():
     assert visible_at(mask, (8, 8))[0, 0, :2].tolist() == [[0.0] * 6 + [1.0] * 2] * 2
     with pytest.raises(ValueError, match="not multiples"):
         visible_at(mask, (6, 6))
+
+
+def test_resnet_drop_path_rises_linearly_over_the_layers_and_acts_in_training_only():
+    """timm's ResNet (what SparK fine-tunes): layer i of n drops its residual branch with rate * i / (n - 1)."""
+    encoder = build_encoder(cnn_config("resnet", drop_path_rate=0.3))  # depths 1, 2, 1, 1: five layers
+    rates = [layer.drop_path.drop_prob for stage in encoder.stages for layer in stage.layers]
+    assert rates == pytest.approx([0.0, 0.075, 0.15, 0.225, 0.3])
+    plain = build_encoder(cnn_config("resnet", drop_path_rate=0.0))
+    plain.load_state_dict(encoder.state_dict())
+    x = pixels(batch=8, seed=1)
+
+    def last_state(model, training):
+        torch.manual_seed(0)
+        return model.train(training)(x, None, output_hidden_states=True).hidden_states[-1]
+
+    assert torch.equal(last_state(encoder, False), last_state(plain, False))
+    assert max_abs_diff(last_state(encoder, True), last_state(plain, True)) > 1e-3
 
 
 def test_sparse_mode_has_no_encoder_mask_token():

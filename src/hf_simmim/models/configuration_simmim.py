@@ -211,8 +211,8 @@ class SimMIMConfig(PreTrainedConfig):
             key bias shifts every logit of a query by the same amount, so softmax ignores it).
         hidden_act (`str`, *optional*): activation (`"gelu"`, the exact erf form, as the official code; unset:
             `"relu"` for ResNet, `"gelu"` for the others).
-        hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate (`float`): regularisation (ResNet has no
-            dropout nor drop path, as transformers' ResNet: it reads none of them).
+        hidden_dropout_prob, attention_probs_dropout_prob, drop_path_rate (`float`): regularisation (ResNet reads
+            `drop_path_rate` only, as timm's ResNet: no dropout).
         layer_norm_eps (`float`, *optional*): defaults to 1e-6 for ViT and ConvNeXt (the eps of ConvNeXt's head
             norm; its other norms keep 1e-6 as transformers and the official code) and 1e-5 for Swin.
         use_absolute_position_embeddings (`bool`): learned absolute position embeddings (plain ViT: True).

@@ -7,8 +7,9 @@ stem (`stages.{i}.layers.{j}.layer.{k}.convolution`, `.normalization`, `.shortcu
 (`convert/cnn_weights.py`).
 
 Config fields read: `num_channels`, `embedding_size` (stem width), `hidden_sizes` (output width of each stage),
-`depths` (layers per stage), `layer_type` (`"bottleneck"` or `"basic"`), `hidden_act`, `conv_masking`,
-`mask_token_type`, `initializer_range`.
+`depths` (layers per stage), `layer_type` (`"bottleneck"` or `"basic"`), `hidden_act`, `drop_path_rate`
+(stochastic depth on each residual branch, rising linearly over the layers to it, as timm's ResNet, which SparK
+fine-tunes), `conv_masking`, `mask_token_type`, `initializer_range`.
 """
 
 import math
@@ -26,6 +27,7 @@ from .modeling_conv_masking import (
     init_module_tree,
     visible_for,
 )
+from .modeling_layers import DropPath
 
 # transformers' bottleneck: the 3x3 convolution runs at out_channels / 4.
 BOTTLENECK_REDUCTION = 4
@@ -53,9 +55,10 @@ class ResNetConvLayer(nn.Module):
 
 class ResNetResidualLayer(nn.Module):
     """A basic (two 3x3 convolutions) or bottleneck (1x1, 3x3, 1x1) residual layer; the 3x3 convolution carries the
-    stride, and a 1x1 convolution + batch norm shortcut matches a change of width or resolution."""
+    stride, and a 1x1 convolution + batch norm shortcut matches a change of width or resolution. The residual
+    branch is dropped per sample with probability `drop_path` in training."""
 
-    def __init__(self, config, in_channels, out_channels, stride=1):
+    def __init__(self, config, in_channels, out_channels, stride=1, drop_path=0.0):
         super().__init__()
         act = config.hidden_act
         if config.layer_type == "bottleneck":
@@ -77,21 +80,22 @@ class ResNetResidualLayer(nn.Module):
             if needs_shortcut
             else None
         )
+        self.drop_path = DropPath(drop_path)
         self.activation = ACT2FN[act]
 
     def forward(self, features, visible=None):
         residual = features if self.shortcut is None else self.shortcut(features, visible)
         for convolution in self.layer:
             features = convolution(features, visible)
-        return self.activation(features + residual)
+        return self.activation(self.drop_path(features) + residual)
 
 
 class ResNetStage(GradientCheckpointingLayer):
-    def __init__(self, config, in_channels, out_channels, stride, depth):
+    def __init__(self, config, in_channels, out_channels, stride, depth, drop_paths):
         super().__init__()
         self.layers = nn.ModuleList(
-            [ResNetResidualLayer(config, in_channels, out_channels, stride)]
-            + [ResNetResidualLayer(config, out_channels, out_channels) for _ in range(depth - 1)]
+            [ResNetResidualLayer(config, in_channels, out_channels, stride, drop_paths[0])]
+            + [ResNetResidualLayer(config, out_channels, out_channels, 1, drop_paths[j]) for j in range(1, depth)]
         )
 
     def forward(self, features, visible=None):
@@ -134,9 +138,14 @@ class ResNetEncoder(MaskedConvEncoder):
         self.stem = ResNetStem(config)
         self.mask_token = self.build_mask_token(use_mask_token, config.embedding_size)
         widths = [config.embedding_size] + list(config.hidden_sizes)
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
         self.stages = nn.ModuleList(
             [
-                ResNetStage(config, widths[i], widths[i + 1], 1 if i == 0 else 2, depth)
+                ResNetStage(
+                    config, widths[i], widths[i + 1], 1 if i == 0 else 2, depth, rates[starts[i] : starts[i] + depth]
+                )
                 for i, depth in enumerate(config.depths)
             ]
         )
