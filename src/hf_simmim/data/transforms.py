@@ -21,7 +21,6 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..models.image_transforms import (
     map_channels,
@@ -30,7 +29,7 @@ from ..models.image_transforms import (
     to_normalized_array,
     to_rgb,
 )
-from ..models.masking import snap_mask_to_patches
+from ..models.masking import evaluation_patch_mask, snap_mask_to_patches
 from .augmentation import pretraining_augmentation, random_erasing
 from .device_augmentation import device_augmentation_problem
 from .image_ops import (
@@ -146,7 +145,7 @@ class SimMIMTransform:
             array = random_erasing(array, self.augmentation.random_erasing, self.rng)
         if mask_cell is None:
             return array
-        return array, snap_mask_to_patches(mask, p.patch_size)
+        return array, snap_mask_to_patches(mask, p.patch_size) if self.train else mask
 
     def uncropped_image(self, cell):
         """A dataset cell -> `(uint8 CHW array of the whole image, {"crop_box": ..., "flip": ...})`, the geometry drawn
@@ -189,7 +188,9 @@ class SimMIMTransform:
         return map_channels(pixels, lambda channel: resize_center_crop(channel, p.image_size, p.crop_pct, resample))
 
     def _evaluation_mask(self, mask):
-        return None if mask is None else self._resize_crop(mask[None], Image.BOX)[0]
+        """The user mask (or None) as the evaluation view's patch mask, the image processor's `masks=` rule."""
+        p = self.processor
+        return None if mask is None else evaluation_patch_mask(mask, p.image_size, p.patch_size, p.crop_pct)
 
     def _mask(self, index):
         if self.mask_seed is not None and index is not None:

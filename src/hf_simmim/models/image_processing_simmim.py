@@ -2,7 +2,8 @@
 
 Evaluation preprocessing (RGB, resize + centre crop to the model's image size, rescale and normalise) and, on
 request, a SimMIM mask per image, so `processor(images, return_bool_masked_pos=True, return_tensors="pt")` feeds
-`SimMIMForMaskedImageModeling` directly. A transformers image processor on the PIL backend (`PilBackend`, as
+`SimMIMForMaskedImageModeling` directly; `processor(images, masks=masks, return_tensors="pt")` does the same with
+the user's own masks (one per image, of its size), brought into the evaluation view and snapped to the patch grid. A transformers image processor on the PIL backend (`PilBackend`, as
 transformers' `*ImageProcessorPil` classes): it takes what they take (PIL, NumPy and torch images, channels first or
 last, uint8 or floats, single images, lists and 4-D batches), honours their per-call keywords, and returns NumPy
 arrays unless `return_tensors` asks for tensors. There is no torchvision backend: torchvision is not a dependency.
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import ChannelDimension, infer_channel_dimension_format, is_scaled_image
+from transformers.image_utils import ChannelDimension, ImageInput, infer_channel_dimension_format, is_scaled_image
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
@@ -25,10 +26,11 @@ from .image_transforms import (
     map_channels,
     rescale_and_normalize,
     resize_shorter_side,
+    shorter_side_size,
     to_rgb,
     to_rgb_array,
 )
-from .masking import mask_generator_for
+from .masking import evaluation_patch_mask, mask_from_image, mask_generator_for
 
 logger = logging.get_logger(__name__)
 
@@ -81,6 +83,59 @@ def channels_first(image, input_data_format, num_channels):
     return image if ChannelDimension(input_data_format) == ChannelDimension.FIRST else np.moveaxis(image, -1, 0)
 
 
+def processed_size(height, width, side, do_resize, crop_pct, do_center_crop):
+    """`(height, width)` of an image of that size after `SimMIMImageProcessor.resize_crop_normalize`."""
+    if do_center_crop:
+        return side, side
+    if do_resize:
+        new_width, new_height = shorter_side_size(width, height, int(side / crop_pct))
+        return new_height, new_width
+    return height, width
+
+
+def mask_list(masks):
+    """`masks=` as a list: a single mask (a PIL image, a 2-D array or tensor) is a list of one, a 3-D array or
+    tensor the list of its masks."""
+    if isinstance(masks, (list, tuple)):
+        return list(masks)
+    return list(masks) if getattr(masks, "ndim", None) == 3 else [masks]
+
+
+def user_mask_array(mask, index):
+    """Entry `index` of `masks=` -> bool `(H, W)`: a PIL mask image read by `mask_from_image`, or an array or
+    tensor of bools or 0/1 integers taken as it is (True / 1 = masked)."""
+    if isinstance(mask, Image.Image):
+        return mask_from_image(mask)
+    if hasattr(mask, "detach"):  # a torch tensor; torch is not imported here
+        mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        shown = f"an array of shape {mask.shape}" if isinstance(mask, np.ndarray) else f"a {type(mask).__name__}"
+        raise ValueError(
+            f"masks[{index}] is {shown}: give a PIL mask image or an (H, W) array or tensor of bools or 0/1 "
+            "integers (True / 1 = masked), one per image."
+        )
+    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
+        raise ValueError(
+            f"masks[{index}] holds {mask.dtype} values in [{mask.min()}, {mask.max()}]: give bools or 0/1 "
+            "integers (True / 1 = masked), e.g. `mask > 0`, or a PIL mask image."
+        )
+    return mask.astype(bool)
+
+
+def check_masks_alone(masks, return_bool_masked_pos, mask_seed):
+    """`masks=` gives `bool_masked_pos` itself: refuse the keywords that draw masks with it."""
+    if masks is not None and return_bool_masked_pos:
+        raise ValueError(
+            "masks= and return_bool_masked_pos=True both ask for bool_masked_pos: pass masks alone to use your "
+            "masks, or return_bool_masked_pos=True alone to draw SimMIM masks."
+        )
+    if masks is not None and mask_seed is not None:
+        raise ValueError(
+            f"mask_seed={mask_seed} seeds drawn masks, but masks= gives your own: drop mask_seed (or drop masks "
+            "and pass return_bool_masked_pos=True with mask_seed to draw reproducible masks)."
+        )
+
+
 class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     image_size (`int`, *optional*, defaults to `self.image_size`):
@@ -95,6 +150,11 @@ class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
         Also return `bool_masked_pos`, a SimMIM mask per image.
     mask_seed (`int`, *optional*):
         Seed of this call's masks (reproducible masks); by default they come from torch's global RNG.
+    masks (`list`, *optional*):
+        The user's own masks, one per image and of its size (before any resize): PIL mask images (nonzero in any
+        colour band = masked, alpha ignored) or `(H, W)` arrays / tensors of bools or 0/1 integers (True / 1 =
+        masked). Returned as `bool_masked_pos`: box-resized and centre-cropped as their image, a patch masked when
+        at least half of it is. Not with `return_bool_masked_pos` or `mask_seed`, which draw masks.
     """
 
     image_size: int
@@ -106,12 +166,15 @@ class SimMIMImageProcessorKwargs(ImagesKwargs, total=False):
     mask_strategy: str
     return_bool_masked_pos: bool
     mask_seed: int | None
+    masks: ImageInput | None
 
 
 class SimMIMImageProcessor(PilBackend):
     """Inference preprocessing of a SimMIM checkpoint: RGB (a 3-channel model, `do_convert_rgb`), resize the
     shorter side to `image_size / crop_pct`, centre crop `image_size`, rescale by `rescale_factor`, normalise with
-    `image_mean` / `image_std`; and on request a SimMIM mask per image (`return_bool_masked_pos=True`).
+    `image_mean` / `image_std`; and on request a SimMIM mask per image: drawn (`return_bool_masked_pos=True`), or
+    the user's own (`masks=`, one per image of its size, e.g. to score or fill regions of their choosing), both
+    returned as `bool_masked_pos`.
 
     A model with another `num_channels` needs `image_mean` and `image_std` of that many values (ImageNet's are
     RGB's), and its images keep their own precision (a 16-bit PIL image or array is not squeezed to 8 bits): they
@@ -146,6 +209,8 @@ class SimMIMImageProcessor(PilBackend):
     def __init__(self, **kwargs):
         for key in self.LEGACY_TRAINING_KEYS:
             kwargs.pop(key, None)
+        if kwargs.get("masks") is not None:
+            raise ValueError("masks are given per call, one per image (processor(images, masks=...)), not to __init__.")
         if kwargs.get("size") is not None:
             kwargs["image_size"] = square_side(kwargs.pop("size"))
         num_channels = kwargs.get("num_channels") or self.num_channels
@@ -217,6 +282,7 @@ class SimMIMImageProcessor(PilBackend):
             )
         check_crop_pct(crop_pct)
         resampling_filter("resample", resample)
+        check_masks_alone(kwargs.get("masks"), kwargs.get("return_bool_masked_pos"), kwargs.get("mask_seed"))
 
     def _prepare_images_structure(self, images, expected_ndims=3):
         # transformers takes no HW (grey) arrays or tensors; with a channel axis (1HW) they are images like others
@@ -242,11 +308,12 @@ class SimMIMImageProcessor(PilBackend):
     def _preprocess(
         self, images, size=None, image_size=None, do_pad=None, pad_size=None, data_format=None, return_tensors=None,
         return_bool_masked_pos=None, mask_seed=None, patch_size=None, mask_patch_size=None, mask_ratio=None,
-        mask_strategy=None, **kwargs,
+        mask_strategy=None, masks=None, **kwargs,
     ):
         if not images:
             raise ValueError("images is empty: pass at least one image.")
         side = image_size if size is None else square_side(size)
+        pixel_masks = None if masks is None else self.user_masks(masks, images, side, do_pad, **kwargs)
         if kwargs["do_rescale"] and any(is_scaled_image(image) for image in images):
             logger.warning_once(
                 "It looks like you are trying to rescale already rescaled images (values in [0, 1]): pass "
@@ -268,9 +335,40 @@ class SimMIMImageProcessor(PilBackend):
             )
             generator = mask_generator_for(fields, seed=mask_seed)
             data["bool_masked_pos"] = [generator() for _ in pixel_values]
+        if pixel_masks is not None:
+            data["bool_masked_pos"] = [
+                evaluation_patch_mask(mask, side, patch_size, kwargs["crop_pct"], resize=kwargs["do_resize"])
+                for mask in pixel_masks
+            ]
         if data_format is not None and ChannelDimension(data_format) == ChannelDimension.LAST:
             data["pixel_values"] = [np.moveaxis(image, 0, -1) for image in pixel_values]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def user_masks(self, masks, images, side, do_pad, do_resize, crop_pct, do_center_crop, **kwargs):
+        """`masks=` checked against `images` (CHW arrays, not yet resized) -> one bool `(H, W)` mask per image.
+        Their patches line up with the model's only when every image becomes a `side` square without padding."""
+        masks = mask_list(masks)
+        if len(masks) != len(images):
+            raise ValueError(
+                f"masks holds {len(masks)} mask(s) for {len(images)} image(s): give one mask per image, in the "
+                "images' order."
+            )
+        arrays = [user_mask_array(mask, index) for index, mask in enumerate(masks)]
+        for index, (mask, image) in enumerate(zip(arrays, images)):
+            (height, width), (image_height, image_width) = mask.shape, image.shape[-2:]
+            if (height, width) != (image_height, image_width):
+                raise ValueError(
+                    f"masks[{index}] is {width}x{height} px but images[{index}] is {image_width}x{image_height} px "
+                    "(width x height): give each mask its image's size, before any resize."
+                )
+            size = processed_size(height, width, side, do_resize, crop_pct, do_center_crop)
+            if do_pad or size != (side, side):
+                raise ValueError(
+                    f"masks= needs every image processed to a {side} x {side} square (the model's patch grid), but "
+                    f"images[{index}] becomes {size[1]} x {size[0]}{' and is padded' if do_pad else ''}: keep "
+                    "do_resize and do_center_crop on (or do_center_crop alone), without padding."
+                )
+        return arrays
 
     def resize_crop_normalize(
         self, image, side, do_resize, crop_pct, resample, do_center_crop, do_rescale, rescale_factor, do_normalize,

@@ -60,12 +60,16 @@ def to_rgb_array(pixels):
     return np.repeat(pixels, 3, axis=0) if pixels.shape[0] == 1 else pixels
 
 
+def shorter_side_size(width, height, size):
+    """`(width, height)` after torchvision's `Resize(size)`: the shorter side becomes `size` and the longer one
+    `int(size * long / short)` (truncated, as torchvision does)."""
+    return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+
+
 def resize_shorter_side(image, size, resample=Image.BICUBIC):
-    """torchvision's `Resize(size)`: the shorter side becomes `size` and the longer one `int(size * long / short)`
-    (truncated, as torchvision does); an image already that size is not resampled."""
-    w, h = image.size
-    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    return image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), resample)
+    """torchvision's `Resize(size)` (`shorter_side_size`); an image already that size is not resampled."""
+    new_size = shorter_side_size(*image.size, size)
+    return image if new_size == image.size else image.resize(new_size, resample)
 
 
 def center_crop(image, size):

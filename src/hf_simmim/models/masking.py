@@ -16,14 +16,18 @@ A mask has one entry per model patch, 1 = masked. `mask_strategy` chooses how it
   columns, full rows, and the remainder centred in one last row. The same mask every draw.
 - `user`: each image's own mask (a mask image or array of the image's size, nonzero = masked), brought to the model's
   size with the image and snapped to the patch grid by `snap_mask_to_patches`: a patch is masked when at least half
-  of its pixels are (`USER_MASK_MIN_SHARE`). `mask_ratio` plays no part. The generator cannot draw these: the data
-  path (`SimMIMTransform(mask_column=...)`, `run_mim.py --mask_column`) reads them.
+  of its pixels are (`USER_MASK_MIN_SHARE`); `evaluation_patch_mask` does both for the evaluation view.
+  `mask_ratio` plays no part. The generator cannot draw these: the data path (`SimMIMTransform(mask_column=...)`,
+  `run_mim.py --mask_column`) and the image processor (`processor(images, masks=...)`) read them.
 """
 
 import math
 
 import numpy as np
 import torch
+from PIL import Image
+
+from .image_transforms import center_crop, map_channels, resize_shorter_side
 
 MASK_STRATEGIES = ("random_block", "random_patch", "grid", "block_wise", "center", "user")
 # A patch of a user mask is masked when at least this share of its pixels is: the majority of what the patch shows is
@@ -63,6 +67,21 @@ def snap_mask_to_patches(pixel_mask, patch_size, min_share=USER_MASK_MIN_SHARE):
         )
     patches = pixel_mask.reshape(height // patch_size, patch_size, width // patch_size, patch_size)
     return patches.mean(axis=(1, 3)) >= min_share
+
+
+def evaluation_patch_mask(pixel_mask, image_size, patch_size, crop_pct=1.0, resize=True):
+    """An image's user mask, `(H, W)` (bool, or floats in [0, 1]), in that image's evaluation view -> the bool
+    `(image_size / patch_size,) * 2` patch mask. The mask is resized as the image is (shorter side
+    `int(image_size / crop_pct)`; not with `resize=False`) but with a box filter, so each pixel holds the masked
+    share of its area, centre-cropped to `image_size`, then snapped by the half rule (`snap_mask_to_patches`)."""
+
+    def resize_and_crop(channel):
+        if resize:
+            channel = resize_shorter_side(channel, int(image_size / crop_pct), Image.BOX)
+        return center_crop(channel, image_size)
+
+    view = map_channels(np.asarray(pixel_mask, dtype=np.float32)[None], resize_and_crop)[0]
+    return snap_mask_to_patches(view, patch_size)
 
 
 def mask_generator_for(source, seed=None):
