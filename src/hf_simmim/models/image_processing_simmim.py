@@ -3,10 +3,11 @@
 Evaluation preprocessing (RGB, resize + centre crop to the model's image size, rescale and normalise) and, on
 request, a SimMIM mask per image, so `processor(images, return_bool_masked_pos=True, return_tensors="pt")` feeds
 `SimMIMForMaskedImageModeling` directly; `processor(images, masks=masks, return_tensors="pt")` does the same with
-the user's own masks (one per image, of its size), brought into the evaluation view and snapped to the patch grid. A transformers image processor on the PIL backend (`PilBackend`, as
-transformers' `*ImageProcessorPil` classes): it takes what they take (PIL, NumPy and torch images, channels first or
-last, uint8 or floats, single images, lists and 4-D batches), honours their per-call keywords, and returns NumPy
-arrays unless `return_tensors` asks for tensors. There is no torchvision backend: torchvision is not a dependency.
+the user's own masks (one per image, of its size), brought into the evaluation view and snapped to the patch grid
+(`masking.evaluation_patch_mask`). A transformers image processor on the PIL backend (`PilBackend`, as transformers'
+`*ImageProcessorPil` classes): it takes what they take (PIL, NumPy and torch images, channels first or last, uint8
+or floats, single images, lists and 4-D batches), honours their per-call keywords, and returns NumPy arrays unless
+`return_tensors` asks for tensors. There is no torchvision backend: torchvision is not a dependency.
 
 Relative imports only: a checkpoint saved with its code (`trust_remote_code`) carries this file.
 """
