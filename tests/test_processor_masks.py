@@ -139,7 +139,7 @@ def test_the_training_evaluation_rows_give_the_same_masks_and_pixels(crop_pct):
         (dict(masks=[np.zeros((WIDTH, HEIGHT), bool)]), r"masks\[0\] is 48x64 px but images\[0\] is 64x48 px"),
         (dict(masks=[np.zeros((HEIGHT, WIDTH), np.float32)]), r"masks\[0\] holds float32 values.*bools or 0/1"),
         (dict(masks=[np.full((HEIGHT, WIDTH), 255)]), r"masks\[0\] holds int64 values in \[255, 255\]"),
-        (dict(masks=["mask.png"]), r"masks\[0\] is a str: give a PIL mask image"),
+        (dict(masks=["mask.png"]), r"masks\[0\] is a str: give a mask image"),
         (dict(masks=[box_mask(0, 1, 0, 1)], return_bool_masked_pos=True), "pass masks alone"),
         (dict(masks=[box_mask(0, 1, 0, 1)], mask_seed=0), "mask_seed=0 seeds drawn masks.*drop mask_seed"),
         (dict(masks=[box_mask(0, 1, 0, 1)], do_center_crop=False), r"images\[0\] becomes 42 x 32.*center_crop"),

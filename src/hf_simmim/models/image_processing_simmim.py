@@ -31,7 +31,7 @@ from .image_transforms import (
     to_rgb,
     to_rgb_array,
 )
-from .masking import evaluation_patch_mask, mask_from_image, mask_generator_for
+from .masking import bool_mask, evaluation_patch_mask, mask_generator_for
 
 logger = logging.get_logger(__name__)
 
@@ -100,27 +100,6 @@ def mask_list(masks):
     if isinstance(masks, (list, tuple)):
         return list(masks)
     return list(masks) if getattr(masks, "ndim", None) == 3 else [masks]
-
-
-def user_mask_array(mask, index):
-    """Entry `index` of `masks=` -> bool `(H, W)`: a PIL mask image read by `mask_from_image`, or an array or
-    tensor of bools or 0/1 integers taken as it is (True / 1 = masked)."""
-    if isinstance(mask, Image.Image):
-        return mask_from_image(mask)
-    if hasattr(mask, "detach"):  # a torch tensor; torch is not imported here
-        mask = mask.detach().cpu().numpy()
-    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
-        shown = f"an array of shape {mask.shape}" if isinstance(mask, np.ndarray) else f"a {type(mask).__name__}"
-        raise ValueError(
-            f"masks[{index}] is {shown}: give a PIL mask image or an (H, W) array or tensor of bools or 0/1 "
-            "integers (True / 1 = masked), one per image."
-        )
-    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
-        raise ValueError(
-            f"masks[{index}] holds {mask.dtype} values in [{mask.min()}, {mask.max()}]: give bools or 0/1 "
-            "integers (True / 1 = masked), e.g. `mask > 0`, or a PIL mask image."
-        )
-    return mask.astype(bool)
 
 
 def check_masks_alone(masks, return_bool_masked_pos, mask_seed):
@@ -354,7 +333,7 @@ class SimMIMImageProcessor(PilBackend):
                 f"masks holds {len(masks)} mask(s) for {len(images)} image(s): give one mask per image, in the "
                 "images' order."
             )
-        arrays = [user_mask_array(mask, index) for index, mask in enumerate(masks)]
+        arrays = [bool_mask(mask, f"masks[{index}]") for index, mask in enumerate(masks)]
         for index, (mask, image) in enumerate(zip(arrays, images)):
             (height, width), (image_height, image_width) = mask.shape, image.shape[-2:]
             if (height, width) != (image_height, image_width):

@@ -275,3 +275,24 @@ def mask_from_image(image):
         return np.asarray(image) != 0
     return np.stack([np.asarray(image.getchannel(index)) != 0 for index in bands]).any(axis=0)
 
+
+def bool_mask(mask, name="the mask"):
+    """A mask image (read by `mask_from_image`), or an `(H, W)` array or tensor of bools or 0/1 integers (True / 1 =
+    masked) -> bool `(H, W)`; anything else is a `ValueError` naming `name`. The image processor's `masks=` and the
+    inpainting pipeline read masks by this one rule."""
+    if isinstance(mask, Image.Image):
+        return mask_from_image(mask)
+    if torch.is_tensor(mask):
+        mask = mask.detach().cpu().numpy()
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        shown = f"an array of shape {mask.shape}" if isinstance(mask, np.ndarray) else f"a {type(mask).__name__}"
+        raise ValueError(
+            f"{name} is {shown}: give a mask image or an (H, W) array or tensor of bools or 0/1 integers (True / 1 = "
+            "masked)."
+        )
+    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
+        raise ValueError(
+            f"{name} holds {mask.dtype} values in [{mask.min()}, {mask.max()}]: give bools or 0/1 integers (True / 1 = "
+            "masked), e.g. `mask > 0`, or a mask image."
+        )
+    return mask.astype(bool)

@@ -47,7 +47,7 @@ from transformers.pipelines import Pipeline
 
 from .image_processing_simmim import SimMIMImageProcessor
 from .image_transforms import map_channels
-from .masking import mask_from_image
+from .masking import bool_mask
 
 INPAINTING_TASK = "image-inpainting"
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # RGB -> grey, as PIL's convert("L")
@@ -116,21 +116,12 @@ def pixel_mask(mask, height, width):
     x1, y1)`, or a bool or 0/1 array (True = fill) -> a bool (height, width) array of the pixels to fill."""
     if isinstance(mask, (str, os.PathLike)):
         mask = open_image_file(mask)
-    if isinstance(mask, Image.Image):
-        mask = mask_from_image(mask)
-    elif isinstance(mask, (tuple, list)) and len(mask) == 4 and all(isinstance(v, numbers.Number) for v in mask):
+    if isinstance(mask, (tuple, list)) and len(mask) == 4 and all(isinstance(v, numbers.Number) for v in mask):
         return checked_mask(box_mask(mask, height, width))
-    elif torch.is_tensor(mask):
-        mask = mask.detach().cpu().numpy()
-    if not isinstance(mask, np.ndarray):
-        raise InpaintingInputError(
-            "The mask must be a mask image (or its path), a box (x0, y0, x1, y1), or a bool array of shape (height, "
-            f"width); got {type(mask).__name__}."
-        )
-    if mask.dtype != bool:
-        if mask.dtype.kind not in "iu" or ((mask != 0) & (mask != 1)).any():
-            raise InpaintingInputError(f"A mask array holds bools or 0/1 integers (1 = fill); got {mask.dtype} values.")
-        mask = mask.astype(bool)
+    try:
+        mask = bool_mask(mask, "The mask (a mask image or its path, a box x0, y0, x1, y1, or an array)")
+    except ValueError as error:
+        raise InpaintingInputError(str(error)) from None
     if mask.shape != (height, width):
         raise InpaintingInputError(
             f"The mask is {mask.shape[1] if mask.ndim > 1 else '?'}x{mask.shape[0]} (width x height) but the image "
