@@ -101,6 +101,8 @@ def test_transformers_default_configs_are_our_presets():
         assert {f: getattr(converted, f) for f in common + own} == theirs_fields
         assert {f: getattr(ours, f) for f in common + own} == theirs_fields
         assert (converted.backbone, converted.convnext_version) == (ours.backbone, ours.convnext_version)
+        # stochastic depth as theirs: transformers' ResNet has none, its ConvNeXts say it
+        assert converted.drop_path_rate == theirs.to_dict().get("drop_path_rate", 0.0)
         exported = transformers_cnn_config(ours).to_dict()
         assert {f: exported[f] for f in common + own} == theirs_fields
 

@@ -328,6 +328,23 @@ def test_resnet_drop_path_rises_linearly_over_the_layers_and_acts_in_training_on
 
     assert torch.equal(last_state(encoder, False), last_state(plain, False))
     assert max_abs_diff(last_state(encoder, True), last_state(plain, True)) > 1e-3
+    # where: on the residual branch, before the sum and the activation, rescaled by 1 / keep (timm's Bottleneck)
+    layer = encoder.stages[1].layers[1].eval()  # an identity shortcut
+    layer.drop_path.train()
+    layer.drop_path.drop_prob = 0.5
+    features = torch.randn(16, 32, 8, 8, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = layer(features)
+        branch = features
+        for convolution in layer.layer:
+            branch = convolution(branch)
+    dropped, kept = torch.relu(features), torch.relu(branch / 0.5 + features)
+    outcomes = [
+        "dropped" if torch.allclose(o, d, atol=1e-5) else "kept" if torch.allclose(o, k, atol=1e-5) else "neither"
+        for o, d, k in zip(out, dropped, kept)
+    ]
+    assert set(outcomes) == {"dropped", "kept"}  # every sample one of the two, and both seen
 
 
 def test_sparse_mode_has_no_encoder_mask_token():

@@ -287,12 +287,13 @@ SPARK_PRETRAINING = dict(  # keyu-tian/SparK pretrain/utils/arg_util.py
     min_learning_rate=0.001 * 2 * 2e-4,  # utils/lr_control.py l. 17: cosine to 0.001 x peak, after warmup (l. 16)
     weight_decay=0.04,  # l. 39 wd (its cosine to wde 0.2, l. 40, is a stated departure)
     max_grad_norm=5.0,  # l. 43 clip; pretrain/main.py l. 79 LAMB max_grad_norm=5.0
-    drop_path_rate=0.0,  # l. 37 dp
     warmup_prefix=True,
 )
+# l. 37 dp 0 keeps the model's own drop path: pretrain/models/__init__.py pretrain_default_model_kwargs, resnet50 0.05;
+# convnext_tiny is not listed (convnext_small 0.2): none
 CNN_RECIPE_VALUES = {
-    "spark-resnet50-1600ep": dict(SPARK_PRETRAINING, adam_beta2=0.95),  # l. 124: ada 0.95 for ResNet
-    "spark-convnext-tiny-1600ep": dict(SPARK_PRETRAINING, adam_beta2=0.999),  # l. 128: ada 0.999 for ConvNeXt
+    "spark-resnet50-1600ep": dict(SPARK_PRETRAINING, adam_beta2=0.95, drop_path_rate=0.05),  # l. 124: ada 0.95
+    "spark-convnext-tiny-1600ep": dict(SPARK_PRETRAINING, adam_beta2=0.999, drop_path_rate=0.0),  # l. 128: 0.999
     "fcmae-convnextv2-tiny-800ep": dict(  # facebookresearch/ConvNeXt-V2 main_pretrain.py
         epochs=800,  # l. 37
         warmup_epochs=40,  # l. 38
@@ -319,7 +320,7 @@ CNN_RECIPE_VALUES = {
         warmup_learning_rate=0.005 * 2 * 0.002,  # lr_decay.py l. 14
         min_learning_rate=0.001 * 2 * 0.002,  # lr_decay.py l. 17
         max_grad_norm=0.0,  # arg.py l. 48: clip -1
-        drop_path_rate=0.0,  # 0.05 in arg.py l. 20; transformers' ResNet has no drop path (a stated departure)
+        drop_path_rate=0.05,  # arg.py l. 20 dp
         warmup_prefix=True,
     ),
 }

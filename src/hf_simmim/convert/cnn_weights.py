@@ -123,7 +123,10 @@ def _cnn_fields(c):
                 f"{', '.join(refused)}=True: hf_simmim's ResNet downsamples in the 3x3 convolution of each later "
                 "stage's first layer (microsoft/resnet-50's layout); this checkpoint computes another function."
             )
-        return dict(fields, backbone="resnet", embedding_size=c["embedding_size"], layer_type=c["layer_type"])
+        # transformers' ResNet has no stochastic depth: none here either, unless `overrides` ask for it
+        return dict(
+            fields, backbone="resnet", embedding_size=c["embedding_size"], layer_type=c["layer_type"], drop_path_rate=0.0
+        )
     if len(c["depths"]) != c.get("num_stages", len(c["depths"])):
         raise ValueError(f"num_stages={c['num_stages']} does not match depths={c['depths']}.")
     version = 2 if c["model_type"] == "convnextv2" else 1
@@ -154,6 +157,11 @@ def transformers_cnn_config(config):
         hidden_act=config.hidden_act,
     )
     if config.backbone == "resnet":
+        if config.drop_path_rate:
+            logger.warning(
+                "transformers' ResNet has no stochastic depth: the export leaves out drop_path_rate=%s (the same "
+                "model at inference; fine-tune the hf_simmim checkpoint to train with it).", config.drop_path_rate,
+            )
         return ResNetConfig(**fields, embedding_size=config.embedding_size, layer_type=config.layer_type)
     fields.update(
         patch_size=config.patch_size, num_stages=len(config.depths), layer_norm_eps=config.layer_norm_eps,

@@ -611,7 +611,8 @@ _SWIN = dict(backbone="swin", patch_size=4, use_absolute_position_embeddings=Fal
 _SWINV2 = dict(backbone="swinv2", patch_size=4, use_absolute_position_embeddings=False, drop_path_rate=0.1)
 _SWINV2_BASE = dict(_SWINV2, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
 # The CNNs pretrain as SparK (keyu-tian/SparK pretrain/: masked dense convolution, its light hierarchical decoder, L2
-# on the masked 32 px squares standardised one by one, mask ratio 0.6, no drop path) and ConvNeXt V2's FCMAE
+# on the masked 32 px squares standardised one by one, mask ratio 0.6; drop path as SparK's model defaults: ResNet-50
+# 0.05, none for ConvNeXt-T, which SparK does not list) and ConvNeXt V2's FCMAE
 # (facebookresearch/ConvNeXt-V2 models/fcmae.py: the same target, loss and masking; its decoder, one ConvNeXt block
 # at stride 32, is replaced by SparK's, which a sparse encoder needs here).
 CNN_PRETRAINING = dict(
@@ -690,7 +691,7 @@ PRESETS = {
     # facebook/convnextv2-tiny-1k-224 architectures), pretrained as SparK / FCMAE (see CNN_PRETRAINING).
     "resnet50-224": dict(
         CNN_PRETRAINING, backbone="resnet", image_size=224, embedding_size=64, hidden_sizes=[256, 512, 1024, 2048],
-        depths=[3, 4, 6, 3], layer_type="bottleneck",
+        depths=[3, 4, 6, 3], layer_type="bottleneck", drop_path_rate=0.05,
     ),
     # ConvNeXt V1 fine-tunes with the official 12-group layer ids, V2 with one id per block (each repo's default).
     "convnext-tiny-224": dict(

@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_simmim import check_convnext_config
 from .modeling_conv_masking import ChannelsFirstLayerNorm, MaskedConvEncoder, init_module_tree, visible_for
-from .modeling_layers import DropPath
+from .modeling_layers import DropPath, stage_drop_path_rates
 
 # transformers and the official code fix the eps of every LayerNorm inside the encoder.
 CONVNEXT_LAYER_NORM_EPS = 1e-6
@@ -123,15 +123,11 @@ class ConvNextEncoder(MaskedConvEncoder):
         check_convnext_config(config)
         self.stem = ConvNextStem(config)
         self.mask_token = self.build_mask_token(use_mask_token, config.hidden_sizes[0])
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = stage_drop_path_rates(config.drop_path_rate, config.depths)
         widths = [config.hidden_sizes[0]] + list(config.hidden_sizes)
-        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
         self.stages = nn.ModuleList(
             [
-                ConvNextStage(
-                    config, widths[i], widths[i + 1], 1 if i == 0 else 2, depth, rates[starts[i] : starts[i] + depth]
-                )
+                ConvNextStage(config, widths[i], widths[i + 1], 1 if i == 0 else 2, depth, rates[i])
                 for i, depth in enumerate(config.depths)
             ]
         )

@@ -1,4 +1,5 @@
-"""Building blocks shared by the ViT, Swin and SwinV2 encoders: attention, MLP, drop path, and the mask-token fill.
+"""Building blocks shared by the encoders: attention, MLP, drop path and its per-block rates (all five backbones),
+and the mask-token fill.
 
 Relative imports only: a checkpoint saved with its code (`trust_remote_code`) carries this file too.
 """
@@ -18,6 +19,15 @@ def drop_path(x, drop_prob, training):
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     keep = x.new_empty(shape).bernoulli_(keep_prob)
     return x * keep / keep_prob
+
+
+def stage_drop_path_rates(rate, depths):
+    """The stochastic-depth rate of each block, stage by stage: rising linearly from 0 at the first block to `rate`
+    at the last, over all stages (the official ViT / Swin code, timm's ResNet and ConvNeXt)."""
+    total = sum(depths)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [rates[start : start + depth] for start, depth in zip(starts, depths)]
 
 
 class DropPath(nn.Module):

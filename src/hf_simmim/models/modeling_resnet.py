@@ -27,7 +27,7 @@ from .modeling_conv_masking import (
     init_module_tree,
     visible_for,
 )
-from .modeling_layers import DropPath
+from .modeling_layers import DropPath, stage_drop_path_rates
 
 # transformers' bottleneck: the 3x3 convolution runs at out_channels / 4.
 BOTTLENECK_REDUCTION = 4
@@ -138,14 +138,10 @@ class ResNetEncoder(MaskedConvEncoder):
         self.stem = ResNetStem(config)
         self.mask_token = self.build_mask_token(use_mask_token, config.embedding_size)
         widths = [config.embedding_size] + list(config.hidden_sizes)
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
+        rates = stage_drop_path_rates(config.drop_path_rate, config.depths)
         self.stages = nn.ModuleList(
             [
-                ResNetStage(
-                    config, widths[i], widths[i + 1], 1 if i == 0 else 2, depth, rates[starts[i] : starts[i] + depth]
-                )
+                ResNetStage(config, widths[i], widths[i + 1], 1 if i == 0 else 2, depth, rates[i])
                 for i, depth in enumerate(config.depths)
             ]
         )

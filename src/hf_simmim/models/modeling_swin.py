@@ -10,7 +10,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from .modeling_layers import Attention, DropPath, Mlp, fill_masked_tokens
+from .modeling_layers import Attention, DropPath, Mlp, fill_masked_tokens, stage_drop_path_rates
 
 
 def window_partition(x, window):
@@ -198,15 +198,8 @@ class SwinTransformer(nn.Module):
             else None
         )
         self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
-        total = sum(config.depths)
-        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
-        self.layers = nn.ModuleList(
-            [
-                self.build_stage(config, i, rates[starts[i] : starts[i] + config.depths[i]])
-                for i in range(len(config.depths))
-            ]
-        )
+        rates = stage_drop_path_rates(config.drop_path_rate, config.depths)
+        self.layers = nn.ModuleList([self.build_stage(config, i, rates[i]) for i in range(len(config.depths))])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def build_stage(self, config, stage, drop_paths):

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from .modeling_layers import Attention, DropPath, Mlp, fill_masked_tokens
+from .modeling_layers import Attention, DropPath, Mlp, fill_masked_tokens, stage_drop_path_rates
 
 
 def vit_relative_position_index(grid_size):
@@ -115,9 +115,8 @@ class VisionTransformer(nn.Module):
             if config.use_shared_relative_position_bias
             else None
         )
-        depth = config.num_hidden_layers
-        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList([ViTBlock(config, rates[i], i) for i in range(depth)])
+        (rates,) = stage_drop_path_rates(config.drop_path_rate, [config.num_hidden_layers])
+        self.blocks = nn.ModuleList([ViTBlock(config, rate, i) for i, rate in enumerate(rates)])
         self.norm = nn.Identity() if config.use_mean_pooling else nn.LayerNorm(dim, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values, bool_masked_pos=None, output_hidden_states=False, output_attentions=False):

@@ -136,12 +136,13 @@ RECIPES = {
 }
 
 # SparK pretraining (pretrain/utils/arg_util.py defaults): base_lr 2e-4 per 256 (l. 38, 132), warmup 40 of 1600
-# epochs (l. 41-42), weight decay 0.04 (l. 39), clipping 5 (l. 43; LAMB's max_grad_norm, pretrain/main.py l. 79), no
-# drop path (l. 37), Adam beta2 0.95 for ResNet, 0.999 for ConvNeXt (l. 123-129); the schedule (utils/lr_control.py
-# l. 13-17) warms up from 0.005x the peak and ends at 0.001x it, its cosine after warmup.
+# epochs (l. 41-42), weight decay 0.04 (l. 39), clipping 5 (l. 43; LAMB's max_grad_norm, pretrain/main.py l. 79), drop
+# path `--dp` 0 (l. 37), which keeps each model's own (pretrain/models/__init__.py `pretrain_default_model_kwargs`:
+# ResNet-50 0.05; ConvNeXt-T is not listed: none), Adam beta2 0.95 for ResNet, 0.999 for ConvNeXt (l. 123-129); the
+# schedule (utils/lr_control.py l. 13-17) warms up from 0.005x the peak and ends at 0.001x it, its cosine after warmup.
 _SPARK_PRETRAINING = dict(
     stage="pretraining", epochs=1600, warmup_epochs=40, base_learning_rate=4e-4, warmup_learning_rate=2e-6,
-    min_learning_rate=4e-7, weight_decay=0.04, max_grad_norm=5.0, drop_path_rate=0.0, warmup_prefix=True,
+    min_learning_rate=4e-7, weight_decay=0.04, max_grad_norm=5.0, warmup_prefix=True,
 )
 _SPARK_DEPARTURES = (
     "AdamW for LAMB (pretrain/main.py l. 79, same betas)",
@@ -150,11 +151,12 @@ _SPARK_DEPARTURES = (
 CNN_RECIPES = (
     Recipe(
         "spark-resnet50-1600ep", source=SPARK_SOURCE + "pretrain/utils/arg_util.py", preset="resnet50-224",
-        adam_beta2=0.95, departures=_SPARK_DEPARTURES, **_SPARK_PRETRAINING,
+        adam_beta2=0.95, drop_path_rate=0.05, departures=_SPARK_DEPARTURES, **_SPARK_PRETRAINING,
     ),
     Recipe(
         "spark-convnext-tiny-1600ep", source=SPARK_SOURCE + "pretrain/utils/arg_util.py", preset="convnext-tiny-224",
-        adam_beta2=0.999, departures=_SPARK_DEPARTURES + ("SparK published ConvNeXt-S/B/L with these values, not -T",),
+        adam_beta2=0.999, drop_path_rate=0.0,
+        departures=_SPARK_DEPARTURES + ("SparK published ConvNeXt-S/B/L with these values, not -T",),
         **_SPARK_PRETRAINING,
     ),
     # main_pretrain.py: 800 epochs (l. 37), warmup 40 (l. 38), blr 1.5e-4 per 256 (l. 61, 166), min_lr 0 (l. 63),
@@ -183,11 +185,11 @@ CNN_RECIPES = (
     # no clipping (l. 48); schedule as pretraining (lr_decay.py l. 11-17).
     Recipe(
         "spark-finetune-resnet50", "fine-tuning", SPARK_SOURCE + "downstream_imagenet/arg.py", "resnet50-224", 300, 5,
-        4e-3, 2e-5, 4e-6, weight_decay=0.02, max_grad_norm=0.0, drop_path_rate=0.0, layer_decay=0.7, mixup=0.1,
+        4e-3, 2e-5, 4e-6, weight_decay=0.02, max_grad_norm=0.0, drop_path_rate=0.05, layer_decay=0.7, mixup=0.1,
         warmup_prefix=True,
         departures=(
             "AdamW and cross-entropy for LAMB and binary cross-entropy (util.py l. 75, 87-89)",
-            "no drop path (0.05: transformers' ResNet has none)", "RandAugment for AutoAugment v0 (data.py l. 39)",
+            "RandAugment for AutoAugment v0 (data.py l. 39)",
             "no EMA of the weights (arg.py l. 20: 0.9999)",
         ),
     ),
