@@ -145,7 +145,7 @@ class SimMIMTransform:
             array = random_erasing(array, self.augmentation.random_erasing, self.rng)
         if mask_cell is None:
             return array
-        return array, snap_mask_to_patches(mask, p.patch_size) if self.train else mask
+        return array, mask
 
     def uncropped_image(self, cell):
         """A dataset cell -> `(uint8 CHW array of the whole image, {"crop_box": ..., "flip": ...})`, the geometry drawn
@@ -156,7 +156,7 @@ class SimMIMTransform:
         return array, {"crop_box": np.asarray(crop, dtype=np.int64), "flip": flip}
 
     def _rgb_view(self, cell, mask):
-        """`(RGB PIL image at the model's size, mask or None)`: augmented, or resized and centre-cropped."""
+        """`(RGB PIL image at the model's size, its patch mask or None)`: augmented, or resized and centre-cropped."""
         p = self.processor
         if self.train:
             return self._augment(open_image(cell), mask)
@@ -165,7 +165,7 @@ class SimMIMTransform:
         return resize_center_crop(image, p.image_size, p.crop_pct, p.resample), self._evaluation_mask(mask)
 
     def _channels_view(self, cell, mask):
-        """`(CHW array at the model's size in the image's own units, mask or None)`."""
+        """`(CHW array at the model's size in the image's own units, its patch mask or None)`."""
         p = self.processor
         pixels = read_pixels(cell, p.num_channels)
         if pixels.shape[0] != p.num_channels:
@@ -181,7 +181,8 @@ class SimMIMTransform:
     def _augment(self, image, mask):
         if mask is None:
             return self.augmentation.augment(image, self.rng), None
-        return self.augmentation.augment(image, self.rng, mask=mask)
+        image, mask = self.augmentation.augment(image, self.rng, mask=mask)
+        return image, snap_mask_to_patches(mask, self.processor.patch_size)
 
     def _resize_crop(self, pixels, resample):
         p = self.processor

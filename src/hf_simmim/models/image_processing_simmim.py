@@ -331,7 +331,8 @@ class SimMIMImageProcessor(PilBackend):
         if len(masks) != len(images):
             raise ValueError(
                 f"masks holds {len(masks)} mask(s) for {len(images)} image(s): give one mask per image, in the "
-                "images' order."
+                "images' order (a 3-D array or tensor is a stack of (H, W) masks: for an (H, W, 1) mask pass "
+                "mask[..., 0])."
             )
         arrays = [bool_mask(mask, f"masks[{index}]") for index, mask in enumerate(masks)]
         for index, (mask, image) in enumerate(zip(arrays, images)):

@@ -111,9 +111,9 @@ def box_mask(box, height, width):
 
 
 def pixel_mask(mask, height, width):
-    """A mask image (or its path; a pixel nonzero in any colour band = fill, alpha left out, as training's user masks;
-    `masking.mask_from_image`), a box `(x0, y0,
-    x1, y1)`, or a bool or 0/1 array (True = fill) -> a bool (height, width) array of the pixels to fill."""
+    """A mask image (or its path; a pixel nonzero in any colour band = fill, alpha left out, as training's user masks),
+    a box `(x0, y0, x1, y1)`, or a bool or 0/1 array (True = fill) -> a bool (height, width) array of the pixels to
+    fill (`masking.bool_mask`)."""
     if isinstance(mask, (str, os.PathLike)):
         mask = open_image_file(mask)
     if isinstance(mask, (tuple, list)) and len(mask) == 4 and all(isinstance(v, numbers.Number) for v in mask):
@@ -124,7 +124,7 @@ def pixel_mask(mask, height, width):
         raise InpaintingInputError(str(error)) from None
     if mask.shape != (height, width):
         raise InpaintingInputError(
-            f"The mask is {mask.shape[1] if mask.ndim > 1 else '?'}x{mask.shape[0]} (width x height) but the image "
+            f"The mask is {mask.shape[1]}x{mask.shape[0]} (width x height) but the image "
             f"is {width}x{height}: give a mask of the image's size."
         )
     return checked_mask(mask)
