@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 from hf_simmim import SimMIMConfig, SimMIMForMaskedImageModeling, SimMIMImageProcessor
 from hf_simmim.data import SeededImageDataset, SimMIMTransform, collate_fn, normalize_pixel_batch
 from hf_simmim.data.augmentation import AugmentationPreset, finetuning_augmentation, pretraining_augmentation
+from hf_simmim.data.checks import check_image_dataset
 from hf_simmim.data.device_augmentation import (
     PILLOW_CHOOSES_PASS_ORDER,
     DeviceAugmentation,
@@ -197,12 +198,19 @@ def test_images_of_mixed_sizes_are_refused_naming_the_flag():
     mixed = image_dataset([coordinate_image(32, 32), coordinate_image(40, 32)])
     augmentation = pretraining_augmentation(SIZE)
     with pytest.raises(ValueError, match=r"not all of one size.*row 1 .*40x32.*--augmentation_device cpu"):
-        crops_on_device("accelerator", mixed, processor(), augmentation, "image", device="cpu")
-    assert not crops_on_device("auto", mixed, processor(), augmentation, "image", device="cuda")
+        crops_on_device("accelerator", sizes_of(mixed), processor(), augmentation, device="cpu")
+    assert not crops_on_device("auto", sizes_of(mixed), processor(), augmentation, device="cuda")
     transform = SimMIMTransform(processor(), train=True, keep_columns=(), uint8=True, device_crop=True)
     rows = [transform.transform_row({"image": cell})[0] for cell in undecoded_cells(mixed)]
     with pytest.raises(ValueError, match="different shapes.*3x32x40.*--augmentation_device cpu"):
         collate_fn(rows)
+
+
+def sizes_of(dataset):
+    """The image sizes the header check before training finds (what `crops_on_device` decides from)."""
+    sizes = {}
+    check_image_dataset(dataset, "image", 1, sizes=sizes)
+    return sizes
 
 
 def undecoded_cells(dataset):
@@ -213,14 +221,14 @@ def undecoded_cells(dataset):
 def test_auto_crops_on_the_device_only_on_a_cuda_gpu_with_small_images_of_one_size():
     augmentation = pretraining_augmentation(SIZE)
     small, large = image_dataset([coordinate_image(48, 40)] * 3), image_dataset([coordinate_image(80, 64)] * 3)
-    assert crops_on_device("auto", small, processor(), augmentation, "image", device="cuda")
-    assert not crops_on_device("auto", small, processor(), augmentation, "image", device="cpu")
-    assert not crops_on_device("auto", large, processor(), augmentation, "image", device="cuda")  # > 2 x 32 px
-    assert crops_on_device("accelerator", large, processor(), augmentation, "image", device="cpu")
-    assert not crops_on_device("cpu", small, processor(), augmentation, "image", device="cuda")
-    assert not crops_on_device("auto", small, processor(), augmentation, "image", device="mps")
+    assert crops_on_device("auto", sizes_of(small), processor(), augmentation, device="cuda")
+    assert not crops_on_device("auto", sizes_of(small), processor(), augmentation, device="cpu")
+    assert not crops_on_device("auto", sizes_of(large), processor(), augmentation, device="cuda")  # > 2 x 32 px
+    assert crops_on_device("accelerator", sizes_of(large), processor(), augmentation, device="cpu")
+    assert not crops_on_device("cpu", sizes_of(small), processor(), augmentation, device="cuda")
+    assert not crops_on_device("auto", sizes_of(small), processor(), augmentation, device="mps")
     with pytest.raises(ValueError, match="MPS devices have no float64.*--augmentation_device cpu"):
-        crops_on_device("accelerator", small, processor(), augmentation, "image", device="mps")
+        crops_on_device("accelerator", sizes_of(small), processor(), augmentation, device="mps")
 
 
 def test_what_the_device_cannot_do_is_refused():
@@ -232,7 +240,7 @@ def test_what_the_device_cannot_do_is_refused():
     with pytest.raises(ValueError, match="uint8=True"):
         SimMIMTransform(processor(), train=True, device_crop=True)
     with pytest.raises(ValueError, match="streamed.*--augmentation_device cpu"):
-        crops_on_device("accelerator", None, processor(), pretraining_augmentation(SIZE), "image", stream=object())
+        crops_on_device("accelerator", {}, processor(), pretraining_augmentation(SIZE), stream=object())
 
 
 def test_a_short_run_through_the_device_path_trains(tmp_path, monkeypatch):

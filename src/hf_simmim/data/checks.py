@@ -95,7 +95,7 @@ def check_columns(dataset, columns, split):
 
 
 def check_image_dataset(dataset, image_column, min_image_size, split="train", processor=None, mask_column=None,
-                        report=True):
+                        report=True, sizes=None):
     """Refuse, before training starts, a split that cannot train: empty, without `image_column` (or `mask_column`),
     with any image smaller than `min_image_size` (named by row and file), with no readable image at all; for a
     `processor` that does not convert to RGB, any image of another channel count or pixel type; with a
@@ -104,7 +104,9 @@ def check_image_dataset(dataset, image_column, min_image_size, split="train", pr
     Every image is checked, from its header only. Returns the rows whose header cannot be read, in order: give them
     to `SeededImageDataset(unreadable_rows=...)`, which leaves them out and counts them. Each is reported here (split,
     row, file, reason), by the main process only: every process runs the check, and a run reports an image once
-    (`report=False`: not here, for rows that are reported when read, as a stream's first rows are).
+    (`report=False`: not here, for rows that are reported when read, as a stream's first rows are). `sizes`: a dict
+    to fill with the sizes of the readable images, `{(width, height): first row's location}`, two at most (whether
+    they are all of one size, which the device crops need), so that no other pass reads the headers again.
     """
     check_not_empty(dataset, split)
     check_columns(dataset, [(image_column, "image", "--image_column_name"), (mask_column, "mask", "--mask_column")], split)
@@ -114,6 +116,8 @@ def check_image_dataset(dataset, image_column, min_image_size, split="train", pr
         if isinstance(header, UndecodableImage):
             unreadable[row] = row_location(row, cells[0], split), header
             continue
+        if sizes is not None and len(sizes) < 2:
+            sizes.setdefault((header.width, header.height), row_location(row, cells[0]))
         if min(header.width, header.height) < min_image_size:
             too_small.append(f"{row_location(row, cells[0])} is {header.width}x{header.height}")
         for problems, problem in ((wrong_format, format_problem(header, processor)),

@@ -18,20 +18,18 @@ horizontal matrix, and `resized_crops` applies them with both roundings. What re
 against PIL's integer sums: summed in float64 the output is PIL's, pixel for pixel (tested); in float32 (the
 default, fast on any GPU) a value differs from PIL's by one level where a sum falls within ~1e-4 of a half-level.
 Measured against Pillow 13 on 8-bit images (tests/test_device_augmentation.py; crops of 48-120 px images to
-32-64 px, bilinear and bicubic): at most 1 level, on at most 0.4 % of the values. TF32 matmuls (only when
+32-64 px, bilinear and bicubic): at most 1 level, on at most 0.5 % of the values. TF32 matmuls (only when
 asked, e.g. `--tf32`) round the weights to 10 bits: about 0.1 level of error, so more values land one level
 off. Cropping and then `F.interpolate(antialias=True)` would differ more: it cannot reach the pixels just
 outside a crop box, which PIL's filter weighs, and does not round between its passes.
 
 Images must share one size to be stacked into a batch (`collate_fn` refuses a batch of mixed sizes, naming the
-fix); `image_sizes` finds out before training whether a dataset's do.
+fix); the header check before training (`checks.check_image_dataset(..., sizes=)`) finds out whether a dataset's do.
 """
 
 import PIL
 import torch
 
-from .checks import header_rows, read_header
-from .image_ops import row_location
 
 GEOMETRY_KEYS = ("crop_box", "flip")  # what a device-cropped row or batch carries beside its uncropped image
 PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point weights for 8-bit images (Resample.c)
@@ -68,21 +66,6 @@ def device_augmentation_problem(augmentation, rgb=True, mask_column=None):
     if mask_column:
         return f"user masks (--mask_column {mask_column}) are cropped with their image on the CPU"
     return None
-
-
-def image_sizes(dataset, image_column, limit=2):
-    """`{(width, height): first row's location}` of the images of `dataset`, from their headers, read until
-    `limit` sizes are found (so a dataset of mixed sizes is found out early); unreadable headers are skipped (the
-    training check reports them)."""
-    sizes = {}
-    for row, (cell,) in header_rows(dataset, [image_column]):
-        header = read_header(cell)
-        if isinstance(header, Exception):
-            continue
-        sizes.setdefault((header.width, header.height), row_location(row, cell))
-        if len(sizes) >= limit:
-            break
-    return sizes
 
 
 def resampling_matrices(starts, ends, in_size, out_size, resample="bilinear"):

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from ..data.checks import check_image_dataset, check_not_empty
-from ..data.device_augmentation import DeviceAugmentation, device_augmentation_problem, image_sizes
+from ..data.device_augmentation import DeviceAugmentation, device_augmentation_problem
 from ..data.streaming import StreamingImageDataset, stream_head
 from ..data.transforms import SeededImageDataset, SimMIMTransform, collate_fn
 from ..reporting.model_card import write_model_card
@@ -68,13 +68,12 @@ def pretraining_datasets(train, validation, processor, augmentation, image_colum
 
     With a `stream` (`streamed`), `train` is served by a `StreamingImageDataset`, and only the stream's first images
     are checked before training; the others are read as training goes."""
-    checked = stream.head if stream is not None else train
+    checked, sizes = (stream.head if stream is not None else train), {}
     train_unreadable = check_image_dataset(
-        checked, image_column, processor.mask_patch_size, "train", processor, mask_column, report=stream is None
+        checked, image_column, processor.mask_patch_size, "train", processor, mask_column, report=stream is None,
+        sizes=sizes,
     )
-    device_crop = crops_on_device(
-        augmentation_device, train, processor, augmentation, image_column, mask_column, stream, device
-    )
+    device_crop = crops_on_device(augmentation_device, sizes, processor, augmentation, mask_column, stream, device)
     train_transform = SimMIMTransform(
         processor, train=True, image_column=image_column, keep_columns=(), uint8=True, augmentation=augmentation,
         mask_column=mask_column, device_crop=device_crop,
@@ -97,12 +96,12 @@ def pretraining_datasets(train, validation, processor, augmentation, image_colum
     return train_dataset, eval_dataset
 
 
-def crops_on_device(requested, train, processor, augmentation, image_column, mask_column=None, stream=None,
-                    device="cpu"):
-    """Whether the training crop and flip run on the device the model trains on (`--augmentation_device`):
+def crops_on_device(requested, sizes, processor, augmentation, mask_column=None, stream=None, device="cpu"):
+    """Whether the training crop and flip run on the device the model trains on (`--augmentation_device`), for
+    training images of `sizes` (`check_image_dataset(..., sizes=)`: `{(width, height): first row's location}`):
     - "cpu": never;
     - "accelerator": always, refusing (naming the fix) what the device path cannot do: a streamed training set,
-      images that are not all of one size (found from the headers), images that are not RGB photos, user masks,
+      images that are not all of one size, images that are not RGB photos, user masks,
       or an augmentation other than the resized crop and flip;
     - "auto": when the model trains on a CUDA GPU and the device path can take the images, and they are at most
       twice the model's size: then the CPU path would decode them in full too (it decodes a JPEG at reduced scale
@@ -116,8 +115,7 @@ def crops_on_device(requested, train, processor, augmentation, image_column, mas
         problem = "Apple's MPS devices have no float64, in which the device resize builds its weights"
     if problem is None and stream is not None:
         problem = "a streamed training set is read as training goes, so its image sizes are not known before"
-    sizes = {} if problem else image_sizes(train, image_column)
-    if len(sizes) > 1:
+    if problem is None and len(sizes) > 1:
         problem = "the training images are not all of one size (" + ", ".join(
             f"{where} is {width}x{height} px" for (width, height), where in sizes.items()
         ) + "): resize them to one size first"
